@@ -1,0 +1,1 @@
+"""natix.kernels."""
