@@ -1,0 +1,212 @@
+"""Run a benchmark matrix: load each engine once, draw, let every strategy decide, write JSONL.
+
+Rows go to ``<out>/cells.jsonl``, one per cell, appended as soon as a draw group finishes, so a
+rerun resumes: cells already present (same key, same matrix settings) are skipped. Each row
+carries per-item correctness so reports can make *paired* comparisons against greedy, and the
+environment (device, versions, git SHA).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from natix.bench.matrix import Group, Matrix, cell_key
+from natix.bench.stats import percentile, wilson_interval
+
+CELLS_FILE = "cells.jsonl"
+
+
+def _settings_fingerprint(m: Matrix) -> dict[str, Any]:
+    """What must match for a stored cell to count as already done."""
+    return {"task": m.task, "items": m.items, "model": m.model, "seed": m.seed,
+            "max_tokens": m.max_tokens, "top_p": m.top_p, "top_k": m.top_k, "dtype": m.dtype}
+
+
+def load_cells(out: Path) -> list[dict[str, Any]]:
+    path = out / CELLS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a torn last line; everything before it is good.
+            if n != len(path.read_text().splitlines()):
+                raise ValueError(f"{path}:{n} is not valid JSON") from None
+    return rows
+
+
+@dataclass
+class Draw:
+    """One engine call's output for all items, with timing."""
+
+    completions: list[list[Any]]  # [item][sample] Completion
+    wall_s: float
+
+
+def _generate(engine: Any, prompts: Sequence[str], spec: Any, chunk: int,
+              advance: Callable[[int], None]) -> Draw:
+    """Generate in chunks of prompts (bounded memory, and progress that moves)."""
+    out: list[list[Any]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i:i + chunk]
+        out.extend(engine.generate(list(part), spec))
+        advance(len(part))
+    return Draw(out, time.perf_counter() - t0)
+
+
+def _cell_metrics(task: Any, items: Sequence[Any], results: Sequence[Any], draw: Draw,
+                  draw_n: int) -> dict[str, Any]:
+    from natix.scaling import pass_at_k
+
+    correct = [task.is_correct(r.answer, it) for r, it in zip(results, items)]
+    k = max(1, results[0].budget)
+    # Coverage: could any of the strategy's budget of samples have answered right? Estimated
+    # without bias from all draw_n samples (Chen et al. 2021).
+    cov = []
+    for comps, it in zip(draw.completions, items):
+        c = sum(task.is_correct(task.extract(x.text), it) for x in comps)
+        cov.append(pass_at_k(len(comps), c, min(k, len(comps))))
+    spent = [r.samples_spent for r in results]
+    # Tokens this strategy consumed: the samples it read, in order.
+    tokens = [sum(x.num_tokens for x in comps[: r.samples_spent]) for r, comps in zip(results, draw.completions)]
+    totals = [c[0].timing.total_s for c in draw.completions if c and c[0].timing]
+    ttfts = [c[0].timing.ttft_s for c in draw.completions if c and c[0].timing]
+    decode = [c[0].timing.decode_s_per_token for c in draw.completions if c and c[0].timing]
+    all_tokens = sum(x.num_tokens for comps in draw.completions for x in comps)
+    n = len(items)
+    lo, hi = wilson_interval(sum(correct), n)
+    return {
+        "n_items": n,
+        "accuracy": sum(correct) / n, "ci95": [lo, hi],
+        "coverage": sum(cov) / n, "coverage_k": k,
+        "samples_spent_mean": sum(spent) / n, "budget": k,
+        "samples_saved_mean": k - sum(spent) / n,
+        "tokens_spent_mean": sum(tokens) / n,
+        "answered": sum(r.answer is not None for r in results) / n,
+        "draw": {"n": draw_n, "wall_s": draw.wall_s, "tokens": all_tokens,
+                 "tokens_per_s": all_tokens / draw.wall_s if draw.wall_s > 0 else None},
+        "latency_s": {"p50": percentile(totals, 50), "p90": percentile(totals, 90)},
+        "ttft_s_p50": percentile(ttfts, 50),
+        "decode_ms_per_token_p50": 1e3 * percentile(decode, 50),
+        "per_item": {"ids": [it.id for it in items], "correct": correct,
+                     "answers": [r.answer for r in results]},
+    }
+
+
+def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every cell of ``m`` not already in ``out``; return all rows of this matrix."""
+    from natix.bench.env import environment
+    from natix.bench.tasks import get_task
+    from natix.engines.base import EngineConfig, SamplingSpec
+    from natix.engines.chat import apply_chat
+    from natix.quant.models import load_tokenizer
+    from natix.scaling import Greedy, decide_all, parse_strategy
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix.json").write_text(json.dumps(m.to_dict(), indent=2))
+    fp = _settings_fingerprint(m)
+    done = {r["key"] for r in load_cells(out) if r.get("settings") == fp}
+
+    task = get_task(m.task)
+    items = task.items("eval", m.items, seed=m.seed)
+    tok = load_tokenizer(m.model)
+    prompts = [apply_chat(tok, task.user_text(it), system=task.system) for it in items]
+    by_prompt = {p: it for p, it in zip(prompts, items)}
+
+    def verifier(prompt: str, text: str) -> float:
+        score = task.verify(by_prompt[prompt], text)
+        if score is None:
+            raise ValueError(f"task {task.name!r} has no verifier")
+        return score
+
+    strategies = [parse_strategy(s, extractor=task.kind, verifier=verifier if task.has_verifier else None)
+                  for s in m.strategies]
+    greedy = [s for s in strategies if isinstance(s, Greedy)]
+    sampled = [s for s in strategies if s not in greedy]
+    draw_n = max((s.budget for s in sampled), default=0)
+    max_tokens = m.max_tokens or task.max_tokens
+    base_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens, seed=m.seed,
+                             top_p=m.top_p, top_k=m.top_k)
+
+    todo: list[tuple[Group, float | None, list[Any]]] = []
+    for g in m.groups():
+        if greedy and any(cell_key(g, 0.0, s.spec()) not in done for s in greedy):
+            todo.append((g, None, greedy))
+        for t in m.temperatures:
+            if sampled and any(cell_key(g, t, s.spec()) not in done for s in sampled):
+                todo.append((g, t, sampled))
+    if not todo:
+        log(f"all cells of matrix {m.name!r} already in {out / CELLS_FILE}; nothing to run")
+        return [r for r in load_cells(out) if r.get("settings") == fp]
+
+    bar, task_id = _progress(progress, len(items) * len(todo))
+    engine = current = None
+    try:
+        for g, temp, strats in todo:
+            if current != g:
+                if engine is not None:
+                    engine.close()
+                engine = _load_engine(m, g, EngineConfig(
+                    model=m.model, adapter=g.variant.adapter_path(), device=m.device, dtype=m.dtype,
+                    max_batch_size=m.max_batch_size, kv_press=None if g.kv_press == "none" else g.kv_press))
+                current = g
+            n = 1 if temp is None else draw_n
+            spec = base_spec.replace(n=n, temperature=temp or 0.0)
+            chunk = max(1, m.max_batch_size // n)
+            if bar is not None:
+                bar.update(task_id, description=f"{g.key} {'greedy' if temp is None else f'T={temp:g} n={n}'}")
+            draw = _generate(engine, prompts, spec, chunk,
+                             (lambda k: bar.advance(task_id, k)) if bar is not None else (lambda k: None))
+            decided = decide_all(strats, draw.completions, prompts)
+            info = engine.info() if hasattr(engine, "info") else {}
+            env = environment(info.get("device"))
+            with open(out / CELLS_FILE, "a") as fh:
+                for s in strats:
+                    key = cell_key(g, temp or 0.0, s.spec())
+                    row = {"key": key, "matrix": m.name, "settings": fp, "variant": g.variant.name,
+                           "adapter": g.variant.adapter, "engine": g.engine, "kv_press": g.kv_press,
+                           "temperature": temp or 0.0, "strategy": s.spec(), "task": m.task,
+                           **_cell_metrics(task, items, decided[s.spec()], draw, n),
+                           "engine_info": info, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    fh.write(json.dumps(row) + "\n")
+                    log(f"{key}: accuracy {row['accuracy']:.3f} coverage@{row['coverage_k']} {row['coverage']:.3f}")
+    finally:
+        if engine is not None:
+            engine.close()
+        if bar is not None:
+            bar.stop()
+    return [r for r in load_cells(out) if r.get("settings") == fp]
+
+
+def _load_engine(m: Matrix, g: Group, cfg: Any) -> Any:
+    python = m.python_for(g.engine)
+    if python:
+        from natix.engines.worker import RemoteEngine
+
+        engine = RemoteEngine(python=python, engine=g.engine)
+    else:
+        from natix.engines.base import create_engine
+
+        engine = create_engine(g.engine)
+    engine.load(cfg)
+    return engine
+
+
+def _progress(enabled: bool, total: int) -> tuple[Any, Any]:
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    bar.start()
+    return bar, bar.add_task("bench", total=total)

@@ -1,0 +1,247 @@
+"""Decode attention over a paged KV4 cache (`natix.kernels.kv4_cache`): GQA, per-row lengths, split-K.
+
+One program per (batch row, KV head, split) handles all ``G = H_q / H_kv`` query heads of that KV
+head, so each cache byte is read once. The scores never dequantize K:
+``s[t] = k_scale[t] * (q . codes[t]) + k_zero[t] * sum(q)``; and V folds its scale into the
+probabilities: ``o = (p * v_scale) . codes + sum(p * v_zero)``. Both products run on fp16 tensor
+cores (codes 0..15 are exact in fp16) with fp32 accumulation; the G query rows are padded to 16.
+With more than one split (flash-decoding), each split writes an unnormalised partial output and its
+(max, sum) and a second small kernel combines them; with one split the first kernel writes the output.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .kv4_cache import KV4Cache, dequantize_pages
+
+_LOG2E = 1.4426950408889634
+
+
+def kv4_decode_attention_reference(
+    q: torch.Tensor, cache: KV4Cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float
+) -> torch.Tensor:
+    """q [B, H_q, D] -> out [B, H_q, D] (q.dtype): softmax over the dequantized cache, float32."""
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        pages = block_tables[i, : -(-n // cache.page_size)].long()
+        kd = dequantize_pages(cache.k[pages], cache.k_scale[pages], cache.k_zero[pages])  # [p, H, S, D]
+        vd = dequantize_pages(cache.v[pages], cache.v_scale[pages], cache.v_zero[pages])
+        k = kd.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :n]  # [H, n, D]
+        v = vd.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :n]
+        qi = q[i].float().view(hkv, g, d)
+        p = torch.softmax(qi @ k.transpose(1, 2) * sm_scale, dim=-1)
+        out[i] = (p @ v).reshape(hq, d)
+    return out.to(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kv4_decode_kernel(
+        q_ptr, kc, vc, ks, kz, vs, vz, bt_ptr, len_ptr, out_ptr, po_ptr, pml_ptr,
+        qk_scale, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, num_splits,
+        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, PAGE: tl.constexpr,
+        BT: tl.constexpr, DIRECT: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        seq = tl.load(len_ptr + b)
+        chunk = tl.cdiv(tl.cdiv(seq, num_splits), BT) * BT
+        start = sp * chunk
+        end = tl.minimum(start + chunk, seq)
+
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DH)
+        g_ok = g < G
+        q_base = q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :]
+        q_lo = tl.load(q_base, mask=g_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+        q_hi = tl.load(q_base + DH, mask=g_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+        q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
+        q_lo16 = q_lo.to(tl.float16)
+        q_hi16 = q_hi.to(tl.float16)
+
+        m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc_lo = tl.zeros([GP, DH], dtype=tl.float32)
+        acc_hi = tl.zeros([GP, DH], dtype=tl.float32)
+        z_acc = tl.zeros([GP], dtype=tl.float32)
+        t_off = tl.arange(0, BT)
+        for t0 in range(start, end, BT):
+            t = t0 + t_off
+            t_ok = t < end
+            page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
+            row = (page * HKV + h) * PAGE + t % PAGE  # [BT]
+            kq = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)
+            k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
+            k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
+            vq = tl.load(vc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)
+            v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
+            v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
+
+            k_lo = (kq & 0xF).to(tl.float16)
+            k_hi = (kq >> 4).to(tl.float16)
+            qk = tl.dot(q_lo16, tl.trans(k_lo)) + tl.dot(q_hi16, tl.trans(k_hi))  # [GP, BT]
+            s = qk * k_s[None, :] + q_sum[:, None] * k_z[None, :]
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            z_acc = z_acc * alpha + tl.sum(p * v_z[None, :], axis=1)
+            pv = (p * v_s[None, :]).to(tl.float16)
+            v_lo = (vq & 0xF).to(tl.float16)
+            v_hi = (vq >> 4).to(tl.float16)
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, v_lo)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi)
+            m_i = m_new
+
+        acc_lo += z_acc[:, None]
+        acc_hi += z_acc[:, None]
+        if DIRECT:
+            inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+            o = out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :]
+            tl.store(o, (acc_lo * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(o + DH, (acc_hi * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+        else:
+            # partials: po [B, Hq, S, D] fp32, pml [B, Hq, S, 2] fp32
+            hq = h * G + g
+            idx = (b * (HKV * G) + hq) * num_splits + sp  # [GP]
+            po = po_ptr + idx[:, None] * (2 * DH) + d[None, :]
+            tl.store(po, acc_lo, mask=g_ok[:, None])
+            tl.store(po + DH, acc_hi, mask=g_ok[:, None])
+            tl.store(pml_ptr + idx * 2, m_i, mask=g_ok)
+            tl.store(pml_ptr + idx * 2 + 1, l_i, mask=g_ok)
+
+    @triton.jit
+    def kv4_combine_kernel(po_ptr, pml_ptr, out_ptr, num_splits, HQ, stride_ob, stride_oh,
+                           D: tl.constexpr, SP: tl.constexpr):
+        b = tl.program_id(0)
+        hq = tl.program_id(1)
+        s = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        s_ok = s < num_splits
+        idx = (b * HQ + hq) * num_splits + s
+        m = tl.load(pml_ptr + idx * 2, mask=s_ok, other=-1.0e30)
+        l = tl.load(pml_ptr + idx * 2 + 1, mask=s_ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.exp2(m - m_max)
+        lsum = tl.sum(w * l, axis=0)
+        o = tl.load(po_ptr + idx[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0)
+        o = tl.sum(o * w[:, None], axis=0)
+        inv = tl.where(lsum > 0, 1.0 / lsum, 0.0)
+        tl.store(out_ptr + b * stride_ob + hq * stride_oh + d, (o * inv).to(out_ptr.dtype.element_ty))
+
+    return kv4_decode_kernel, kv4_combine_kernel
+
+
+def default_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int = 132, bt: int = 64) -> int:
+    """Enough splits for ~2 programs per SM, each split at least 4 blocks of tokens."""
+    progs = batch * num_kv_heads
+    splits = 1
+    while progs * splits < 2 * num_sms and max_len // (splits * 2) >= 4 * bt:
+        splits *= 2
+    return splits
+
+
+def _check(q, cache: KV4Cache, block_tables, seq_lens) -> None:
+    cache.validate()
+    if q.dim() != 3 or q.shape[2] != cache.head_dim or q.stride(2) != 1:
+        raise ValueError(f"q must be [B, H_q, {cache.head_dim}] with unit D stride, got {tuple(q.shape)}")
+    if q.shape[1] % cache.num_kv_heads:
+        raise ValueError(f"H_q={q.shape[1]} is not a multiple of H_kv={cache.num_kv_heads}")
+    if q.shape[1] // cache.num_kv_heads > 16:
+        raise ValueError("at most 16 query heads per KV head")
+    if cache.head_dim // 2 < 16 or cache.head_dim & (cache.head_dim - 1):
+        raise ValueError("head_dim must be a power of two >= 32")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0]:
+        raise ValueError("block_tables must be int32 [B, max_pages]")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (q.shape[0],):
+        raise ValueError("seq_lens must be int32 [B]")
+
+
+def kv4_decode_attention_triton(
+    q: torch.Tensor, cache: KV4Cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float,
+    num_splits: Optional[int] = None, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
+    max_len: Optional[int] = None,
+) -> torch.Tensor:
+    """Launch. ``max_len`` (an upper bound of seq_lens) only sizes the default split count; pass it to
+    avoid a device->host sync (``seq_lens.max()``)."""
+    import triton
+
+    _check(q, cache, block_tables, seq_lens)
+    b, hq, dim = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    if num_splits is None:
+        if max_len is None:
+            max_len = block_tables.shape[1] * cache.page_size
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        num_splits = default_splits(b, hkv, max_len, sms, block_t)
+    decode, combine = _kernels()
+    direct = num_splits == 1
+    if direct:
+        po = pml = out
+    else:
+        po = torch.empty((b, hq, num_splits, dim), dtype=torch.float32, device=q.device)
+        pml = torch.empty((b, hq, num_splits, 2), dtype=torch.float32, device=q.device)
+    decode[(b, hkv, num_splits)](
+        q, *cache.tensors(), block_tables, seq_lens, out, po, pml,
+        sm_scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
+        HKV=hkv, G=g, GP=max(16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size, BT=block_t,
+        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        combine[(b, hq)](po, pml, out, num_splits, hq, out.stride(0), out.stride(1),
+                         D=dim, SP=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+@torch.library.custom_op("natix::kv4_decode_attention", mutates_args=())
+def _kv4_decode_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+    v_scale: torch.Tensor, v_zero: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    sm_scale: float, max_len: int,
+) -> torch.Tensor:
+    cache = KV4Cache(k_cache, v_cache, k_scale, k_zero, v_scale, v_zero)
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return kv4_decode_attention_triton(q, cache, block_tables, seq_lens, sm_scale, max_len=max_len or None)
+    _check(q, cache, block_tables, seq_lens)
+    return kv4_decode_attention_reference(q, cache, block_tables, seq_lens, sm_scale)
+
+
+@_kv4_decode_op.register_fake
+def _(q, k_cache, v_cache, k_scale, k_zero, v_scale, v_zero, block_tables, seq_lens, sm_scale, max_len):
+    return torch.empty_like(q)
+
+
+def kv4_decode_attention(
+    q: torch.Tensor, cache: KV4Cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    sm_scale: Optional[float] = None, max_len: int = 0,
+) -> torch.Tensor:
+    """q [B, H_q, D] (one new token per row) attends over ``seq_lens[b]`` cached tokens of row b,
+    whose pages are ``block_tables[b, :]`` (int32 [B, max_pages]). Returns [B, H_q, D] in q.dtype."""
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.natix.kv4_decode_attention(
+        q, *cache.tensors(), block_tables, seq_lens, float(sm_scale), int(max_len)
+    )

@@ -1,0 +1,315 @@
+"""W4A8 GEMM: INT8 per-token activations x UINT4 weights on INT8 tensor cores (QServe QoQ).
+
+``out[m, n] = x_scale[m] * scale[n] * sum_k xq[m, k] * Wi[n, k] (+ bias[n])`` where ``Wi`` is the
+integer weight of `natix.kernels.packing` (g128: ``q4*s1 - sz``, per-channel: ``q4 - zero``, the
+latter applied in the epilogue as ``- x_sum[m] * zero[n]``). Accumulation is int32 and exact.
+
+Kernel shape: swap-AB. The program computes ``acc[BNH, BM] = Wtile[BNH, BK] @ xq^T[BK, BM]`` twice
+(low nibbles -> columns ``j``, high nibbles -> columns ``j + N/2``), so the unpacked weights are the
+register-side operand and small M costs only a 16-wide MMA N dimension. For small M, split-K over
+``SPLIT_K`` programs: each writes int32 partials, and the last to arrive (atomic ticket) sums them
+and runs the epilogue, so the whole GEMM stays one launch (CUDA-graph friendly, no memset).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .packing import GROUP_SIZE, W4A8Weight, integer_weight
+
+_CONFIG_FILE = Path(__file__).with_name("configs") / "w4a8_gemm.json"
+M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference (the CPU path)
+# ----------------------------------------------------------------------------------------------
+def w4a8_gemm_int_reference(x_q: torch.Tensor, w: W4A8Weight) -> torch.Tensor:
+    """int32 [M, N] = xq [M, K] (int8) @ Wi^T, exact (int64 matmul on CPU)."""
+    wi = integer_weight(w).to(torch.int64).cpu()
+    return (x_q.to(torch.int64).cpu() @ wi.t()).to(torch.int32).to(x_q.device)
+
+
+def w4a8_gemm_reference(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight, bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """[M, N] out_dtype; the float epilogue in float32 like the kernel."""
+    acc = w4a8_gemm_int_reference(x_q, w)
+    if out_dtype == torch.int32:
+        return acc
+    y = acc.float() * x_scale.float()[:, None] * w.scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------------------------
+def device_key(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device).lower().replace(" ", "_")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_configs() -> dict:
+    if _CONFIG_FILE.exists():
+        return json.loads(_CONFIG_FILE.read_text())
+    return {}
+
+
+def default_config(m: int, n: int, k: int, grouped: bool, num_sms: int = 132) -> dict:
+    """Heuristic when no tuned entry exists for (device, variant, N, K, M bucket)."""
+    bk = 128
+    if m <= 16:
+        bm, bnh, warps, stages = 16, 64, 4, 4
+    elif m <= 64:
+        bm, bnh, warps, stages = 64, 64, 4, 4
+    elif m <= 256:
+        bm, bnh, warps, stages = 128, 64, 4, 4
+    else:
+        bm, bnh, warps, stages = 128, 128, 8, 3
+    tiles = -(-m // bm) * -(-(n // 2) // bnh)
+    k_iters = -(-k // bk)
+    split = 1
+    while tiles * split * 2 <= 2 * num_sms and k_iters // (split * 2) >= 4:
+        split *= 2
+    return dict(BM=bm, BNH=bnh, BK=bk, SPLIT_K=split, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def get_config(m: int, n: int, k: int, grouped: bool, device: torch.device) -> dict:
+    variant = "g128" if grouped else "channel"
+    table = _load_configs().get(device_key(device), {}).get(variant, {}).get(f"{n},{k}")
+    if table:
+        bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+        cfg = table.get(str(bucket))
+        if cfg:
+            return dict(cfg)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return default_config(m, n, k, grouped, sms)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def w4a8_kernel(
+        x_ptr, xs_ptr, xsum_ptr, qw_ptr, ws_ptr, gs_ptr, gz_ptr, wz_ptr, bias_ptr, out_ptr,
+        part_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_om,
+        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_OUT: tl.constexpr, EVEN_K: tl.constexpr,
+        BM: tl.constexpr, BNH: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        NH = N // 2
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(NH, BNH)
+        # grouped tile order so consecutive programs share weight tiles in L2
+        group = GROUP_M * num_n
+        gid = pid // group
+        first_m = gid * GROUP_M
+        gm = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % gm
+        pid_n = (pid % group) // gm
+
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_j = pid_n * BNH + tl.arange(0, BNH)
+        offs_k = tl.arange(0, BK)
+        m_ok = offs_m < M
+        j_ok = offs_j < NH
+
+        k_iters = tl.cdiv(K, BK)
+        per = tl.cdiv(k_iters, SPLIT_K)
+        it0 = pid_k * per
+        it1 = min(it0 + per, k_iters)
+
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BK, BM]
+        w_ptrs = qw_ptr + offs_j[:, None] * K + offs_k[None, :]  # [BNH, BK]
+        acc_lo = tl.zeros([BNH, BM], dtype=tl.int32)
+        acc_hi = tl.zeros([BNH, BM], dtype=tl.int32)
+        for it in range(it0, it1):
+            kb = it * BK
+            if EVEN_K:
+                xt = tl.load(x_ptrs + kb, mask=m_ok[None, :], other=0)
+                wq = tl.load(w_ptrs + kb, mask=j_ok[:, None], other=0)
+            else:
+                k_ok = (kb + offs_k) < K
+                xt = tl.load(x_ptrs + kb, mask=m_ok[None, :] & k_ok[:, None], other=0)
+                wq = tl.load(w_ptrs + kb, mask=j_ok[:, None] & k_ok[None, :], other=0)
+            lo = wq & 0xF
+            hi = wq >> 4
+            if GROUPED:
+                # BK == 128 == group: one (s1, sz) per output column per iteration
+                g_off = it * N + offs_j
+                s_lo = tl.load(gs_ptr + g_off, mask=j_ok, other=0).to(tl.int16)
+                z_lo = tl.load(gz_ptr + g_off, mask=j_ok, other=0).to(tl.int16)
+                s_hi = tl.load(gs_ptr + g_off + NH, mask=j_ok, other=0).to(tl.int16)
+                z_hi = tl.load(gz_ptr + g_off + NH, mask=j_ok, other=0).to(tl.int16)
+                lo8 = (lo.to(tl.int16) * s_lo[:, None] - z_lo[:, None]).to(tl.int8)
+                hi8 = (hi.to(tl.int16) * s_hi[:, None] - z_hi[:, None]).to(tl.int8)
+            else:
+                lo8 = lo.to(tl.int8)
+                hi8 = hi.to(tl.int8)
+            acc_lo = tl.dot(lo8, xt, acc_lo, out_dtype=tl.int32)
+            acc_hi = tl.dot(hi8, xt, acc_hi, out_dtype=tl.int32)
+
+        n_lo = offs_j
+        n_hi = offs_j + NH
+        mask2 = j_ok[:, None] & m_ok[None, :]
+        do_epilogue = True
+        if SPLIT_K > 1:
+            MN = M * N
+            p_lo = part_ptr + pid_k * MN + offs_m[None, :] * N + n_lo[:, None]
+            tl.store(p_lo, acc_lo, mask=mask2)
+            tl.store(p_lo + NH, acc_hi, mask=mask2)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            do_epilogue = ticket == SPLIT_K - 1
+            if do_epilogue:
+                acc_lo = tl.zeros([BNH, BM], dtype=tl.int32)
+                acc_hi = tl.zeros([BNH, BM], dtype=tl.int32)
+                base = part_ptr + offs_m[None, :] * N + n_lo[:, None]
+                for s in tl.static_range(SPLIT_K):
+                    acc_lo += tl.load(base + s * MN, mask=mask2, other=0, cache_modifier=".cg")
+                    acc_hi += tl.load(base + s * MN + NH, mask=mask2, other=0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid, 0)
+        if do_epilogue:
+            if not GROUPED:
+                xsum = tl.load(xsum_ptr + offs_m, mask=m_ok, other=0)
+                z_lo = tl.load(wz_ptr + n_lo, mask=j_ok, other=0).to(tl.int32)
+                z_hi = tl.load(wz_ptr + n_hi, mask=j_ok, other=0).to(tl.int32)
+                acc_lo -= z_lo[:, None] * xsum[None, :]
+                acc_hi -= z_hi[:, None] * xsum[None, :]
+            o_lo = out_ptr + offs_m[None, :] * stride_om + n_lo[:, None]
+            o_hi = out_ptr + offs_m[None, :] * stride_om + n_hi[:, None]
+            if RAW_OUT:
+                tl.store(o_lo, acc_lo, mask=mask2)
+                tl.store(o_hi, acc_hi, mask=mask2)
+            else:
+                xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+                s_lo = tl.load(ws_ptr + n_lo, mask=j_ok, other=0.0)
+                s_hi = tl.load(ws_ptr + n_hi, mask=j_ok, other=0.0)
+                y_lo = acc_lo.to(tl.float32) * xs[None, :] * s_lo[:, None]
+                y_hi = acc_hi.to(tl.float32) * xs[None, :] * s_hi[:, None]
+                if HAS_BIAS:
+                    y_lo += tl.load(bias_ptr + n_lo, mask=j_ok, other=0.0).to(tl.float32)[:, None]
+                    y_hi += tl.load(bias_ptr + n_hi, mask=j_ok, other=0.0).to(tl.float32)[:, None]
+                tl.store(o_lo, y_lo.to(out_ptr.dtype.element_ty), mask=mask2)
+                tl.store(o_hi, y_hi.to(out_ptr.dtype.element_ty), mask=mask2)
+
+    return w4a8_kernel
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = c
+    return c
+
+
+def w4a8_gemm_triton(
+    x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor], w: W4A8Weight,
+    bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Launch the Triton kernel. x_q int8 [M, K] (row stride free, K contiguous), x_scale float32 [M],
+    x_sum int32 [M] (per-channel variant only). Returns [M, N] out_dtype (int32 = raw accumulator)."""
+    m, k = x_q.shape
+    n = w.n
+    grouped = w.group_scale is not None
+    _check(x_q, x_scale, x_sum, w, bias, out_dtype)
+    cfg = dict(config) if config else get_config(m, n, k, grouped, x_q.device)
+    if grouped:
+        cfg["BK"] = GROUP_SIZE  # the kernel reads one level-1 (s1, sz) per BK
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return out
+    num_m, num_n = -(-m // cfg["BM"]), -(-(n // 2) // cfg["BNH"])
+    split = int(cfg["SPLIT_K"])
+    part = torch.empty((split, m, n), dtype=torch.int32, device=x_q.device) if split > 1 else out
+    cnt = _counters(x_q.device, num_m * num_n)
+    dummy = w.scale
+    _kernel()[(num_m * num_n, split)](
+        x_q, x_scale, x_sum if x_sum is not None else dummy, w.qweight, w.scale,
+        w.group_scale if grouped else dummy, w.group_zero if grouped else dummy,
+        w.zero if not grouped else dummy, bias if bias is not None else dummy, out, part, cnt,
+        m, n, k, x_q.stride(0), out.stride(0),
+        GROUPED=grouped, HAS_BIAS=bias is not None, RAW_OUT=out_dtype == torch.int32, EVEN_K=k % cfg["BK"] == 0,
+        BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return out
+
+
+def _check(x_q, x_scale, x_sum, w: W4A8Weight, bias, out_dtype) -> None:
+    w.validate()
+    if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.stride(1) != 1:
+        raise ValueError(f"x_q must be int8 [M, K] with unit K stride, got {x_q.dtype} {tuple(x_q.shape)} {x_q.stride()}")
+    m, k = x_q.shape
+    if k != w.k:
+        raise ValueError(f"K mismatch: activations K={k}, weight K={w.k}")
+    if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (m,) or not x_scale.is_contiguous():
+        raise ValueError(f"x_scale must be contiguous float32 [{m}]")
+    if w.group_scale is None and (x_sum is None or x_sum.dtype != torch.int32 or tuple(x_sum.shape) != (m,)):
+        raise ValueError("the per-channel variant needs x_sum int32 [M] (per-token sum of INT8 codes)")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.int32):
+        raise ValueError(f"out_dtype must be fp16/bf16/fp32/int32, got {out_dtype}")
+    if bias is not None and (tuple(bias.shape) != (w.n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous [{w.n}]")
+    if m * w.n >= 2**31:
+        raise ValueError("M * N must be < 2**31 (int32 indexing)")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library op
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("natix::w4a8_gemm", mutates_args=())
+def _w4a8_gemm_op(
+    x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor], qweight: torch.Tensor,
+    scale: torch.Tensor, group_scale: Optional[torch.Tensor], group_zero: Optional[torch.Tensor],
+    zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+) -> torch.Tensor:
+    w = W4A8Weight(qweight, scale, group_scale, group_zero, zero)
+    if _use_triton(x_q):
+        return w4a8_gemm_triton(x_q, x_scale, x_sum, w, bias, out_dtype)
+    _check(x_q, x_scale, x_sum, w, bias, out_dtype)
+    return w4a8_gemm_reference(x_q, x_scale, w, bias, out_dtype)
+
+
+@_w4a8_gemm_op.register_fake
+def _(x_q, x_scale, x_sum, qweight, scale, group_scale, group_zero, zero, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], qweight.shape[0] * 2), dtype=out_dtype)
+
+
+def w4a8_gemm(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight, x_sum: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """[M, N] = dequant(x_q [M, K] int8, x_scale [M]) @ dequant(w)^T (+ bias [N]).
+
+    ``x_sum`` int32 [M] is required for per-channel weights. ``out_dtype=torch.int32`` returns the
+    exact integer accumulator (after the per-channel zero correction) instead of the float output.
+    """
+    return torch.ops.natix.w4a8_gemm(
+        x_q, x_scale, x_sum, w.qweight, w.scale, w.group_scale, w.group_zero, w.zero, bias, out_dtype
+    )

@@ -1,0 +1,103 @@
+"""W4A8 GEMM vs its reference: exact int32 accumulators, float outputs by relative error."""
+import pytest
+import torch
+
+from natix.kernels import packing
+from natix.kernels.rmsnorm_quant import quantize_per_token
+from natix.kernels.w4a8_gemm import w4a8_gemm, w4a8_gemm_int_reference, w4a8_gemm_reference, w4a8_gemm_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_INTERPRET=1 without CUDA
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten poisoned element?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+
+# (M, N, K, config): M = 1, M not a multiple of BM, N/2 not a multiple of BNH, split-K, K % BK != 0
+CASES = [
+    (1, 64, 256, dict(BM=16, BNH=16, BK=128, SPLIT_K=2)),
+    (37, 96, 384, dict(BM=16, BNH=32, BK=128, SPLIT_K=1)),
+    (20, 160, 256, dict(BM=16, BNH=32, BK=128, SPLIT_K=2)),
+    (5, 32, 200, dict(BM=16, BNH=16, BK=64, SPLIT_K=3)),  # per-channel only (K % 128 != 0)
+]
+
+
+def _weights(n, k, grouped, device):
+    w = torch.randn(n, k)
+    pw = packing.quantize_g128(w) if grouped else packing.quantize_channel(w)
+    return pw.to(device)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["g128", "channel"])
+@pytest.mark.parametrize("m,n,k,cfg", CASES)
+def test_int_accumulator_exact(m, n, k, cfg, grouped):
+    if grouped and k % 128:
+        pytest.skip("g128 needs K % 128 == 0 (tested in test_errors)")
+    w = _weights(n, k, grouped, DEVICE)
+    xq, xs, xsum = quantize_per_token(torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16))
+    ref = w4a8_gemm_int_reference(xq, w)
+    out = w4a8_gemm_triton(xq, xs, xsum, w, None, torch.int32, cfg)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["g128", "channel"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,cfg", CASES[:3])
+def test_float_output(m, n, k, cfg, grouped, out_dtype):
+    w = _weights(n, k, grouped, DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    xq, xs, xsum = quantize_per_token(torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16))
+    ref = w4a8_gemm_reference(xq, xs, w, bias, torch.float32)
+    out = w4a8_gemm_triton(xq, xs, xsum, w, bias, out_dtype, cfg)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < (8e-3 if out_dtype == torch.bfloat16 else 1e-3)
+
+
+def test_op_poisoned_output_and_dequant_matches_float():
+    """The custom op end to end; the result approximates the float GEMM of the dequantized operands."""
+    m, n, k = 3, 64, 256
+    w = _weights(n, k, True, DEVICE)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    xq, xs, xsum = quantize_per_token(x)
+    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    out.copy_(w4a8_gemm(xq, xs, w, xsum))
+    ref = (xq.float() * xs[:, None]) @ packing.dequantize(w).t()
+    assert rel_err(out, ref) < 8e-3
+
+
+def test_errors():
+    w = _weights(64, 256, True, DEVICE)
+    xq = torch.zeros(4, 192, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="K mismatch"):
+        w4a8_gemm_triton(xq, torch.ones(4, device=DEVICE), None, w)
+    with pytest.raises(ValueError, match="multiple of 128|K % 128"):
+        packing.quantize_g128(torch.randn(64, 200))
+    with pytest.raises(ValueError, match="even"):
+        packing.quantize_channel(torch.randn(63, 64))
+    wc = _weights(64, 256, False, DEVICE)
+    with pytest.raises(ValueError, match="x_sum"):
+        w4a8_gemm_triton(torch.zeros(4, 256, dtype=torch.int8, device=DEVICE), torch.ones(4, device=DEVICE), None, wc)
+
+
+def test_packing_roundtrip():
+    q4 = torch.randint(0, 16, (10, 256), dtype=torch.uint8)
+    assert torch.equal(packing.unpack_uint4(packing.pack_uint4(q4)), q4)
+    w = torch.randn(10, 256)
+    err = (packing.dequantize(packing.quantize_g128(w)) - w).norm() / w.norm()
+    assert err < 0.15
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grouped", [True, False], ids=["g128", "channel"])
+@pytest.mark.parametrize("m", [1, 16, 67, 256])
+def test_gpu_llama_shape_default_configs(m, grouped):
+    n, k = 6144, 4096
+    w = _weights(n, k, grouped, "cuda")
+    xq, xs, xsum = quantize_per_token(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    out = torch.full((m, n), 0x7F, dtype=torch.int32, device="cuda")
+    out.copy_(w4a8_gemm_triton(xq, xs, xsum, w, None, torch.int32))
+    assert torch.equal(out, w4a8_gemm_int_reference(xq, w))
