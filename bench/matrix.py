@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DEMO_ADAPTER = "demo"
-DEFAULT_STRATEGIES = ("greedy", "maj@8", "bo8:verifier", "bo8:logprob", "adaptive@16")
+DEFAULT_STRATEGIES = ("greedy", "maj@8", "bo8:verifier", "bo8:logprob", "adaptive@16:beta")
 
 
 def demo_adapter_path() -> Path:
@@ -53,7 +53,7 @@ class Matrix:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    max_batch_size: int = 64
+    max_batch_size: int = 128
     python: str | None = None  # run engines in a worker with this interpreter (own venv)
     engine_python: Mapping[str, str] = field(default_factory=dict)  # per-engine interpreter
 

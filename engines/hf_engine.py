@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine
+from natix.engines.kv_cache import preallocate
 from natix.engines.kv_compression import PressSpec, build_press, cache_lengths, parse_press_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,12 +235,19 @@ class HFEngine:
         import torch
 
         dev = self.device
-        bsz, width = len(rows), max(len(p) for p in prompt_ids)
+        # Prefill each distinct prompt once, then fan its cache out to its n sample rows: the
+        # n copies would otherwise cost n identical prefills (16x the prompt FLOPs at n=16).
+        first_row: dict[int, int] = {}  # prompt -> its first row in this batch
+        for i, r in enumerate(rows):
+            first_row.setdefault(r.prompt, i)
+        uniq = {p: k for k, p in enumerate(first_row)}  # prompt -> its prefill row
+        src = [prompt_ids[i] for i in first_row.values()]
+        width = max(len(p) for p in src)
         pad = self.tokenizer.pad_token_id
         start = time.perf_counter()
-        ids = torch.full((bsz, width), pad, dtype=torch.long)
-        mask = torch.zeros((bsz, width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
+        ids = torch.full((len(src), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(src), width), dtype=torch.long)
+        for i, p in enumerate(src):
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
@@ -256,6 +264,11 @@ class HFEngine:
         kept = cache_lengths(cache)
         self.last_prefill.append({"prompt_tokens": width, "cache_tokens": round(sum(kept) / len(kept), 2),
                                   "cache_tokens_min": min(kept), "cache_tokens_max": max(kept)})
+        fan = torch.tensor([uniq[r.prompt] for r in rows], dtype=torch.long, device=dev)
+        if len(src) != len(rows):
+            cache.reorder_cache(fan)
+        preallocate(cache, spec.max_tokens)
+        logits, mask, pos = logits[fan], mask[fan], pos[fan]
         # With a press the cache no longer lines up with a padded mask; press batches hold one
         # prompt (no padding), so decode without a mask (all kept positions are visible).
         use_mask = self._press is None
@@ -263,13 +276,12 @@ class HFEngine:
         max_stop = max((len(s) for s in spec.stop), default=0)
         first = end = start
         steps = 0
+        live = list(rows)  # rows still decoding, in batch order
         for step in range(spec.max_tokens):
             if step > 0:
-                feed = torch.tensor(
-                    [r.token_ids[-1] if r.finish is None else pad for r in rows], dtype=torch.long, device=dev
-                ).unsqueeze(-1)
+                feed = torch.tensor([r.token_ids[-1] for r in live], dtype=torch.long, device=dev).unsqueeze(-1)
                 if use_mask:
-                    mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=dev)], dim=-1)
+                    mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=dev)], dim=-1)
                 logits = self._forward(feed, mask if use_mask else None, next_pos, cache)
                 next_pos = next_pos + 1
             tokens, logprobs = _sample(logits, spec, generator)
@@ -277,11 +289,17 @@ class HFEngine:
             end = time.perf_counter()  # .tolist() in _sample synchronised with the device
             if step == 0:
                 first = end
-            for r, tok, lp in zip(rows, tokens, logprobs):
-                if r.finish is None:
-                    self._append(r, tok, lp, spec, max_stop)
-            if all(r.finish is not None for r in rows):
+            for r, tok, lp in zip(live, tokens, logprobs):
+                self._append(r, tok, lp, spec, max_stop)
+            keep = [i for i, r in enumerate(live) if r.finish is None]
+            if not keep:
                 break
+            if len(keep) < len(live):
+                # Drop finished rows from the batch: later steps cost what the live rows need.
+                idx = torch.tensor(keep, dtype=torch.long, device=dev)
+                cache.reorder_cache(idx)
+                mask, next_pos = mask[idx], next_pos[idx]
+                live = [live[i] for i in keep]
         for r in rows:
             if r.finish is None:
                 r.finish = "length"
