@@ -74,6 +74,9 @@ def _kernels():
         q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
         q_lo16 = q_lo.to(tl.float16)
         q_hi16 = q_hi.to(tl.float16)
+        # sum of the fp16 q the MMA actually sees: the codes enter the MMA as 1024 + code (below), and
+        # 1024 * q_sum16 is taken back out of the scores
+        q_sum16 = tl.sum(q_lo16.to(tl.float32), axis=1) + tl.sum(q_hi16.to(tl.float32), axis=1)
 
         m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
@@ -81,31 +84,58 @@ def _kernels():
         acc_hi = tl.zeros([GP, DH], dtype=tl.float32)
         z_acc = tl.zeros([GP], dtype=tl.float32)
         t_off = tl.arange(0, BT)
+        DW: tl.constexpr = DH // 4
+        w_off = tl.arange(0, DW)
+        kc32 = kc.to(tl.pointer_type(tl.int32))
+        vc32 = vc.to(tl.pointer_type(tl.int32))
         for t0 in range(start, end, BT):
             t = t0 + t_off
             t_ok = t < end
             page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
             row = (page * HKV + h) * PAGE + t % PAGE  # [BT]
-            kq = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)
+            # codes as int32 words (16-byte vector loads), 4 bytes = dims 4i..4i+3 (low nibbles) and
+            # DH+4i.. (high nibbles); each nibble becomes the fp16 1024 + code by OR-ing it into the
+            # exponent pattern 0x6400 (no int->float conversion instructions)
+            kw = tl.load(kc32 + row[:, None] * DW + w_off[None, :], mask=t_ok[:, None], other=0)
             k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
             k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
-            vq = tl.load(vc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)
+            vw = tl.load(vc32 + row[:, None] * DW + w_off[None, :], mask=t_ok[:, None], other=0)
             v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
             v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
 
-            k_lo = (kq & 0xF).to(tl.float16)
-            k_hi = (kq >> 4).to(tl.float16)
-            qk = tl.dot(q_lo16, tl.trans(k_lo)) + tl.dot(q_hi16, tl.trans(k_hi))  # [GP, BT]
-            s = qk * k_s[None, :] + q_sum[:, None] * k_z[None, :]
+            e = (kw & 0x000F000F) | 0x64006400
+            o = ((kw >> 8) & 0x000F000F) | 0x64006400
+            k_lo = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
+                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH))
+            e = ((kw >> 4) & 0x000F000F) | 0x64006400
+            o = ((kw >> 12) & 0x000F000F) | 0x64006400
+            k_hi = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
+                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH))
+            qk = tl.dot(q_lo16, tl.trans(k_lo)) + tl.dot(q_hi16, tl.trans(k_hi))  # [GP, BT], = q.(codes+1024)
+            s = qk * k_s[None, :] + q_sum16[:, None] * (k_z - 1024.0 * k_s)[None, :]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            z_acc = z_acc * alpha + tl.sum(p * v_z[None, :], axis=1)
             pv = (p * v_s[None, :]).to(tl.float16)
-            v_lo = (vq & 0xF).to(tl.float16)
-            v_hi = (vq >> 4).to(tl.float16)
+            z_acc = z_acc * alpha + tl.sum(p * v_z[None, :], axis=1) - 1024.0 * tl.sum(pv.to(tl.float32), axis=1)
+            e = (vw & 0x000F000F) | 0x64006400
+            o = ((vw >> 8) & 0x000F000F) | 0x64006400
+            v_lo = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
+                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH))
+            e = ((vw >> 4) & 0x000F000F) | 0x64006400
+            o = ((vw >> 12) & 0x000F000F) | 0x64006400
+            v_hi = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
+                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
+                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH))
             acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, v_lo)
             acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi)
             m_i = m_new

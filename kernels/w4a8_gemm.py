@@ -136,33 +136,62 @@ def _kernel():
         it0 = pid_k * per
         it1 = min(it0 + per, k_iters)
 
+        # weights are read as int32 words (4 K-consecutive packed bytes: 16-byte vector loads) and
+        # unpacked with word-wide bit operations; only the final int8 tile is per element
+        BK4: tl.constexpr = BK // 4
+        offs_k4 = tl.arange(0, BK4)
         x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BK, BM]
-        w_ptrs = qw_ptr + offs_j[:, None] * K + offs_k[None, :]  # [BNH, BK]
+        w_ptrs = qw_ptr.to(tl.pointer_type(tl.int32)) + offs_j[:, None] * (K // 4) + offs_k4[None, :]  # [BNH, BK/4]
         acc_lo = tl.zeros([BNH, BM], dtype=tl.int32)
         acc_hi = tl.zeros([BNH, BM], dtype=tl.int32)
+        if GROUPED:
+            # level-1 (s1, sz) are byte loads that the pipeliner does not stage: prefetch them one
+            # iteration ahead by hand so the loop never waits on their latency
+            # (group index clamped to the last group: always a valid address, no extra mask)
+            g_off = tl.minimum((it0 * BK) // 128, (K - 1) // 128) * N + offs_j
+            g_ok = j_ok
+            s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
+            z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
+            s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
+            z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
         for it in range(it0, it1):
             kb = it * BK
             if EVEN_K:
                 xt = tl.load(x_ptrs + kb, mask=m_ok[None, :], other=0)
-                wq = tl.load(w_ptrs + kb, mask=j_ok[:, None], other=0)
+                wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None], other=0)
             else:
                 k_ok = (kb + offs_k) < K
                 xt = tl.load(x_ptrs + kb, mask=m_ok[None, :] & k_ok[:, None], other=0)
-                wq = tl.load(w_ptrs + kb, mask=j_ok[:, None] & k_ok[None, :], other=0)
-            lo = wq & 0xF
-            hi = wq >> 4
+                wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None] & ((kb + 4 * offs_k4) < K)[None, :], other=0)
             if GROUPED:
-                # BK == 128 == group: one (s1, sz) per output column per iteration
-                g_off = it * N + offs_j
-                s_lo = tl.load(gs_ptr + g_off, mask=j_ok, other=0).to(tl.int16)
-                z_lo = tl.load(gz_ptr + g_off, mask=j_ok, other=0).to(tl.int16)
-                s_hi = tl.load(gs_ptr + g_off + NH, mask=j_ok, other=0).to(tl.int16)
-                z_hi = tl.load(gz_ptr + g_off + NH, mask=j_ok, other=0).to(tl.int16)
-                lo8 = (lo.to(tl.int16) * s_lo[:, None] - z_lo[:, None]).to(tl.int8)
-                hi8 = (hi.to(tl.int16) * s_hi[:, None] - z_hi[:, None]).to(tl.int8)
+                # level 1, QServe-style subtraction after multiplication, two codes per 16-bit lane:
+                # lane = q4 * s1 + (256 - sz) <= 15*255 + 256 never carries into the next lane and its
+                # low byte is (q4 * s1 - sz) mod 256, i.e. the INT8 weight
+                s_lo = s_lo_n.to(tl.int32)[:, None]
+                c_lo = ((256 - z_lo_n.to(tl.int32)) * 0x10001)[:, None]
+                s_hi = s_hi_n.to(tl.int32)[:, None]
+                c_hi = ((256 - z_hi_n.to(tl.int32)) * 0x10001)[:, None]
+                g_off = tl.minimum(((it + 1) * BK) // 128, (K - 1) // 128) * N + offs_j
+                g_ok = j_ok
+                s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
+                z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
+                s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
+                z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+                # low bytes of the 16-bit lanes: even (bytes 0, 2) | odd (bytes 1, 3) << 8
+                e = (wq & 0x000F000F) * s_lo + c_lo
+                o = ((wq >> 8) & 0x000F000F) * s_lo + c_lo
+                lo = (e & 0x00FF00FF) | ((o & 0x00FF00FF) << 8)
+                e = ((wq >> 4) & 0x000F000F) * s_hi + c_hi
+                o = ((wq >> 12) & 0x000F000F) * s_hi + c_hi
+                hi = (e & 0x00FF00FF) | ((o & 0x00FF00FF) << 8)
             else:
-                lo8 = lo.to(tl.int8)
-                hi8 = hi.to(tl.int8)
+                lo = wq & 0x0F0F0F0F
+                hi = (wq >> 4) & 0x0F0F0F0F
+            # int32 [BNH, BK/4] (little-endian bytes along K) -> int8 [BNH, BK]
+            lo8 = tl.reshape(tl.join(tl.join(lo.to(tl.int8), (lo >> 16).to(tl.int8)),
+                                     tl.join((lo >> 8).to(tl.int8), (lo >> 24).to(tl.int8))), (BNH, BK))
+            hi8 = tl.reshape(tl.join(tl.join(hi.to(tl.int8), (hi >> 16).to(tl.int8)),
+                                     tl.join((hi >> 8).to(tl.int8), (hi >> 24).to(tl.int8))), (BNH, BK))
             acc_lo = tl.dot(lo8, xt, acc_lo, out_dtype=tl.int32)
             acc_hi = tl.dot(hi8, xt, acc_hi, out_dtype=tl.int32)
 
@@ -236,7 +265,8 @@ def w4a8_gemm_triton(
     _check(x_q, x_scale, x_sum, w, bias, out_dtype)
     cfg = dict(config) if config else get_config(m, n, k, grouped, x_q.device)
     if grouped:
-        cfg["BK"] = GROUP_SIZE  # the kernel reads one level-1 (s1, sz) per BK
+        if GROUP_SIZE % cfg["BK"]:
+            cfg["BK"] = GROUP_SIZE  # the kernel reads one level-1 (s1, sz) per BK: BK must divide 128
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
@@ -272,6 +302,8 @@ def _check(x_q, x_scale, x_sum, w: W4A8Weight, bias, out_dtype) -> None:
         raise ValueError(f"out_dtype must be fp16/bf16/fp32/int32, got {out_dtype}")
     if bias is not None and (tuple(bias.shape) != (w.n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be contiguous [{w.n}]")
+    if k % 4 or w.qweight.data_ptr() % 4:
+        raise ValueError("the kernel reads qweight rows as int32 words: K % 4 == 0 and a 4-byte aligned qweight")
     if m * w.n >= 2**31:
         raise ValueError("M * N must be < 2**31 (int32 indexing)")
 

@@ -123,21 +123,30 @@ def measure_copy(out: Out) -> float:
     return bw
 
 
-def candidates(m: int) -> list[dict]:
+def candidates(m: int, grouped: bool = True) -> list[dict]:
+    """W4A8 configurations to time per (variant, N, K, M bucket). Small M: many split-K programs so
+    that enough weight bytes are in flight; BK=256 only for per-channel (g128 needs BK | 128)."""
     c = []
     if m <= 16:
-        for bnh in (32, 64, 128):
-            for split in (1, 2, 4, 8):
+        for bnh in (32, 64):  # BNH=128 at 4 warps spills (sm_90 compile report)
+            for split in (2, 4, 8, 16):
                 c.append(dict(BM=16, BNH=bnh, BK=128, SPLIT_K=split, num_warps=4, num_stages=4))
+        if not grouped:
+            for split in (4, 8):
+                c.append(dict(BM=16, BNH=64, BK=256, SPLIT_K=split, num_warps=4, num_stages=3))
     elif m <= 64:
         for bm in (32, 64):
-            for bnh in (64, 128):
-                for split in (1, 2):
+            for bnh in (64,):
+                for split in (1, 2, 4, 8):
                     c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=split, num_warps=4, num_stages=4))
     else:
         for bm, bnh in ((64, 128), (128, 64), (128, 128), (256, 64)):
             for w in (4, 8):
                 c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=1, num_warps=w, num_stages=3, GROUP_M=8))
+        if m <= 1024:  # too few output tiles to fill 132 SMs on the smaller shapes
+            for bm, bnh in ((64, 128), (128, 64)):
+                for split in (2, 4):
+                    c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=split, num_warps=4, num_stages=3, GROUP_M=8))
     return c
 
 
@@ -164,7 +173,7 @@ def tune(out: Out, tuned_path: str, shapes, ms, variants) -> None:
             for m in ms:
                 (x, xq, xs, xsum, pw), = make_gemm_inputs(m, n, k, grouped, 1)
                 best = None
-                for cfg in candidates(m):
+                for cfg in candidates(m, grouped):
                     try:
                         f = lambda: g.w4a8_gemm_triton(xq, xs, xsum, pw, None, torch.bfloat16, cfg)  # noqa: E731
                         f()
@@ -338,8 +347,9 @@ def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
         ref = kv4_decode_attention_reference(q[sub], cache, bt[sub], seq[sub], sm_scale)
         settings = [dict()]
         if tune_splits:
-            settings += [dict(num_splits=s, block_t=bt_, num_stages=st)
-                         for s in (1, 2, 4, 8, 16, 32, 64) for bt_ in (64,) for st in (2, 3)]
+            settings += [dict(num_splits=s, block_t=bt_, num_stages=st, num_warps=w)
+                         for s in (1, 2, 4, 8, 16, 32, 64) for bt_, w in ((64, 4), (128, 4), (128, 8)) for st in (2, 3)
+                         if not (bt_ == 128 and w == 8 and st == 3)]
         best = None
         for st in settings:
             try:
@@ -396,7 +406,7 @@ def main() -> None:
     t0 = time.time()
     copy_bw = measure_copy(out)
     if a.tune and "gemm" in secs:
-        tune(out, a.tuned_out, shapes, ms, (True,))
+        tune(out, a.tuned_out, shapes, ms, (True, False))
         print(f"[tune done {time.time() - t0:.0f}s]", flush=True)
     if "norm" in secs:
         bench_norm(out, copy_bw)
