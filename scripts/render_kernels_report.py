@@ -113,7 +113,7 @@ def render(recs, resources) -> str:
     L.append("Bytes = codes (d/2 B per token per head, K and V) + fp16 scale and zero per token per head, + q/out. "
              "SDPA = `scaled_dot_product_attention(enable_gqa=True)` over a contiguous bf16 cache. "
              "Goals (B = 64, T = 4096): ≥ 3.0× SDPA and ≥ 60% of copy bandwidth.\n")
-    L.append("| batch | context | KV4 µs | settings (splits, block, stages) | KV4 GB/s | % copy | SDPA bf16 µs | SDPA GB/s | speed-up | rel err |")
+    L.append("| batch | context | KV4 µs | settings (splits, block, stages, warps) | KV4 GB/s | % copy | SDPA bf16 µs | SDPA GB/s | speed-up | rel err |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     kv = defaultdict(dict)
     for r in recs:
@@ -123,7 +123,7 @@ def render(recs, resources) -> str:
         o, s = kv[key].get("ours", {}), kv[key].get("sdpa", {})
         st = o.get("settings") or {}
         sp = s["us"] / o["us"] if o.get("us") and s.get("us") else None
-        L.append(f"| {key[0]} | {key[1]} | {fmt(o.get('us'))} | {st.get('num_splits', 'auto')}, {st.get('block_t', 64)}, {st.get('num_stages', 3)} | "
+        L.append(f"| {key[0]} | {key[1]} | {fmt(o.get('us'))} | {st.get('num_splits', 'auto')}, {st.get('block_t', 64)}, {st.get('num_stages', 3)}, {st.get('num_warps', 4)} | "
                  f"{fmt(o.get('gbps'), 0)} | {fmt(100 * o['frac_copy'] if 'frac_copy' in o else None, 0)}% | {fmt(s.get('us'))} | "
                  f"{fmt(s.get('gbps'), 0)} | {fmt(sp, 2)}× | {o.get('rel_err', 0):.1e} |")
     L.append("\n`ragged64`: 64 rows with lengths drawn uniformly from 1…4096 (SDPA runs them padded to the longest).")
