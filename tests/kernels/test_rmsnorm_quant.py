@@ -13,8 +13,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-
-
 @pytest.mark.parametrize("m,h", [(1, 64), (7, 200), (33, 4096 if DEVICE == "cuda" else 512)])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -26,7 +24,8 @@ def test_matches_reference(m, h, norm, dtype):
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and sm.dtype == torch.int32
     # float reductions may order differently: codes may move by 1 at a rounding boundary
     diff = (q.int() - rq.int()).abs()
-    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    # (a count floor: at 7x200 two boundary codes are already 1.4e-3 of the elements)
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(3, diff.numel() // 1000)
     assert torch.allclose(s, rs, rtol=1e-5, atol=0)
     assert torch.equal(sm, q.int().sum(-1, dtype=torch.int32))
     assert int(q.abs().max()) == 127  # every row's max hits the range
