@@ -41,13 +41,17 @@ def vs_greedy(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float, f
     return out
 
 
+def _diff(diff: tuple[float, float, float]) -> str:
+    mean, lo, hi = diff
+    return f"{'+' if mean >= 0 else '−'}{abs(100 * mean):.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def verdict(diff: tuple[float, float, float] | None) -> str:
     if diff is None:
         return ""
-    mean, lo, hi = diff
-    sign = "+" if mean >= 0 else "−"
+    _, lo, hi = diff
     tag = " **beats greedy**" if lo > 0 else (" **worse than greedy**" if hi < 0 else "")
-    return f"{sign}{abs(100 * mean):.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{tag}"
+    return _diff(diff) + tag
 
 
 def render(rows: Iterable[dict[str, Any]], title: str = "natix-bench report") -> str:
@@ -105,7 +109,8 @@ def render(rows: Iterable[dict[str, Any]], title: str = "natix-bench report") ->
     if winners:
         for r in winners:
             lines.append(f"- `{r['variant']}` {r['strategy']} (T={r['temperature']:g}) beats greedy by "
-                         f"{verdict(diffs[r['key']])} pp.")
+                         f"{_diff(diffs[r['key']])} pp (accuracy {_pct(r['accuracy'])}, coverage "
+                         f"{_pct(r['coverage'])} @{r['coverage_k']}, {r['samples_spent_mean']:.1f} samples).")
     else:
         lines.append("- No strategy beats greedy beyond its 95% interval in this run.")
     return "\n".join(lines) + "\n"
