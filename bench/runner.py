@@ -31,16 +31,25 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             # A run killed mid-write leaves a torn last line; everything before it is good.
-            if n != len(path.read_text().splitlines()):
+            if n != len(lines):
                 raise ValueError(f"{path}:{n} is not valid JSON") from None
     return rows
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so appended rows start on a fresh line."""
+    if path.is_file():
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            path.write_text(text[: text.rfind("\n") + 1])
 
 
 @dataclass
@@ -114,6 +123,7 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(m.to_dict(), indent=2))
     fp = _settings_fingerprint(m)
+    _drop_torn_tail(out / CELLS_FILE)
     done = {r["key"] for r in load_cells(out) if r.get("settings") == fp}
 
     task = get_task(m.task)
