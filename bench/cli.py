@@ -64,12 +64,13 @@ def run(matrix_file: str | None, out: str | None, fresh: bool, no_progress: bool
     out_dir = Path(out) if out else Path("reports") / f"bench-{m.name}"
     if fresh and (out_dir / CELLS_FILE).exists():
         (out_dir / CELLS_FILE).unlink()
+    from natix.quant.errors import QuantError
     from natix.quant.models import ModelLoadError
 
     try:
         rows = run_matrix(m, out_dir, progress=not no_progress and sys.stderr.isatty(),
                           log=lambda s: click.echo(s, err=True))
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+    except (ModelLoadError, QuantError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     path = write_report(out_dir, rows)
     click.echo(f"report: {path}  (cells: {out_dir / CELLS_FILE})")

@@ -120,6 +120,11 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
     from natix.quant.models import load_tokenizer
     from natix.scaling import Greedy, decide_all, parse_strategy
 
+    from natix.quant.adapters import read_adapter
+
+    for v in m.variants:  # fail on a missing or broken adapter before any model loads
+        if v.adapter_path():
+            read_adapter(v.adapter_path())
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(m.to_dict(), indent=2))
     fp = _settings_fingerprint(m)

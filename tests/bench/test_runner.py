@@ -65,7 +65,7 @@ def fake_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _matrix(**kw) -> Matrix:
-    base = dict(items=12, engines=("scripted-test",), variants=(Variant("base"), Variant("tuned", "x")),
+    base = dict(items=12, engines=("scripted-test",), variants=(Variant("base"), Variant("tuned", "demo")),
                 strategies=("greedy", "maj@8", "bo8:verifier", "bo8:logprob", "adaptive@16"))
     base.update(kw)
     return Matrix(**base)
@@ -172,3 +172,12 @@ def test_cli_report_rerenders(tmp_path: Path, fake_tokenizer: None) -> None:
     assert res.exit_code == 0, res.output
     assert "maj@4" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "matrix.json").read_text())["items"] == 12
+
+
+def test_cli_bad_adapter_fails_before_loading(tmp_path: Path) -> None:
+    from natix.bench.cli import main
+
+    res = CliRunner().invoke(main, ["run", "--items", "2", "--variant", f"mine={tmp_path / 'absent'}",
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "does not exist" in res.output, res.output
+    assert not (tmp_path / "o").exists()
