@@ -194,18 +194,24 @@ def test_unsupported_types(tiny, tmp_path, which):
 
 # ---- the embedded model -----------------------------------------------------------------
 
-@pytest.mark.slow
-def test_smollm2_lora_merge_parity(tmp_path, tiny):
-    from peft import LoraConfig
-
+@pytest.fixture(scope="module")
+def smollm2():
     from natix.quant.models import load_base
 
-    model, _ = load_base("smollm2-135m", dtype="fp32")
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    adapter = tiny.save(model, cfg, tmp_path / "smol-lora")
-    base, _ = load_base("smollm2-135m", dtype="fp32")  # get_peft_model wrapped the first copy
+    return load_base("smollm2-135m", dtype="fp32")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora_embed", "lora_trainable_tokens", "rslora",
+                                  "lora_modules_to_save", "adalora", "vera", "ia3", "loha", "lokr"])
+def test_smollm2_merge_parity_every_type(tmp_path, tiny, smollm2, kind):
+    """Each supported adapter type, randomised, on the embedded SmolLM2 (tied embeddings, GQA)."""
+    import copy
+
+    adapter = tiny.save(copy.deepcopy(smollm2), tiny.config(kind), tmp_path / kind)
+    base = copy.deepcopy(smollm2)
     probe = default_probe(base, batch=2, length=24)
     merged, report = merge_adapter(base, adapter, probe_tokens=probe)
-    print(f"parity smollm2 lora: {report.parity_error:.2e}")
+    print(f"parity smollm2 {kind}: {report.parity_error:.2e}")
     assert report.parity_error <= FP32_REL_TOL
-    assert len(report.targets) == 3 * 30
+    assert report.targets
