@@ -90,7 +90,10 @@ def render(rows: Iterable[dict[str, Any]], title: str = "natix-bench report") ->
     sep = "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"
     for (variant, engine, kv), group in by_group.items():
         adapter = group[0].get("adapter")
-        lines.append(f"## {variant} — engine `{engine}`, KV press `{kv}`" + (f", adapter `{adapter}`" if adapter else ""))
+        genv = group[0].get("env", {})
+        other = [f"{k} {genv.get(k)}" for k in ("torch", "transformers", "kvpress") if genv.get(k) != env.get(k)]
+        lines.append(f"## {variant} — engine `{engine}`, KV press `{kv}`" + (f", adapter `{adapter}`" if adapter else "")
+                     + (f" (ran with {', '.join(other)})" if other else ""))
         lines += ["", header, sep]
         for r in sorted(group, key=lambda r: (r["temperature"], r["budget"], r["strategy"])):
             lo, hi = r["ci95"]

@@ -184,6 +184,7 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
             decided = decide_all(strats, draw.completions, prompts)
             info = engine.info() if hasattr(engine, "info") else {}
             env = environment(info.get("device"))
+            env.update(info.get("worker_versions") or {})  # the engine's venv, when it ran elsewhere
             with open(out / CELLS_FILE, "a") as fh:
                 for s in strats:
                     key = cell_key(g, temp or 0.0, s.spec())

@@ -82,6 +82,18 @@ def _remote_error(err: dict[str, Any]) -> RemoteEngineError:
 
 
 # ---------------------------------------------------------------------- child side
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "kvpress"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def serve(inp: IO[str], out: IO[str]) -> None:
     """The worker loop: read requests from ``inp`` until ``close`` or EOF, answer on ``out``."""
     import traceback
@@ -111,7 +123,9 @@ def serve(inp: IO[str], out: IO[str]) -> None:
                 res = engine.generate(req["prompts"], SamplingSpec(**req["spec"]))
                 result = [[completion_to_json(c) for c in per_prompt] for per_prompt in res]
             elif op == "info":
-                result = engine.info() if engine is not None and hasattr(engine, "info") else {}
+                result = dict(engine.info()) if engine is not None and hasattr(engine, "info") else {}
+                # The worker's own library versions: a side venv differs from the parent's.
+                result["worker_versions"] = _versions()
             elif op == "close":
                 if engine is not None:
                     engine.close()
