@@ -1,4 +1,4 @@
-"""``natix-quant``: command-line entry to natix.quant (a click group; ``merge`` for now).
+"""``natix-quant``: command-line entry to natix.quant (a click group: ``merge``, ``export``, ``inspect``).
 
 Thin by design: argument parsing, progress display and error reporting live here, the work in
 :mod:`natix.quant.adapters`, :mod:`natix.quant.models` and :mod:`natix.quant.artifact`. torch,
@@ -107,6 +107,93 @@ def _write_merged(model, tokenizer, out: Path, *, base: str, adapter: str, dtype
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, manifest)
+
+
+@main.command()
+@click.option("--base", "base", required=True, metavar="B",
+              help="Base model: HF directory, .gguf file, or embedded name (smollm2-135m).")
+@click.option("--adapter", "adapter", default=None, metavar="A",
+              help="Optional PEFT adapter directory, merged (parity-checked) before quantizing.")
+@click.option("--scheme", "scheme", required=True, metavar="S", help="Quantization scheme (fp8).")
+@click.option("--out", "out", required=True, metavar="DIR", type=click.Path(path_type=Path),
+              help="Output artifact directory (must not exist unless --force).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
+              help="dtype of the tensors left unquantized (embeddings, norms, lm_head, biases).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new one is complete).")
+def export(base: str, adapter: str | None, scheme: str, out: Path, dtype: str, force: bool) -> None:
+    """Quantize base B (+ adapter A) with scheme S and write a servable artifact to DIR, atomically."""
+    from rich.markup import escape
+
+    from natix.quant.schemes import scheme_class
+
+    console = _console()
+    with _user_errors():
+        cfg = scheme_class(scheme)()  # unknown scheme: fails before anything is loaded
+        from natix.quant.export import export as run_export
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        with console.status("starting") as st:
+            def progress(i: int, n: int, name: str) -> None:
+                st.update(f"quantizing {i}/{n} {escape(name)}")
+
+            res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force,
+                             status=lambda m: st.update(escape(m)), progress=progress)
+    console.print(f"[green]exported[/green] {scheme}: {len(res.quantized)} linear layers quantized, "
+                  f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
+                  f"({res.bytes_written / 2**20:.1f} MiB)")
+
+
+@main.command()
+@click.argument("artifact", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON instead of tables.")
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Describe a quantized artifact: scheme, bits per weight, files, engines, manifest."""
+    import json
+
+    from natix.quant.loader import describe_artifact
+
+    with _user_errors():
+        info = describe_artifact(artifact)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=max(100, Console().width))
+    t = Table(title=f"natix artifact {info['path']}", show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    m = info["manifest"]
+    eff_q, eff_all = info["effective_bits_quantized"], info["effective_bits_all"]
+    t.add_row("scheme", info["scheme"])
+    t.add_row("quant config", json.dumps(info["quant_config"]))
+    t.add_row("bits per weight", f"{info['bits_per_weight']:g} (quantized layers incl. scales: "
+              f"{eff_q:.3f}; whole checkpoint: {eff_all:.2f})" if eff_q else f"{info['bits_per_weight']:g}")
+    t.add_row("quantized layers", str(info["quantized_layers"]))
+    t.add_row("tensor dtypes", ", ".join(f"{k}: {v}" for k, v in sorted(info["tensor_dtypes"].items())))
+    t.add_row("base", f"{m['base']['spec']} sha256:{m['base']['sha256'][:16]}")
+    t.add_row("adapter", f"{m['adapter']['spec']} ({m['adapter']['type']}) sha256:{m['adapter']['sha256'][:16]}"
+              if m.get("adapter") else "none")
+    t.add_row("dtype (unquantized)", m["dtype"])
+    t.add_row("created", f"{m['created']} natix {m['natix_version']}")
+    libs = {**m.get("libraries", {}), **m.get("details", {}).get("libraries", {})}
+    t.add_row("libraries", ", ".join(f"{k} {v}" for k, v in libs.items()))
+    console.print(t)
+    e = Table(title="engines that can load it")
+    e.add_column("engine", style="bold")
+    e.add_column("how")
+    for name, how in info["engines"].items():
+        e.add_row(name, how)
+    console.print(e)
+    f = Table(title="files")
+    f.add_column("file")
+    f.add_column("bytes", justify="right")
+    for name, size in info["files"].items():
+        f.add_row(name, f"{size:,}")
+    console.print(f)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -200,9 +200,17 @@ def load_tokenizer(spec: str) -> "PreTrainedTokenizerBase":
 def load_base(
     spec: str, *, dtype: str = "auto", device: str = "cpu"
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load ``spec`` (directory, .gguf or embedded name) as a causal LM + tokenizer, eval mode."""
+    """Load ``spec`` (directory, .gguf or embedded name) as a causal LM + tokenizer, eval mode.
+
+    A quantized natix artifact (its manifest carries a ``quant_config``) loads through
+    :func:`natix.quant.loader.load_artifact`, with the scheme's reference modules.
+    """
     from transformers import AutoModelForCausalLM
 
+    from natix.quant.loader import load_artifact, quantized_scheme
+
+    if quantized_scheme(spec):
+        return load_artifact(spec, dtype=dtype, device=device)
     path = materialize(resolve_base(spec))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))

@@ -1,0 +1,156 @@
+"""Export: base (+ merged adapter) -> quantized artifact directory, written atomically.
+
+Pipeline: check the inputs cheaply (scheme, --out, base path, adapter files) -> load the base
+in fp32 -> merge the adapter (:func:`natix.quant.adapters.merge_adapter`, parity-checked) ->
+replace every ``nn.Linear`` the scheme does not ignore, one at a time (the fp32 weight of a
+layer is dropped as soon as its quantized module is in place, so peak memory is about the
+model plus one layer) -> cast the rest to ``dtype`` -> write ``model.safetensors`` +
+``config.json`` (with the scheme's ``quantization_config``) + generation config + tokenizer +
+``natix_manifest.json`` inside :func:`natix.quant.artifact.atomic_dir`.
+
+The checkpoint is written as one safetensors file (fine up to a few GB); sharding for large
+models is still to do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from natix.quant.schemes import QuantConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    scheme: str
+    quantized: tuple[str, ...]  # module names replaced by quantized modules
+    skipped: tuple[str, ...]  # Linear modules the scheme ignores
+    bytes_written: int
+
+
+def quantize_model(model: "nn.Module", cfg: QuantConfig,
+                   progress: Callable[[int, int, str], None] | None = None) -> tuple[list[str], list[str]]:
+    """Replace, in place and layer by layer, every ``nn.Linear`` of ``model`` that ``cfg`` does
+    not skip with ``cfg.quantize_linear(linear)``; returns (quantized names, skipped names)."""
+    import torch
+    from torch import nn
+
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    todo = [n for n in names if not cfg.skips(n)]
+    skipped = [n for n in names if cfg.skips(n)]
+    with torch.no_grad():
+        for i, name in enumerate(todo):
+            model.set_submodule(name, cfg.quantize_linear(model.get_submodule(name)))
+            if progress:
+                progress(i + 1, len(todo), name)
+    return todo, skipped
+
+
+def unique_state_dict(model: "nn.Module") -> dict[str, Any]:
+    """``model.state_dict()`` without the second name of tied tensors (first name kept:
+    ``model.embed_tokens.weight`` before ``lm_head.weight``, as transformers saves them)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def _source_refs(base: str, adapter: str | None, adapter_type: str | None):
+    from natix.quant.artifact import SourceRef
+    from natix.quant.models import resolve_base, tree_sha256
+
+    src = resolve_base(base)
+    base_file = src.path / src.gguf_file if src.gguf_file else src.path
+    base_ref = SourceRef(spec=base, sha256=tree_sha256(base_file))
+    adapter_ref = (SourceRef(spec=str(Path(adapter).resolve()), sha256=tree_sha256(Path(adapter)), type=adapter_type)
+                   if adapter else None)
+    return base_ref, adapter_ref
+
+
+def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None = None, dtype: str = "bf16",
+           force: bool = False, status: Callable[[str], None] | None = None,
+           progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
+    """Quantize ``base`` (+ ``adapter``) with ``cfg`` and write the artifact to ``out``.
+
+    Raises (before writing anything): :class:`~natix.quant.errors.ArtifactError` if ``out``
+    exists and not ``force``; :class:`~natix.quant.models.ModelLoadError` for a bad base;
+    :class:`~natix.quant.errors.AdapterError` / ``MergeParityError`` for a bad adapter.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from natix.quant.adapters import merge_adapter, read_adapter
+    from natix.quant.artifact import Manifest, atomic_dir, write_manifest
+    from natix.quant.errors import ArtifactError
+    from natix.quant.models import _dtype, load_base, resolve_base
+
+    say = status or (lambda _msg: None)
+    out = Path(out)
+    if out.exists() and not force:
+        raise ArtifactError(f"output {out} already exists; pass --force to replace it")
+    torch_dtype = _dtype(dtype)
+    resolve_base(base)  # a missing base fails here, before any slow work
+    files = read_adapter(adapter) if adapter else None
+    hf_qc = cfg.hf_quantization_config()  # a missing library fails before the model load
+
+    say(f"loading base {base}")
+    model, tokenizer = load_base(base, dtype="fp32")
+    merge = None
+    if adapter:
+        say(f"merging {files.peft_type} adapter {adapter}")
+        model, merge = merge_adapter(model, adapter)
+    say(f"quantizing ({cfg.scheme})")
+    quantized, skipped = quantize_model(model, cfg, progress)
+    model.to(torch_dtype)  # quantized modules keep their storage dtypes (see Fp8Linear._apply)
+
+    base_ref, adapter_ref = _source_refs(base, adapter, files.peft_type if files else None)
+    details: dict[str, Any] = {
+        "quant_config": cfg.to_dict(),
+        "format": hf_qc.get("quant_method"),
+        "quantized_modules": len(quantized),
+        "skipped_modules": skipped,
+        "libraries": _extra_versions(),
+    }
+    if merge is not None:
+        details["merge"] = merge.to_dict()
+    manifest = Manifest(scheme=cfg.scheme, base=base_ref, adapter=adapter_ref, dtype=dtype, details=details)
+
+    config = model.config.to_dict()
+    config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    config["quantization_config"] = hf_qc
+    say(f"writing {out}")
+    with atomic_dir(out, force=force) as tmp:
+        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, manifest)
+        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+    return ExportResult(out, cfg.scheme, tuple(quantized), tuple(skipped), size)
+
+
+def _extra_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for lib in ("compressed-tensors",):
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out

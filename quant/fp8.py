@@ -1,0 +1,114 @@
+"""FP8 (e4m3) quantization math and the reference ``Fp8Linear``: what the serving kernel computes.
+
+Layout (compressed-tensors ``float-quantized``, as vLLM and SGLang load it):
+
+- weight ``[N, K]`` float8_e4m3fn, scaled per output channel: ``weight_scale`` fp32 ``[N, 1]``,
+  ``W ≈ weight.float() * weight_scale``; ``scale = amax(|W[n, :]|) / 448``.
+- activations are quantized on the fly, per token (row): ``scale_x = max(amax(|x|) / 448,
+  1 / (448 * 512))`` fp32 ``[..., 1]`` — the lower bound is vLLM's
+  ``dynamic_per_token_scaled_fp8_quant`` floor, so all-zero rows do not divide by zero.
+- ``y = (x_q * scale_x) @ (W_q * scale_w)^T + bias`` accumulated in fp32, cast to ``x``'s dtype
+  (the kernels accumulate in fp32 and apply both scales in the epilogue: the same product).
+
+Values are divided by the scale, clamped to ±448 (e4m3 has no inf; out-of-range casts give NaN)
+and cast with round-to-nearest-even. Relative error of one e4m3 rounding is ≤ 2^-4 (3 mantissa
+bits); on Gaussian weights the per-tensor RMS relative error is ~2.5-3%.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+#: vLLM's per-token scale floor (csrc/quantization/fp8: min_scaling_factor = 1 / (448 * 512))
+MIN_TOKEN_SCALE = 1.0 / (FP8_MAX * 512.0)
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [N, K]`` (any float dtype) -> (``q [N, K]`` e4m3, ``scale [N, 1]`` fp32)."""
+    assert weight.dim() == 2, f"expected a 2-D weight, got shape {tuple(weight.shape)}"
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=_TINY)
+    return _to_fp8(w, scale), scale
+
+
+def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., K]`` -> (``q [..., K]`` e4m3, ``scale [..., 1]`` fp32), one scale per row."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=MIN_TOKEN_SCALE)
+    return _to_fp8(xf, scale), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` in fp32 (``scale`` broadcasts: ``[N, 1]`` or ``[..., 1]``)."""
+    return q.float() * scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference W8A8-fp8 GEMM: ``x [..., K]``, ``weight [N, K]`` e4m3, ``weight_scale [N, 1]``
+    fp32, ``bias [N]`` -> ``[..., N]`` in ``x.dtype``."""
+    assert weight.dtype == FP8_DTYPE, f"weight must be {FP8_DTYPE}, got {weight.dtype}"
+    assert weight_scale.shape == (weight.shape[0], 1), (
+        f"weight_scale must be [{weight.shape[0]}, 1], got {tuple(weight_scale.shape)}")
+    assert x.shape[-1] == weight.shape[1], f"x has K={x.shape[-1]}, weight has K={weight.shape[1]}"
+    xq, xs = quantize_activation_per_token(x)
+    y = dequantize(xq, xs) @ dequantize(weight, weight_scale.float()).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+class Fp8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding an e4m3 weight + per-channel scale (state-dict keys
+    ``weight``, ``weight_scale``, ``bias`` — the names vLLM's compressed-tensors loader expects).
+
+    ``model.to(dtype)`` / ``model.float()`` move these tensors between devices but never change
+    the dtype of ``weight`` (fp8) or ``weight_scale`` (fp32): an upcast would silently drop the
+    scales' meaning. ``bias`` follows the model dtype like any other parameter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, 1, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
+        q, scale = quantize_weight_per_channel(linear.weight)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  dtype=linear.weight.dtype, device=linear.weight.device)
+        mod.weight.data = q
+        mod.weight_scale.data = scale
+        if linear.bias is not None:
+            mod.bias.data = linear.bias.detach().clone()
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        fixed = {id(self.weight), id(self.weight_scale)}
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if id(t) not in fixed or out.dtype == t.dtype else t.to(out.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight=e4m3/channel, act=e4m3/token dynamic")

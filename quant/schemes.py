@@ -1,0 +1,130 @@
+"""Quantization schemes: a registry from scheme name to its frozen, versioned config class.
+
+A scheme registers its config with :func:`register_scheme`; everything generic (export, load,
+inspect, the CLI) looks the config up here and calls its methods, so adding ``gptq`` or
+``w4a8kv4`` means one new config module plus one line in :data:`_BUILTIN_MODULES` — no
+``if scheme == ...`` chains. Config modules must stay torch-free at import time (the torch
+work lives in the methods, imported lazily), so the registry itself is cheap to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from natix.quant.errors import QuantError
+
+
+class UnknownSchemeError(QuantError):
+    """The scheme name is not registered; the message lists the known ones."""
+
+
+#: modules that register the built-in schemes (imported on first lookup, not at package import)
+_BUILTIN_MODULES = ("natix.quant.fp8_config",)
+_REGISTRY: dict[str, type["QuantConfig"]] = {}
+_loaded = False
+
+C = TypeVar("C", bound="type[QuantConfig]")
+
+
+class QuantConfig:
+    """Base of per-scheme configs (frozen dataclasses). Subclasses set ``version`` as a field
+    default and implement the hooks below; ``scheme`` is filled in by :func:`register_scheme`."""
+
+    scheme: ClassVar[str] = ""
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {"scheme": self.scheme, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        scheme = d.pop("scheme", cls.scheme)
+        if scheme != cls.scheme:
+            raise QuantError(f"config is for scheme {scheme!r}, not {cls.scheme!r}")
+        current = cls.__dataclass_fields__["version"].default  # type: ignore[attr-defined]
+        if d.get("version", current) != current:
+            raise QuantError(f"{cls.__name__} version {d.get('version')!r} is not supported "
+                             f"(this natix reads version {current})")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise QuantError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        types = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        d = {k: tuple(v) if isinstance(types.get(k), tuple) and isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    # --- hooks every scheme implements ------------------------------------------------------
+    def bits_per_weight(self) -> float:
+        """Storage width of one quantized weight element (scales not included; inspect
+        reports the effective width with scales from the checkpoint itself)."""
+        raise NotImplementedError
+
+    def quantize_linear(self, linear: Any) -> Any:
+        """Return a module replacing ``linear`` (an ``nn.Linear``) whose state dict is the
+        artifact's format for that layer."""
+        raise NotImplementedError
+
+    def empty_linear(self, in_features: int, out_features: int, bias: bool, dtype: Any) -> Any:
+        """An uninitialised reference module with the state-dict layout of :meth:`quantize_linear`."""
+        raise NotImplementedError
+
+    def hf_quantization_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` entry of ``config.json`` that serving engines read."""
+        raise NotImplementedError
+
+    def engines(self) -> dict[str, str]:
+        """Engines that can load the artifact -> how (shown by ``natix-quant inspect``)."""
+        raise NotImplementedError
+
+    def skips(self, module_name: str) -> bool:
+        """Whether the Linear at ``module_name`` stays unquantized."""
+        ignore = getattr(self, "ignore", ())
+        return any(module_name == i or module_name.endswith("." + i) for i in ignore)
+
+
+def register_scheme(name: str) -> Callable[[C], C]:
+    """Class decorator: register a :class:`QuantConfig` subclass under ``name``."""
+
+    def deco(cls: C) -> C:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"scheme {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.scheme = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in _BUILTIN_MODULES:
+            importlib.import_module(mod)
+        _loaded = True
+
+
+def known_schemes() -> tuple[str, ...]:
+    _load_builtins()
+    return tuple(sorted(_REGISTRY))
+
+
+def scheme_class(name: str) -> type[QuantConfig]:
+    """The config class of ``name``, or :class:`UnknownSchemeError` listing the known schemes."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownSchemeError(
+            f"unknown quantization scheme {name!r}; known schemes: {', '.join(known_schemes())}") from None
+
+
+def config_from_dict(d: dict[str, Any]) -> QuantConfig:
+    """Rebuild a config from :meth:`QuantConfig.to_dict` output (dispatching on ``scheme``)."""
+    if "scheme" not in d:
+        raise QuantError("quantization config has no 'scheme' field")
+    return scheme_class(d["scheme"]).from_dict(d)
