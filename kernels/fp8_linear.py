@@ -13,6 +13,9 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+#: per-token scale floor, as vLLM's dynamic per-token FP8 quantization (1 / (448 * 512)): an
+#: all-zero row gets a finite scale instead of a division by zero
+MIN_TOKEN_SCALE = 1.0 / (FP8_MAX * 512.0)
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ def quantize_fp8_weight(w: torch.Tensor) -> Fp8Weight:
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (float8 [M, K], float32 scale [M, 1])."""
-    s = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    """x [..., K] -> (float8 [..., K], float32 scale [..., 1]), one scale per row."""
+    s = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_TOKEN_SCALE)
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 

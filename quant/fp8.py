@@ -20,30 +20,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
-#: vLLM's per-token scale floor (csrc/quantization/fp8: min_scaling_factor = 1 / (448 * 512))
-MIN_TOKEN_SCALE = 1.0 / (FP8_MAX * 512.0)
-_TINY = torch.finfo(torch.float32).tiny
+from natix.kernels.fp8_linear import FP8 as FP8_DTYPE
+from natix.kernels.fp8_linear import FP8_MAX, MIN_TOKEN_SCALE, Fp8Weight, fp8_linear_reference, quantize_fp8_weight
+from natix.kernels.fp8_linear import fp8_linear as fp8_linear_kernel
+from natix.kernels.fp8_linear import quantize_fp8_per_token as quantize_activation_per_token
 
-
-def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_TOKEN_SCALE", "Fp8Linear", "dequantize", "fp8_linear",
+           "quantize_activation_per_token", "quantize_weight_per_channel"]
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [N, K]`` (any float dtype) -> (``q [N, K]`` e4m3, ``scale [N, 1]`` fp32)."""
+    """``weight [N, K]`` (any float dtype) -> (``q [N, K]`` e4m3, ``scale [N, 1]`` fp32).
+
+    The math is natix.kernels' (one definition for the exporter, the reference and the kernel);
+    the scale is shaped ``[N, 1]`` as compressed-tensors stores it."""
     assert weight.dim() == 2, f"expected a 2-D weight, got shape {tuple(weight.shape)}"
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=_TINY)
-    return _to_fp8(w, scale), scale
-
-
-def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., K]`` -> (``q [..., K]`` e4m3, ``scale [..., 1]`` fp32), one scale per row."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=MIN_TOKEN_SCALE)
-    return _to_fp8(xf, scale), scale
+    fw = quantize_fp8_weight(weight.detach())
+    return fw.weight, fw.weight_scale[:, None]
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -53,17 +46,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference W8A8-fp8 GEMM: ``x [..., K]``, ``weight [N, K]`` e4m3, ``weight_scale [N, 1]``
-    fp32, ``bias [N]`` -> ``[..., N]`` in ``x.dtype``."""
+    """W8A8-fp8 linear: ``x [..., K]``, ``weight [N, K]`` e4m3, ``weight_scale [N, 1]`` fp32,
+    ``bias [N]`` -> ``[..., N]`` in ``x.dtype``. fp16/bf16 on CUDA goes through the kernel op
+    (``torch._scaled_mm`` where it can implement the shape); everything else through the
+    pure-torch reference, which computes the same product in fp32."""
     assert weight.dtype == FP8_DTYPE, f"weight must be {FP8_DTYPE}, got {weight.dtype}"
     assert weight_scale.shape == (weight.shape[0], 1), (
         f"weight_scale must be [{weight.shape[0]}, 1], got {tuple(weight_scale.shape)}")
     assert x.shape[-1] == weight.shape[1], f"x has K={x.shape[-1]}, weight has K={weight.shape[1]}"
-    xq, xs = quantize_activation_per_token(x)
-    y = dequantize(xq, xs) @ dequantize(weight, weight_scale.float()).T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    w = Fp8Weight(weight, weight_scale.float().reshape(-1))
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        y = fp8_linear_kernel(x2.contiguous(), w, bias)
+    else:
+        y = fp8_linear_reference(x2, w, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Fp8Linear(nn.Module):
