@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
+@functools.lru_cache(maxsize=None)  # a run asks once per draw; the checkout does not change
 def git_sha(repo: Path | None = None) -> str | None:
     repo = repo or Path(__file__).resolve().parent.parent
     try:
@@ -23,20 +25,13 @@ def git_sha(repo: Path | None = None) -> str | None:
 
 def environment(device: str | None = None) -> dict[str, Any]:
     """Versions and hardware. ``device``: what the engine ran on (``cpu``/``cuda``)."""
-    import importlib.metadata as md
-
-    def ver(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
+    from natix.quant.artifact import library_versions
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "torch": ver("torch"), "transformers": ver("transformers"), "peft": ver("peft"),
-        "kvpress": ver("kvpress"), "triton": ver("triton"), "natix": ver("natix"),
+        **library_versions(("torch", "transformers", "peft", "kvpress", "triton", "natix")),
         "git_sha": git_sha(),
         "device": device,
     }

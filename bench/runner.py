@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,6 +58,7 @@ class Draw:
 
     completions: list[list[Any]]  # [item][sample] Completion
     wall_s: float
+    correct: list[int] = field(default_factory=list)  # [item] right samples, graded once per draw
 
 
 def _generate(engine: Any, prompts: Sequence[str], spec: Any, chunk: int,
@@ -80,10 +81,7 @@ def _cell_metrics(task: Any, items: Sequence[Any], results: Sequence[Any], draw:
     k = max(1, results[0].budget)
     # Coverage: could any of the strategy's budget of samples have answered right? Estimated
     # without bias from all draw_n samples (Chen et al. 2021).
-    cov = []
-    for comps, it in zip(draw.completions, items):
-        c = sum(task.is_correct(task.extract(x.text), it) for x in comps)
-        cov.append(pass_at_k(len(comps), c, min(k, len(comps))))
+    cov = [pass_at_k(len(comps), c, min(k, len(comps))) for comps, c in zip(draw.completions, draw.correct)]
     spent = [r.samples_spent for r in results]
     # Tokens this strategy consumed: the samples it read, in order.
     tokens = [sum(x.num_tokens for x in comps[: r.samples_spent]) for r, comps in zip(results, draw.completions)]
@@ -181,6 +179,8 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
                 bar.update(task_id, description=f"{g.key} {'greedy' if temp is None else f'T={temp:g} n={n}'}")
             draw = _generate(engine, prompts, spec, chunk,
                              (lambda k: bar.advance(task_id, k)) if bar is not None else (lambda k: None))
+            draw.correct = [sum(task.is_correct(task.extract(x.text), it) for x in comps)
+                            for comps, it in zip(draw.completions, items)]
             decided = decide_all(strats, draw.completions, prompts)
             info = engine.info() if hasattr(engine, "info") else {}
             env = environment(info.get("device"))

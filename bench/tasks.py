@@ -83,7 +83,7 @@ def register_task(name: str) -> Callable[[type], type]:
 
 def get_task(name: str) -> Task:
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(_TASKS))}")
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
     return _TASKS[name]()
 
 

@@ -38,20 +38,13 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def merge_adapter_into(model: Any, adapter_dir: str) -> tuple[Any, dict[str, Any] | None]:
-    """Merge a PEFT adapter into ``model``; returns ``(merged_model, report_or_None)``.
+def merge_adapter_into(model: Any, adapter_dir: str) -> tuple[Any, dict[str, Any]]:
+    """Merge a PEFT adapter into ``model`` with natix.quant.adapters (validated against the
+    base, merge parity checked); returns ``(merged_model, report as a dict)``."""
+    from natix.quant.adapters import merge_adapter
 
-    Uses natix.quant.adapters (validates the adapter against the base and checks merge parity)
-    and falls back to plain peft only where that module is not importable.
-    """
-    try:
-        from natix.quant.adapters import merge_adapter
-    except ImportError:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(), None
     merged, report = merge_adapter(model, adapter_dir)
-    return merged, (report.to_dict() if hasattr(report, "to_dict") else None)
+    return merged, report.to_dict()
 
 
 @dataclass

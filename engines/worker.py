@@ -83,15 +83,9 @@ def _remote_error(err: dict[str, Any]) -> RemoteEngineError:
 
 # ---------------------------------------------------------------------- child side
 def _versions() -> dict[str, str | None]:
-    import importlib.metadata as md
+    from natix.quant.artifact import library_versions
 
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "kvpress"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"python": sys.version.split()[0], **library_versions(("torch", "transformers", "peft", "kvpress"))}
 
 
 def serve(inp: IO[str], out: IO[str]) -> None:

@@ -94,7 +94,7 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     from safetensors.torch import save_file
 
     from natix.quant.adapters import merge_adapter, read_adapter
-    from natix.quant.artifact import Manifest, atomic_dir, write_manifest
+    from natix.quant.artifact import Manifest, atomic_dir, library_versions, write_manifest
     from natix.quant.errors import ArtifactError
     from natix.quant.models import _dtype, load_base, resolve_base
 
@@ -123,7 +123,7 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
         "format": hf_qc.get("quant_method"),
         "quantized_modules": len(quantized),
         "skipped_modules": skipped,
-        "libraries": _extra_versions(),
+        "libraries": library_versions(("compressed-tensors",)),
     }
     if merge is not None:
         details["merge"] = merge.to_dict()
@@ -144,13 +144,3 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     return ExportResult(out, cfg.scheme, tuple(quantized), tuple(skipped), size)
 
 
-def _extra_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for lib in ("compressed-tensors",):
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = None
-    return out

@@ -40,10 +40,6 @@ class BaseSource:
     path: Path
     gguf_file: str | None = None
 
-    @property
-    def display(self) -> str:
-        return self.spec if self.kind == "embedded" else str(self.path)
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("NATIX_CACHE", Path.home() / ".cache" / "natix"))
