@@ -64,6 +64,11 @@ class Task:
     def verify(self, item: Item, text: str) -> float | None:
         return None
 
+    def reference_answer(self, item: Item) -> str:
+        """A good completion for ``item`` (calibration data, training targets): the gold
+        answer unless the task knows the worked solution."""
+        return item.gold
+
     @property
     def has_verifier(self) -> bool:
         return type(self).verify is not Task.verify
@@ -170,6 +175,9 @@ class ChainSum(Task):
 
     def user_text(self, item: Item) -> str:
         return item.question + " Show each step."
+
+    def reference_answer(self, item: Item) -> str:
+        return worked_solution(item.meta["expression"])
 
     def verify(self, item: Item, text: str) -> float:
         terms = chain_terms(item.meta["expression"])

@@ -1,4 +1,4 @@
-"""``natix-quant``: command-line entry to natix.quant (a click group: ``merge``, ``export``, ``inspect``).
+"""``natix-quant``: command-line entry to natix.quant (a click group: ``merge``, ``export``, ``inspect``, ``eval``).
 
 Thin by design: argument parsing, progress display and error reporting live here, the work in
 :mod:`natix.quant.adapters`, :mod:`natix.quant.models` and :mod:`natix.quant.artifact`. torch,
@@ -114,21 +114,41 @@ def _write_merged(model, tokenizer, out: Path, *, base: str, adapter: str, dtype
               help="Base model: HF directory, .gguf file, or embedded name (smollm2-135m).")
 @click.option("--adapter", "adapter", default=None, metavar="A",
               help="Optional PEFT adapter directory, merged (parity-checked) before quantizing.")
-@click.option("--scheme", "scheme", required=True, metavar="S", help="Quantization scheme (fp8).")
+@click.option("--scheme", "scheme", required=True, metavar="S", help="Quantization scheme: fp8, gptq, w4a8kv4.")
 @click.option("--out", "out", required=True, metavar="DIR", type=click.Path(path_type=Path),
               help="Output artifact directory (must not exist unless --force).")
+@click.option("--group-size", type=int, default=None,
+              help="Weight group size: 128 or -1 (per output channel). gptq, w4a8kv4.")
+@click.option("--act-order", type=click.Choice(["group", "weight"]), default=None,
+              help="GPTQ activation order (gptq): 'group' permutes groups (g_idx), 'weight' keeps them contiguous.")
+@click.option("--kv", "kv", type=click.Choice(["none", "fp8", "int4"]), default=None,
+              help="KV-cache quantization: fp8 (fp8, gptq; vLLM), int4 (w4a8kv4, the default there), none.")
+@click.option("--calib", default="pydoc", show_default=True, metavar="TASK|FILE",
+              help="Calibration data: a task name (chain_sum), 'pydoc', or a .jsonl/.txt file.")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration samples.")
+@click.option("--calib-max-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Any other scheme setting (e.g. --set rotate=false); repeatable. See inspect for the fields.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
               help="dtype of the tensors left unquantized (embeddings, norms, lm_head, biases).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling / rotation seed.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new one is complete).")
-def export(base: str, adapter: str | None, scheme: str, out: Path, dtype: str, force: bool) -> None:
+def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: int | None, act_order: str | None,
+           kv: str | None, calib: str, calib_samples: int, calib_max_length: int, overrides: tuple[str, ...],
+           dtype: str, seed: int, force: bool) -> None:
     """Quantize base B (+ adapter A) with scheme S and write a servable artifact to DIR, atomically."""
     from rich.markup import escape
 
-    from natix.quant.schemes import scheme_class
+    from natix.quant.schemes import make_config, parse_override
 
     console = _console()
     with _user_errors():
-        cfg = scheme_class(scheme)()  # unknown scheme: fails before anything is loaded
+        fields: dict[str, object] = dict(parse_override(o) for o in overrides)
+        for key, value in (("group_size", group_size), ("actorder", act_order), ("kv_cache", kv)):
+            if value is not None:
+                fields[key] = value
+        flags = {"group_size": "--group-size", "actorder": "--act-order", "kv_cache": "--kv"}
+        cfg = make_config(scheme, fields, flags)  # unknown scheme/setting: fails before anything is loaded
         from natix.quant.export import export as run_export
 
         from transformers.utils import logging as hf_logging
@@ -138,11 +158,21 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, dtype: str, f
             def progress(i: int, n: int, name: str) -> None:
                 st.update(f"quantizing {i}/{n} {escape(name)}")
 
-            res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force,
+            res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force, calib=calib,
+                             calib_samples=calib_samples, calib_max_length=calib_max_length, seed=seed,
                              status=lambda m: st.update(escape(m)), progress=progress)
+    fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if _grouped(cfg) else []
     console.print(f"[green]exported[/green] {scheme}: {len(res.quantized)} linear layers quantized, "
                   f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
                   f"({res.bytes_written / 2**20:.1f} MiB)")
+    if fallback:
+        console.print(f"[yellow]note:[/yellow] {len(fallback)} layers have in_features not divisible by the "
+                      f"group size {cfg.group_size} and were quantized per output channel (group_fallback="
+                      f"{cfg.group_fallback!r}; see the manifest's details.layers)")
+
+
+def _grouped(cfg: object) -> bool:
+    return isinstance(getattr(cfg, "group_size", None), int) and cfg.group_size > 0 and hasattr(cfg, "group_fallback")
 
 
 @main.command()
@@ -194,6 +224,78 @@ def inspect(artifact: Path, as_json: bool) -> None:
     for name, size in info["files"].items():
         f.add_row(name, f"{size:,}")
     console.print(f)
+
+
+@main.command("eval")
+@click.argument("model", metavar="DIR")
+@click.option("--adapter", default=None, metavar="A", help="PEFT adapter merged at load (unquantized baselines).")
+@click.option("--ppl", "ppl", default="pydoc", show_default=True, metavar="FILE|pydoc|none",
+              help="Held-out text for perplexity ('none' to skip).")
+@click.option("--ppl-max-length", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
+@click.option("--ppl-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--task", default=None, help="Task for accuracy (e.g. chain_sum); omitted: perplexity only.")
+@click.option("--strategy", "strategies", multiple=True, help="greedy, maj@8, bo8:verifier, ...; repeatable (default greedy).")
+@click.option("--items", type=int, default=40, show_default=True, help="Evaluation items.")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Temperature of sampled strategies.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", default="auto", show_default=True, help="dtype of unquantized tensors: auto, fp32, bf16, fp16.")
+@click.option("--jsonl", "jsonl", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the result as one JSON line (with the environment) to this file.")
+@click.option("--label", default=None, help="Name of this row in the JSONL (default: DIR's name).")
+def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_windows: int | None, task: str | None,
+          strategies: tuple[str, ...], items: int, temperature: float, device: str, dtype: str,
+          jsonl: Path | None, label: str | None) -> None:
+    """Perplexity and task accuracy of artifact (or model) DIR through natix's reference path."""
+    import json
+    import time
+
+    from natix.quant.evaluate import perplexity, read_text, summarize_cells, task_accuracy
+
+    console = _console()
+    label = label or Path(model).name
+    row: dict[str, object] = {"label": label, "model": model, "adapter": adapter, "dtype": dtype,
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with _user_errors():
+        from natix.quant.loader import quantized_scheme
+
+        row["scheme"] = quantized_scheme(model) or "none"
+        if ppl != "none":
+            text = read_text(ppl)
+            from transformers.utils import logging as hf_logging
+
+            from natix.engines.hf_engine import resolve_device
+            from natix.quant.models import load_base
+
+            hf_logging.disable_progress_bar()
+            with console.status(f"perplexity of {label} on {ppl}"):
+                dev = resolve_device(device)
+                m, tok = load_base(model, dtype=dtype, device=dev)
+                if adapter:
+                    from natix.quant.adapters import merge_adapter
+
+                    m, _ = merge_adapter(m, adapter)
+                row["perplexity"] = {"text": ppl, **perplexity(m, tok, text, max_length=ppl_max_length,
+                                                               max_windows=ppl_windows)}
+                del m
+            console.print(f"{label}: perplexity {row['perplexity']['ppl']:.3f} "  # type: ignore[index]
+                          f"({row['perplexity']['tokens']} tokens of {ppl})")  # type: ignore[index]
+        if task:
+            with console.status(f"{task} accuracy of {label}"):
+                cells = task_accuracy(model, adapter=adapter, task=task, strategies=strategies or ("greedy",),
+                                      items=items, temperature=temperature, device=device, dtype=dtype, label=label)
+            row["task"] = {"name": task, "strategies": summarize_cells(cells)}
+            row["env"] = cells[0]["env"] if cells else None
+            for s, r in row["task"]["strategies"].items():  # type: ignore[index]
+                lo, hi = r["ci95"]
+                console.print(f"{label}: {task} {s}: {r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] ({r['items']} items)")
+    if "env" not in row or row["env"] is None:
+        from natix.bench.env import environment
+
+        row["env"] = environment()
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,23 @@
 """Export: base (+ merged adapter) -> quantized artifact directory, written atomically.
 
-Pipeline: check the inputs cheaply (scheme, --out, base path, adapter files) -> load the base
-in fp32 -> merge the adapter (:func:`natix.quant.adapters.merge_adapter`, parity-checked) ->
-replace every ``nn.Linear`` the scheme does not ignore, one at a time (the fp32 weight of a
-layer is dropped as soon as its quantized module is in place, so peak memory is about the
-model plus one layer) -> cast the rest to ``dtype`` -> write ``model.safetensors`` +
-``config.json`` (with the scheme's ``quantization_config``) + generation config + tokenizer +
-``natix_manifest.json`` inside :func:`natix.quant.artifact.atomic_dir`.
+Pipeline: check the inputs cheaply (scheme, --out, base path, adapter files, calibration source)
+-> load the base in the artifact's storage dtype (bf16 by default) -> merge the adapter
+(:func:`natix.quant.adapters.merge_adapter`: fp32, parity-checked, cast back) ->
+``cfg.prepare_model`` (whole-model transforms, e.g. QoQ rotation) -> quantize:
 
-The checkpoint is written as one safetensors file (fine up to a few GB); sharding for large
-models is still to do.
+- schemes that need calibration (GPTQ, smoothing, KV scales): :func:`natix.quant.calibrate.quantize_sequential`,
+  one decoder layer at a time on calibration data (:mod:`natix.quant.calib`);
+- the others (fp8 weights): every ``nn.Linear`` the scheme does not ignore, rounded to nearest,
+  one at a time (:func:`quantize_model`);
+
+-> write ``model.safetensors`` + ``config.json`` (with the scheme's ``quantization_config``) +
+generation config + tokenizer + ``natix_manifest.json`` (per-layer ``layer_meta``, calibration,
+transforms) inside :func:`natix.quant.artifact.atomic_dir`.
+
+Peak memory: the model in its storage dtype, plus one decoder layer in fp32 with its calibration
+activations and Hessians; merging an adapter upcasts the whole model to fp32 for the duration of
+the merge (exactness of the parity check), so with an adapter the peak is ~2x the bf16 model.
+The checkpoint is written as one safetensors file (fine up to a few GB); sharding is still to do.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ class ExportResult:
     quantized: tuple[str, ...]  # module names replaced by quantized modules
     skipped: tuple[str, ...]  # Linear modules the scheme ignores
     bytes_written: int
+    layers: dict[str, dict[str, Any]]  # quantized module -> its manifest record (layer_meta + shape)
 
 
 def quantize_model(model: "nn.Module", cfg: QuantConfig,
@@ -49,7 +58,7 @@ def quantize_model(model: "nn.Module", cfg: QuantConfig,
     skipped = [n for n in names if cfg.skips(n)]
     with torch.no_grad():
         for i, name in enumerate(todo):
-            model.set_submodule(name, cfg.quantize_linear(model.get_submodule(name)))
+            model.set_submodule(name, cfg.quantize_linear(model.get_submodule(name), name=name))
             if progress:
                 progress(i + 1, len(todo), name)
     return todo, skipped
@@ -69,6 +78,12 @@ def unique_state_dict(model: "nn.Module") -> dict[str, Any]:
     return out
 
 
+def _layer_record(mod: "nn.Module") -> dict[str, Any]:
+    """What the manifest keeps per quantized layer: the module's ``layer_meta()`` plus its
+    ``shape`` [out_features, in_features] (inspect counts weights from it)."""
+    return {**mod.layer_meta(), "shape": [int(mod.out_features), int(mod.in_features)]}
+
+
 def _source_refs(base: str, adapter: str | None, adapter_type: str | None):
     from natix.quant.artifact import SourceRef
     from natix.quant.models import resolve_base, tree_sha256
@@ -82,12 +97,17 @@ def _source_refs(base: str, adapter: str | None, adapter_type: str | None):
 
 
 def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None = None, dtype: str = "bf16",
-           force: bool = False, status: Callable[[str], None] | None = None,
+           force: bool = False, calib: str = "pydoc", calib_samples: int = 128, calib_max_length: int = 512,
+           seed: int = 0, status: Callable[[str], None] | None = None,
            progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
     """Quantize ``base`` (+ ``adapter``) with ``cfg`` and write the artifact to ``out``.
 
+    ``calib`` (a task name, ``pydoc``, or a .jsonl/.txt file; see :mod:`natix.quant.calib`),
+    ``calib_samples`` and ``calib_max_length`` matter only for schemes that need calibration.
+
     Raises (before writing anything): :class:`~natix.quant.errors.ArtifactError` if ``out``
-    exists and not ``force``; :class:`~natix.quant.models.ModelLoadError` for a bad base;
+    exists and not ``force``; :class:`~natix.quant.calib.CalibrationError` for a bad calibration
+    source; :class:`~natix.quant.models.ModelLoadError` for a bad base;
     :class:`~natix.quant.errors.AdapterError` / ``MergeParityError`` for a bad adapter.
     """
     import torch
@@ -105,26 +125,52 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     torch_dtype = _dtype(dtype)
     resolve_base(base)  # a missing base fails here, before any slow work
     files = read_adapter(adapter) if adapter else None
-    hf_qc = cfg.hf_quantization_config()  # a missing library fails before the model load
+    calibrated = cfg.needs_calibration()
+    if calibrated:
+        from natix.quant.calib import check_source
+
+        check_source(calib)
+    cfg.hf_quantization_config()  # a missing library fails before the model load
 
     say(f"loading base {base}")
-    model, tokenizer = load_base(base, dtype="fp32")
+    model, tokenizer = load_base(base, dtype=dtype)
     merge = None
     if adapter:
         say(f"merging {files.peft_type} adapter {adapter}")
         model, merge = merge_adapter(model, adapter)
-    say(f"quantizing ({cfg.scheme})")
-    quantized, skipped = quantize_model(model, cfg, progress)
+    transforms: dict[str, Any] = {}
+    cfg.prepare_model(model, transforms)
+    calib_info: dict[str, Any] | None = None
+    if calibrated:
+        from natix.quant.calib import load_calibration
+        from natix.quant.calibrate import quantize_sequential
+
+        say(f"reading calibration data ({calib})")
+        samples = load_calibration(calib, tokenizer, samples=calib_samples, max_length=calib_max_length, seed=seed)
+        calib_info = {"source": calib, "samples": len(samples), "max_length": calib_max_length, "seed": seed,
+                      "tokens": sum(len(x) for x in samples)}
+        say(f"quantizing ({cfg.scheme}, {len(samples)} calibration samples, layer by layer)")
+        quantized, skipped = quantize_sequential(model, cfg, samples, progress=progress, report=transforms)
+    else:
+        say(f"quantizing ({cfg.scheme})")
+        quantized, skipped = quantize_model(model, cfg, progress)
     model.to(torch_dtype)  # quantized modules keep their storage dtypes (see Fp8Linear._apply)
 
+    layers = {n: _layer_record(model.get_submodule(n)) for n in quantized}
+    hf_qc = cfg.hf_quantization_config(layers)
     base_ref, adapter_ref = _source_refs(base, adapter, files.peft_type if files else None)
     details: dict[str, Any] = {
         "quant_config": cfg.to_dict(),
         "format": hf_qc.get("quant_method"),
         "quantized_modules": len(quantized),
         "skipped_modules": skipped,
+        "layers": layers,
         "libraries": library_versions(("compressed-tensors",)),
     }
+    if calib_info is not None:
+        details["calibration"] = calib_info
+    if transforms:
+        details["transforms"] = transforms
     if merge is not None:
         details["merge"] = merge.to_dict()
     manifest = Manifest(scheme=cfg.scheme, base=base_ref, adapter=adapter_ref, dtype=dtype, details=details)
@@ -141,6 +187,4 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, manifest)
         size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-    return ExportResult(out, cfg.scheme, tuple(quantized), tuple(skipped), size)
-
-
+    return ExportResult(out, cfg.scheme, tuple(quantized), tuple(skipped), size, layers)

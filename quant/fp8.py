@@ -94,6 +94,9 @@ class Fp8Linear(nn.Module):
             mod.bias.data = linear.bias.detach().clone()
         return mod
 
+    def layer_meta(self) -> dict:
+        return {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 

@@ -58,17 +58,18 @@ class Fp8Config(QuantConfig):
     def bits_per_weight(self) -> float:
         return 8.0
 
-    def quantize_linear(self, linear: Any) -> Any:
+    def quantize_linear(self, linear: Any, *, name: str = "", hessian: Any = None) -> Any:
         from natix.quant.fp8 import Fp8Linear
 
-        return Fp8Linear.from_linear(linear)
+        return Fp8Linear.from_linear(linear)  # per-channel e4m3 round to nearest: no Hessian needed
 
-    def empty_linear(self, in_features: int, out_features: int, bias: bool, dtype: Any) -> Any:
+    def empty_linear(self, in_features: int, out_features: int, bias: bool, dtype: Any,
+                     meta: dict[str, Any] | None = None) -> Any:
         from natix.quant.fp8 import Fp8Linear
 
         return Fp8Linear(in_features, out_features, bias=bias, dtype=dtype)
 
-    def hf_quantization_config(self) -> dict[str, Any]:
+    def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         try:
             from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
         except ImportError as e:

@@ -2,8 +2,10 @@
 torch-free description for ``natix-quant inspect`` (:func:`describe_artifact`).
 
 The manifest's ``details.quant_config`` (never the directory or file names) says which scheme
-made the artifact; the scheme's config builds the reference modules. A layer is quantized iff
-the checkpoint has ``<layer>.weight_scale`` — the same rule vLLM's loader follows.
+made the artifact; the scheme's config builds the reference modules. The manifest's
+``details.layers`` lists the quantized layers with each one's ``layer_meta`` (group size actually
+used, ...); artifacts written before it existed fall back to "a layer is quantized iff the
+checkpoint has ``<layer>.weight_scale``", the rule vLLM's compressed-tensors loader follows.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     from natix.quant.models import load_tokenizer, resolve_dtype
 
     p = Path(path)
-    _, cfg = artifact_config(p)
+    manifest, cfg = artifact_config(p)
     torch_dtype = resolve_dtype(dtype, device)
     hf_config = AutoConfig.from_pretrained(p)
     if hasattr(hf_config, "quantization_config"):
@@ -74,14 +76,14 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     for f in _weight_files(p):
         state.update(load_file(str(f)))
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
-    for key in [k for k in state if k.endswith(_SCALE_SUFFIX)]:
-        name = key[: -len(_SCALE_SUFFIX)]
+    cfg.prepare_empty_model(model)
+    for name, meta in quantized_layers(manifest, state).items():
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
-            raise ArtifactError(f"artifact {p}: quantized tensor {key} has no module in the model") from e
+            raise ArtifactError(f"artifact {p}: quantized layer {name} has no module in the model") from e
         model.set_submodule(name, cfg.empty_linear(old.in_features, old.out_features, old.bias is not None,
-                                                   torch_dtype))
+                                                   torch_dtype, meta))
     # Tied tensors are stored once; their second name is legitimately missing.
     expected = model.state_dict()
     first: dict[tuple[int, int], str] = {}
@@ -101,7 +103,17 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     except OSError:
         pass
     model.to(device).eval()
+    # engines read this to quantize the KV cache as the scheme says (natix.quant.kv_quant)
+    model.natix_kv_cache = getattr(cfg, "kv_cache", "none")
     return model, load_tokenizer(str(p))
+
+
+def quantized_layers(manifest: Manifest, tensor_names: Any) -> dict[str, dict[str, Any]]:
+    """Quantized layer name -> its ``layer_meta`` (see the module docstring for old artifacts)."""
+    layers = manifest.details.get("layers")
+    if isinstance(layers, dict):
+        return layers
+    return {k[: -len(_SCALE_SUFFIX)]: {} for k in tensor_names if k.endswith(_SCALE_SUFFIX)}
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -111,6 +123,18 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header
+
+
+def _layer_numel(name: str, meta: dict[str, Any], tensors: dict[str, Any]) -> int:
+    """Number of weights (out x in features) of quantized layer ``name``: from its manifest
+    record, or, for artifacts written before records had a shape, its 2-D ``weight`` tensor."""
+    if "shape" in meta:
+        out_f, in_f = meta["shape"]
+        return int(out_f) * int(in_f)
+    t = tensors.get(name + ".weight")
+    if t is not None and len(t["shape"]) == 2:
+        return t["shape"][0] * t["shape"][1]
+    raise ArtifactError(f"cannot tell the shape of quantized layer {name}: no 'shape' in its manifest record")
 
 
 def describe_artifact(path: str | Path) -> dict[str, Any]:
@@ -123,7 +147,9 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
             tensors.update(safetensors_header(f))
         except (OSError, ValueError, struct.error) as e:
             raise ArtifactError(f"cannot read safetensors header of {f}: {e}") from e
-    qweights = [k[: -len(_SCALE_SUFFIX)] + ".weight" for k in tensors if k.endswith(_SCALE_SUFFIX)]
+    layers = quantized_layers(manifest, tensors)
+    # every tensor of a quantized layer (codes, scales, zeros, ...) except its bias
+    qtensors = [k for k in tensors if k.rsplit(".", 1)[0] in layers and not k.endswith(".bias")]
 
     def nbytes(k: str) -> int:
         t = tensors[k]
@@ -135,8 +161,8 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
             n *= s
         return n
 
-    q_elems = sum(numel(k) for k in qweights)
-    q_bits = 8 * sum(nbytes(k) + nbytes(k[: -len(".weight")] + _SCALE_SUFFIX) for k in qweights)
+    q_elems = sum(_layer_numel(name, meta, tensors) for name, meta in layers.items())
+    q_bits = 8 * sum(nbytes(k) for k in qtensors)
     all_elems = sum(numel(k) for k in tensors)
     all_bits = 8 * sum(nbytes(k) for k in tensors)
     dtypes: dict[str, int] = {}
@@ -149,7 +175,7 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
         "bits_per_weight": cfg.bits_per_weight(),
         "effective_bits_quantized": q_bits / q_elems if q_elems else None,
         "effective_bits_all": all_bits / all_elems if all_elems else None,
-        "quantized_layers": len(qweights),
+        "quantized_layers": len(layers),
         "tensor_dtypes": dtypes,
         "files": {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()},
         "engines": cfg.engines(),

@@ -22,7 +22,8 @@ class UnknownSchemeError(QuantError):
 
 
 #: modules that register the built-in schemes (imported on first lookup, not at package import)
-_BUILTIN_MODULES = ("natix.quant.fp8_config",)
+_BUILTIN_MODULES = ("natix.quant.fp8_config", "natix.quant.w4a8kv4_config",
+                    "natix.quant.gptq_config")
 _REGISTRY: dict[str, type["QuantConfig"]] = {}
 _loaded = False
 
@@ -64,17 +65,24 @@ class QuantConfig:
         reports the effective width with scales from the checkpoint itself)."""
         raise NotImplementedError
 
-    def quantize_linear(self, linear: Any) -> Any:
-        """Return a module replacing ``linear`` (an ``nn.Linear``) whose state dict is the
-        artifact's format for that layer."""
+    def quantize_linear(self, linear: Any, *, name: str = "", hessian: Any = None) -> Any:
+        """Return a module replacing ``linear`` (an ``nn.Linear`` called ``name`` in the model)
+        whose state dict is the artifact's format for that layer. ``hessian`` is the layer's
+        ``[K, K]`` GPTQ Hessian from calibration (fp64), or None (round to nearest). The module
+        has ``layer_meta() -> dict`` (JSON): what :meth:`empty_linear` needs to rebuild it
+        (e.g. the group size actually used); the manifest stores it per layer."""
         raise NotImplementedError
 
-    def empty_linear(self, in_features: int, out_features: int, bias: bool, dtype: Any) -> Any:
-        """An uninitialised reference module with the state-dict layout of :meth:`quantize_linear`."""
+    def empty_linear(self, in_features: int, out_features: int, bias: bool, dtype: Any,
+                     meta: dict[str, Any] | None = None) -> Any:
+        """An uninitialised reference module with the state-dict layout of :meth:`quantize_linear`
+        (``meta``: that module's ``layer_meta()``)."""
         raise NotImplementedError
 
-    def hf_quantization_config(self) -> dict[str, Any]:
-        """The ``quantization_config`` entry of ``config.json`` that serving engines read."""
+    def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The ``quantization_config`` entry of ``config.json`` that serving engines read.
+        ``layers``: quantized module name -> ``layer_meta()`` (None before quantizing: the
+        exporter calls it once early so that a missing library fails before the slow work)."""
         raise NotImplementedError
 
     def engines(self) -> dict[str, str]:
@@ -86,6 +94,25 @@ class QuantConfig:
         ignore = getattr(self, "ignore", ())
         return any(module_name == i or module_name.endswith("." + i) for i in ignore)
 
+    # --- optional hooks (calibrated schemes) ------------------------------------------------
+    def needs_calibration(self) -> bool:
+        """Whether export must run calibration data through the model (GPTQ, smoothing, KV scales)."""
+        return False
+
+    def prepare_model(self, model: Any, report: dict[str, Any]) -> None:
+        """Whole-model, function-preserving transforms before any layer is quantized (e.g.
+        untie embeddings, fold norms, rotate the residual stream). Runs on the fp32 model;
+        record what was done in ``report`` (it lands in the manifest)."""
+
+    def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
+        """Per decoder layer, before its Hessians are collected: ``run_block()`` runs the
+        (still float) ``block`` on every calibration input (whose earlier layers are already
+        quantized), so hooks registered here see real activations; smoothing folds scales
+        into weights here. ``prefix`` is the block's module name (``model.layers.3``)."""
+
+    def prepare_empty_model(self, model: Any) -> None:
+        """Loader side: structural changes to a freshly built model before the artifact's state
+        dict is loaded (e.g. register the buffers :meth:`prepare_block` added)."""
 
 def register_scheme(name: str) -> Callable[[C], C]:
     """Class decorator: register a :class:`QuantConfig` subclass under ``name``."""
@@ -128,3 +155,35 @@ def config_from_dict(d: dict[str, Any]) -> QuantConfig:
     if "scheme" not in d:
         raise QuantError("quantization config has no 'scheme' field")
     return scheme_class(d["scheme"]).from_dict(d)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` -> (field, value); the value is read as JSON when it parses (``true``,
+    ``0.5``, ``[1, 2]``), else kept as a string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise QuantError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def make_config(name: str, fields: dict[str, Any], flags: dict[str, str] | None = None) -> QuantConfig:
+    """Build scheme ``name``'s config from ``fields``; a field the scheme does not have is an error
+    naming the scheme (``flags`` maps field -> the CLI flag that set it, for the message)."""
+    cls = scheme_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = [k for k in fields if k not in known]
+    if unknown:
+        said = ", ".join((flags or {}).get(k, k) for k in unknown)
+        raise QuantError(f"scheme {name!r} does not take {said}; its settings: "
+                         f"{', '.join(sorted(known - {'version'}))}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise QuantError(f"scheme {name!r}: {e}") from e

@@ -1,0 +1,88 @@
+"""``natix-quant eval``: perplexity and task accuracy of a model or artifact through the reference path.
+
+Perplexity reads held-out text in non-overlapping windows of ``max_length`` tokens (each window
+starts with an empty cache, the first token of a window is context only), through the same KV-cache
+quantization the artifact declares (``model.natix_kv_cache``: int4 / fp8 caches store quantized
+keys and values, so attention reads them as a served model would). The default text is the held-out
+half of the ``pydoc`` corpus (:func:`natix.quant.calib.heldout_text`), never used for calibration.
+
+Task accuracy runs the benchmark runner (:func:`natix.bench.runner.run_matrix`) with the hf engine on
+the task's evaluation split, so the numbers, intervals and environment records are the same as
+``natix-bench run``'s.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from natix.quant.errors import QuantError
+
+
+def read_text(source: str) -> str:
+    """``pydoc`` (held-out half) or a UTF-8 text file."""
+    from natix.quant.calib import BUILTIN_TEXT, heldout_text
+
+    if source == BUILTIN_TEXT:
+        return heldout_text()
+    p = Path(source)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantError(f"cannot read perplexity text {p}: {e}") from e
+    if not text.strip():
+        raise QuantError(f"perplexity text {p} is empty")
+    return text
+
+
+def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
+               max_windows: int | None = None) -> dict[str, Any]:
+    """exp(mean token NLL) over ``text`` cut into ``max_length``-token windows."""
+    import torch
+
+    from natix.quant.kv_quant import new_cache
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    windows = [w for w in windows if len(w) > 1][:max_windows]
+    if not windows:
+        raise QuantError("perplexity text has fewer than 2 tokens")
+    dev = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            t = torch.tensor([w], device=dev)
+            cache = new_cache(model)
+            kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+            logits = model(input_ids=t, **kw).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
+            count += len(w) - 1
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows),
+            "max_length": max_length, "kv_cache": getattr(model, "natix_kv_cache", "none")}
+
+
+def task_accuracy(model_spec: str, *, adapter: str | None = None, task: str = "chain_sum",
+                  strategies: Sequence[str] = ("greedy",), items: int = 40, temperature: float = 0.7,
+                  device: str = "auto", dtype: str = "auto", seed: int = 0, out: Path | None = None,
+                  label: str = "model", log: Any = None) -> list[dict[str, Any]]:
+    """Cells (one per strategy) of a one-variant benchmark matrix on ``model_spec``."""
+    from natix.bench.matrix import Matrix, Variant
+    from natix.bench.runner import run_matrix
+
+    m = Matrix(name=f"eval-{label}", task=task, items=items, model=model_spec,
+               variants=(Variant(label, adapter),), strategies=tuple(strategies), temperatures=(temperature,),
+               seed=seed, device=device, dtype=dtype)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
+            return run_matrix(m, Path(tmp), progress=False, log=log or (lambda _s: None))
+    return run_matrix(m, out, progress=False, log=log or (lambda _s: None))
+
+
+def summarize_cells(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """strategy -> accuracy, its 95% interval, coverage and items (the part a report needs)."""
+    return {r["strategy"]: {"accuracy": r["accuracy"], "ci95": r["ci95"], "items": r["n_items"],
+                            "coverage": r["coverage"], "coverage_k": r["coverage_k"],
+                            "temperature": r["temperature"], "correct": r["per_item"]["correct"]}
+            for r in rows}
