@@ -202,6 +202,13 @@ class HFEngine:
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
+        from natix.quant.kv_quant import new_cache
+
+        # a quantized artifact's KV cache (model.natix_kv_cache, set by the natix loader): keys and
+        # values are quantized as they are written, so prefill attention reads them quantized too
+        quantized = new_cache(self.model)
+        if quantized is not None:
+            return quantized
         try:
             return DynamicCache(config=self.model.config)
         except TypeError:  # older signature without config

@@ -37,6 +37,14 @@ def read_text(source: str) -> str:
     return text
 
 
+def cache_argument(model: Any) -> str:
+    """The name ``model.forward`` takes the KV cache under: transformers 5.2x renamed
+    ``past_key_values`` to ``cache`` (the old name still works there, with a warning)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
                max_windows: int | None = None) -> dict[str, Any]:
     """exp(mean token NLL) over ``text`` cut into ``max_length``-token windows."""
@@ -50,12 +58,13 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
     if not windows:
         raise QuantError("perplexity text has fewer than 2 tokens")
     dev = next(model.parameters()).device
+    cache_kw = cache_argument(model)
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in windows:
             t = torch.tensor([w], device=dev)
             cache = new_cache(model)
-            kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+            kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
             logits = model(input_ids=t, **kw).logits[0, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
             count += len(w) - 1

@@ -43,12 +43,16 @@ class Fp8Config(QuantConfig):
     activation_dynamic: bool = True
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
+    kv_cache: str = "none"  # "fp8": static per-layer e4m3 KV scales, calibrated (vLLM kv_cache_scheme)
 
     def __post_init__(self) -> None:
         if self.weight_strategy != "channel":
             raise QuantError(f"fp8: weight_strategy {self.weight_strategy!r} not supported (only 'channel')")
         if self.activation_strategy != "token" or not self.activation_dynamic:
             raise QuantError("fp8: only dynamic per-token activations are supported")
+        if self.kv_cache not in ("none", "fp8"):
+            raise QuantError(f"fp8: kv_cache must be 'none' or 'fp8', got {self.kv_cache!r} "
+                             "(int4 KV is the w4a8kv4 scheme's, served by natix's own engine)")
         if tuple(self.targets) != ("Linear",):
             raise QuantError(f"fp8: targets must be ('Linear',), got {self.targets!r}")
         # accept lists from JSON/YAML; keep the frozen value hashable
@@ -57,6 +61,21 @@ class Fp8Config(QuantConfig):
 
     def bits_per_weight(self) -> float:
         return 8.0
+
+    def needs_calibration(self) -> bool:
+        return self.kv_cache == "fp8"  # the weights need none; static KV scales do
+
+    def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
+        if self.kv_cache == "fp8":
+            from natix.quant.kv_quant import calibrate_block_kv_scales
+
+            calibrate_block_kv_scales(prefix, block, run_block, report)
+
+    def prepare_empty_model(self, model: Any) -> None:
+        if self.kv_cache == "fp8":
+            from natix.quant.kv_quant import register_placeholder_scales
+
+            register_placeholder_scales(model)
 
     def quantize_linear(self, linear: Any, *, name: str = "", hessian: Any = None) -> Any:
         from natix.quant.fp8 import Fp8Linear
@@ -82,8 +101,13 @@ class Fp8Config(QuantConfig):
             input_activations=QuantizationArgs(num_bits=8, type="float", symmetric=True,
                                                strategy=self.activation_strategy, dynamic=self.activation_dynamic),
         )
+        kv = None
+        if self.kv_cache == "fp8":
+            from natix.quant.kv_quant import kv_cache_scheme
+
+            kv = QuantizationArgs(**kv_cache_scheme())
         qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(self.ignore), format=CT_FORMAT,
-                                quantization_status="compressed")
+                                quantization_status="compressed", kv_cache_scheme=kv)
         return qc.model_dump(mode="json")
 
     def engines(self) -> dict[str, str]:

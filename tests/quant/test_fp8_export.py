@@ -289,3 +289,49 @@ def test_smollm2_fp8_export(tmp_path):
     # measured on this prompt: rel 0.098, top-1 agreement 0.89 (plain bf16 alone gives ~0.06:
     # SmolLM2's activation outliers make per-token fp8 much noisier than on random weights)
     assert err < 0.2 and top1 >= 0.75, (err, top1)
+
+
+# ------------------------------------------------------------------ fp8 KV cache
+def test_fp8_kv_cache_export_load_and_generate(base_dirs, tmp_path):
+    """--kv fp8: calibrated per-layer scales land in the checkpoint under the names vLLM reads,
+    the config carries compressed-tensors' kv_cache_scheme, and the reference path uses them."""
+    from safetensors import safe_open
+
+    from natix.engines.base import EngineConfig, SamplingSpec, create_engine
+    from natix.quant.loader import load_artifact
+
+    calib = tmp_path / "c.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": " ".join(f"w{4 + (i * 7 + j) % 100}" for j in range(24))})
+                               for i in range(6)) + "\n")
+    out = tmp_path / "fp8kv"
+    r = CliRunner().invoke(main, ["export", "--base", str(base_dirs["llama"]), "--scheme", "fp8", "--kv", "fp8",
+                                  "--calib", str(calib), "--out", str(out), "--dtype", "fp32"])
+    assert r.exit_code == 0, r.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"]["num_bits"] == 8 and qc["kv_cache_scheme"]["type"] == "float"
+    assert qc["kv_cache_scheme"]["strategy"] == "tensor" and qc["kv_cache_scheme"]["dynamic"] is False
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(("k_scale", "v_scale"))}
+    assert sorted(scales) == sorted(f"model.layers.{i}.self_attn.{n}" for i in range(2) for n in ("k_scale", "v_scale"))
+    assert all(t.dtype == torch.float32 and t.numel() == 1 and float(t) > 0 for t in scales.values())
+    manifest = json.loads((out / "natix_manifest.json").read_text())
+    assert manifest["details"]["calibration"]["samples"] == 6
+    assert set(manifest["details"]["transforms"]["kv_scales"]) == {"model.layers.0", "model.layers.1"}
+
+    model, _ = load_artifact(out)
+    assert model.natix_kv_cache == "fp8"
+    assert float(model.model.layers[1].self_attn.v_scale) == float(scales["model.layers.1.self_attn.v_scale"])
+    eng = create_engine("hf")
+    eng.load(EngineConfig(model=str(out), device="cpu"))
+    try:
+        (res,) = eng.generate(["w5 w6 w7"], SamplingSpec(max_tokens=4))
+        assert res[0].num_tokens >= 1
+    finally:
+        eng.close()
+
+
+def test_fp8_rejects_int4_kv(base_dirs, tmp_path):
+    r = CliRunner().invoke(main, ["export", "--base", str(base_dirs["llama"]), "--scheme", "fp8", "--kv", "int4",
+                                  "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "kv_cache must be 'none' or 'fp8'" in r.output
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,186 @@
+"""``W4A8KV4Config``: QServe QoQ — UINT4 weights, INT8 per-token activations, UINT4 KV cache.
+
+Weights: GPTQ (or round to nearest) on the W4A8 grid of :mod:`natix.kernels.packing` — progressive
+g128 (INT8 per channel in [-119, 119], then UINT4 per group of 128 with integer scale/zero) or one
+UINT4 level per channel. Layers whose ``in_features`` is not a multiple of 128 (SmolLM2-135M's
+hidden size is 576, so q/k/v/o/gate/up) fall back to per channel with ``group_fallback="channel"``;
+the group size each layer actually got is its ``layer_meta()`` and lands in the manifest.
+
+Before quantizing: the function-preserving QoQ transforms of :mod:`natix.quant.qoq` (fold norms,
+optional residual rotation, SmoothAttention on q/k, SmoothQuant-style smoothing of the o_proj and
+down_proj inputs). The KV cache (``kv_cache="int4"``) is quantized at serve time, per token and
+head, dynamic: nothing about it is stored but the choice, which the loader hands to engines as
+``model.natix_kv_cache``.
+
+The artifact format is our own (no other engine reads it): ``docs/w4a8kv4-format.md``. This module
+stays torch-free at import time (the registry imports it to list schemes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from natix.quant.errors import QuantError
+from natix.quant.schemes import QuantConfig, register_scheme
+
+QUANT_METHOD = "natix-w4a8kv4"
+GROUP_SIZE = 128  # the kernel format's only group size (natix.kernels.packing.GROUP_SIZE)
+
+
+@register_scheme("w4a8kv4")
+@dataclass(frozen=True)
+class W4A8KV4Config(QuantConfig):
+    """QoQ W4A8KV4 config (see module docstring).
+
+    ``group_size``: 128 (progressive) or -1 (per channel); ``group_fallback``: what a g128 layer
+    whose K is not a multiple of 128 gets — "channel" (per channel) or "error"; ``kv_cache``:
+    "int4" or "none" (KV16, the ablation); ``gptq``: GPTQ with calibration Hessians, else round to
+    nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
+    the QoQ transforms; ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
+    """
+
+    version: int = 1
+    group_size: int = GROUP_SIZE
+    group_fallback: str = "channel"
+    kv_cache: str = "int4"
+    gptq: bool = True
+    smooth_attention: bool = True
+    smooth_alpha: float = 0.5
+    rotate: bool = True
+    smooth_outputs: bool = True
+    percdamp: float = 0.01
+    seed: int = 0
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        if self.group_size not in (GROUP_SIZE, -1) or isinstance(self.group_size, bool):
+            raise QuantError(f"w4a8kv4: group_size must be {GROUP_SIZE} (progressive) or -1 (per channel), "
+                             f"got {self.group_size!r}")
+        if self.group_fallback not in ("channel", "error"):
+            raise QuantError(f"w4a8kv4: group_fallback must be 'channel' or 'error', got {self.group_fallback!r}")
+        if self.kv_cache not in ("int4", "none"):
+            raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
+        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise QuantError(f"w4a8kv4: {flag} must be true or false, got {getattr(self, flag)!r}")
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                or not 0.0 <= self.smooth_alpha <= 1.0:
+            raise QuantError(f"w4a8kv4: smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or self.percdamp < 0:
+            raise QuantError(f"w4a8kv4: percdamp must be >= 0, got {self.percdamp!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise QuantError(f"w4a8kv4: seed must be an integer, got {self.seed!r}")
+        # accept a list from JSON/YAML; keep the frozen value hashable
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+
+    def bits_per_weight(self) -> float:
+        return 4.0
+
+    # ------------------------------------------------------------------------------ weights
+    def layer_group_size(self, in_features: int, out_features: int, name: str = "") -> int:
+        """The group size a Linear(in_features, out_features) called ``name`` gets (128 or -1), or
+        QuantError when the format cannot hold it."""
+        layer = f"layer {name!r}" if name else "a layer"
+        if out_features % 2:
+            raise QuantError(f"w4a8kv4: {layer} has out_features={out_features}; the W4A8 format needs an even "
+                             f"N — add it to ignore to keep it in float")
+        if self.group_size == GROUP_SIZE and in_features % GROUP_SIZE:
+            if self.group_fallback == "error":
+                raise QuantError(
+                    f"w4a8kv4: {layer} has in_features={in_features}, not a multiple of {GROUP_SIZE}; set "
+                    f"group_fallback='channel' (per-channel for such layers) or group_size=-1, or ignore it")
+            return -1
+        return self.group_size
+
+    def quantize_linear(self, linear: Any, *, name: str = "", hessian: Any = None) -> Any:
+        from natix.quant.gptq import AffineGrid, GptqError, ProgressiveGrid, gptq_quantize
+        from natix.quant.w4a8 import W4A8Linear
+
+        gs = self.layer_group_size(linear.in_features, linear.out_features, name)
+        if hessian is None or not self.gptq:
+            return W4A8Linear.from_linear(linear, group_size=gs)
+        grid = ProgressiveGrid() if gs == GROUP_SIZE else AffineGrid(bits=4)
+        try:
+            # g128 groups must stay contiguous (the format has no g_idx), so no act-order there; per
+            # channel there is one group, and act-order's column order is free
+            result = gptq_quantize(linear.weight.detach(), hessian, grid, percdamp=self.percdamp, group_size=gs,
+                                   act_order=gs == -1)
+        except GptqError as e:
+            raise QuantError(f"w4a8kv4: GPTQ failed on layer {name!r}: {e}") from e
+        return W4A8Linear.from_gptq(result, grid, bias=linear.bias)
+
+    def empty_linear(self, in_features: int, out_features: int, bias: bool, dtype: Any,
+                     meta: dict[str, Any] | None = None) -> Any:
+        from natix.quant.w4a8 import W4A8Linear
+
+        gs = (meta or {}).get("group_size")
+        if gs is None:
+            gs = self.layer_group_size(in_features, out_features)
+        return W4A8Linear(in_features, out_features, bias=bias, group_size=int(gs), dtype=dtype)
+
+    # ------------------------------------------------------------------------------ QoQ transforms
+    def needs_calibration(self) -> bool:
+        return self.gptq or self.smooth_attention or self.smooth_outputs
+
+    def prepare_model(self, model: Any, report: dict[str, Any]) -> None:
+        if not (self.rotate or self.smooth_attention or self.smooth_outputs):
+            return
+        from natix.quant import qoq
+
+        report["qoq_prepare"] = qoq.prepare_model(model, rotate=self.rotate, seed=self.seed)
+
+    def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
+        if not (self.smooth_attention or self.smooth_outputs):
+            return
+        from natix.quant import qoq
+
+        out = qoq.smooth_block(prefix, block, run_block, alpha=self.smooth_alpha,
+                               smooth_attention=self.smooth_attention, smooth_outputs=self.smooth_outputs)
+        report.setdefault("qoq_smooth", {})[prefix] = out
+
+    def prepare_empty_model(self, model: Any) -> None:
+        # prepare_model unties lm_head from the embeddings (rotation makes them differ); a model
+        # rebuilt from a config that still says "tied" must be untied before loading two tensors
+        if not (self.rotate or self.smooth_attention or self.smooth_outputs):
+            return
+        import torch
+
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and emb is not None and head.weight is emb.weight:
+            head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+            text = getattr(model.config, "get_text_config", None)
+            if text is not None:
+                text(decoder=True).tie_word_embeddings = False
+
+    # ------------------------------------------------------------------------------ artifact
+    def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "version": self.version,
+            "format": "natix.kernels.packing W4A8 (see docs/w4a8kv4-format.md)",
+            "group_size": self.group_size,
+            "group_fallback": self.group_fallback,
+            "weights": {"num_bits": 4, "type": "uint", "symmetric": False,
+                        "progressive_level0": {"num_bits": 8, "strategy": "channel", "clamp": 119},
+                        "tensors": ["qweight", "scale", "group_scale", "group_zero", "zero"]},
+            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
+                                  "dynamic": True},
+            "kv_cache": self.kv_cache,
+            "kv_cache_scheme": ({"num_bits": 4, "type": "uint", "strategy": "token-head", "symmetric": False,
+                                 "dynamic": True, "scale_dtype": "float16", "post_rope": True}
+                                if self.kv_cache == "int4" else None),
+            "transforms": {"rotate": self.rotate, "smooth_attention": self.smooth_attention,
+                           "smooth_outputs": self.smooth_outputs, "smooth_alpha": self.smooth_alpha,
+                           "seed": self.seed},
+            "gptq": self.gptq,
+            "ignore": list(self.ignore),
+            "layers": dict(sorted((layers or {}).items())),
+        }
+
+    def engines(self) -> dict[str, str]:
+        return {
+            "natix hf": "reference W4A8Linear + KV4 cache via natix.quant.loader.load_artifact (CPU/GPU, slow)",
+            "natix kernels": "Triton w4a8_gemm / kv4 cache (natix.kernels; CUDA sm80+)",
+        }

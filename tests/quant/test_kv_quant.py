@@ -1,0 +1,161 @@
+"""KV-cache quantization of the reference path: int4 stores exactly the kernel cache's numbers,
+survives the engine's preallocate swap; fp8 with calibrated static scales; the cache factory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from natix.kernels.kv4_cache import KV4Cache, dequantize_pages, kv4_write_reference, quantize_rows_reference
+from natix.quant.kv_quant import (FP8_MAX, calibrate_fp8_kv_scales, fake_quant_fp8, fake_quant_int4,
+                                  kv_cache_scheme, new_cache, quantized_cache_class, register_kv_scales)
+
+
+def _model(tiny, **kw):
+    # head_dim 32 (hidden 128 / 4 heads): more dims than UINT4 codes, so "<= 16 distinct values
+    # per row" really says the row was quantized
+    return tiny.model("llama", hidden=128, **kw)
+
+
+def _ids(b: int = 2, t: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, ids, cache):
+    import inspect
+
+    # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=True, **{kw: cache}).logits
+
+
+def _plain(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def test_fake_quant_int4_is_the_kernel_cache():
+    """Quantize-dequantize equals writing the kernel's paged KV4 cache and reading it back."""
+    torch.manual_seed(0)
+    t, h, d = 6, 2, 32
+    k, v = torch.randn(t, h, d) * 3, torch.randn(t, h, d)
+    cache = KV4Cache.empty(num_pages=2, num_kv_heads=h, page_size=4, head_dim=d)
+    kv4_write_reference(cache, k, v, torch.arange(t))
+    kd = dequantize_pages(cache.k, cache.k_scale, cache.k_zero).permute(0, 2, 1, 3).reshape(-1, h, d)[:t]
+    vd = dequantize_pages(cache.v, cache.v_scale, cache.v_zero).permute(0, 2, 1, 3).reshape(-1, h, d)[:t]
+    assert torch.equal(fake_quant_int4(k), kd) and torch.equal(fake_quant_int4(v), vd)
+    assert fake_quant_int4(k.half()).dtype == torch.float16
+    q, _, _ = quantize_rows_reference(k)
+    assert int(q.max()) == 15 and int(q.min()) == 0
+
+
+def test_new_cache_modes(tiny):
+    model = _model(tiny)
+    assert new_cache(model) is None
+    model.natix_kv_cache = "none"
+    assert new_cache(model) is None
+    model.natix_kv_cache = "int4"
+    c = new_cache(model)
+    assert isinstance(c, quantized_cache_class()) and c.natix_kv_mode == "int4"
+    model.natix_kv_cache = "fp8"
+    with pytest.raises(ValueError, match="k_scale/v_scale"):
+        new_cache(model)
+    model.natix_kv_cache = "int8"
+    with pytest.raises(ValueError, match="natix_kv_cache"):
+        new_cache(model)
+
+
+def test_int4_cache_stores_quantized_keys_and_values(tiny):
+    from natix.engines.kv_cache import preallocate
+
+    model = _model(tiny)
+    model.natix_kv_cache = "int4"
+    ids, nxt = _ids(), _ids(t=1, seed=1)
+    plain, quant = _plain(model), new_cache(model)
+    ref_logits = _run(model, ids, plain)
+    logits = _run(model, ids, quant)
+    # layer 0's inputs do not depend on the cache: its stored (post-RoPE) keys/values are exactly
+    # the kernel quantization of the float ones
+    assert torch.equal(quant.layers[0].keys, fake_quant_int4(plain.layers[0].keys))
+    assert torch.equal(quant.layers[0].values, fake_quant_int4(plain.layers[0].values))
+    assert not torch.equal(quant.layers[0].keys, plain.layers[0].keys)
+    # the engine swaps the layers for in-place slab layers after prefill: quantization must go on
+    assert preallocate(quant, 4) and preallocate(plain, 4)
+    assert type(quant.layers[0]).__name__ == "SlabLayer"
+    _run(model, nxt, plain)
+    _run(model, nxt, quant)
+    assert quant.get_seq_length() == 11
+    assert torch.equal(quant.layers[0].keys, fake_quant_int4(plain.layers[0].keys))
+    for layer in quant.layers:
+        rows = torch.cat([layer.keys, layer.values]).reshape(-1, 32)
+        assert max(len(r.unique()) for r in rows) <= 16  # UINT4: at most 16 values per (token, head)
+        assert torch.equal(fake_quant_int4(layer.keys), layer.keys)  # re-quantizing is the identity
+    # KV4 on a tiny random model: the logits move, but little
+    rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_fp8_calibrated_scales_and_cache(tiny):
+    model = _model(tiny)
+    ids = _ids(b=3, t=16, seed=2)
+    plain = _plain(model)
+    ref_logits = _run(model, ids, plain)
+    pre_amax = {}
+
+    def grab(i):
+        def hook(_m, _i, out):
+            pre_amax[i] = out.detach().abs().amax().item()
+        return hook
+
+    handles = [layer.self_attn.k_proj.register_forward_hook(grab(i)) for i, layer in enumerate(model.model.layers)]
+    _run(model, ids, None)
+    for h in handles:
+        h.remove()
+    for i, layer in enumerate(model.model.layers):
+        ks, vs = calibrate_fp8_kv_scales(f"model.layers.{i}", layer, lambda: _run(model, ids, None))
+        post_k = plain.layers[i].keys.abs().amax().item()
+        # a safe bound on the post-RoPE keys, at most sqrt(2) looser than the pre-RoPE amax
+        assert post_k <= ks * FP8_MAX * (1 + 1e-6) <= math.sqrt(2) * pre_amax[i] * (1 + 1e-6)
+        assert vs * FP8_MAX == pytest.approx(plain.layers[i].values.abs().amax().item(), rel=1e-6)
+        register_kv_scales(layer.self_attn, ks, vs)
+    sd = model.state_dict()
+    assert sd["model.layers.1.self_attn.k_scale"].dtype == torch.float32
+    assert sd["model.layers.1.self_attn.v_scale"].shape == (1,)
+
+    model.natix_kv_cache = "fp8"
+    cache = new_cache(model)
+    logits = _run(model, ids, cache)
+    ks0 = model.model.layers[0].self_attn.k_scale
+    assert torch.equal(cache.layers[0].keys, fake_quant_fp8(plain.layers[0].keys, ks0))
+    for i, layer in enumerate(cache.layers):
+        vs = model.model.layers[i].self_attn.v_scale.float()
+        # every stored value is an e4m3 number times the layer's scale
+        v8 = (layer.values.float() / vs).to(torch.float8_e4m3fn).float() * vs
+        assert torch.equal(v8, layer.values)
+    assert not torch.equal(cache.layers[0].keys, plain.layers[0].keys)
+    rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
+def test_register_kv_scales_replaces():
+    attn = torch.nn.Linear(2, 2)
+    register_kv_scales(attn, 0.5, torch.tensor(0.25))
+    register_kv_scales(attn, 1.0, 2.0)
+    assert attn.k_scale.tolist() == [1.0] and attn.v_scale.tolist() == [2.0]
+    assert set(attn.state_dict()) == {"weight", "bias", "k_scale", "v_scale"}
+
+
+def test_kv_cache_scheme_is_valid_compressed_tensors():
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    s = kv_cache_scheme()
+    assert {k: s[k] for k in ("num_bits", "type", "strategy", "dynamic", "symmetric")} == \
+           {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="float", strategy="channel"))},
+        kv_cache_scheme=QuantizationArgs(**s))
+    assert qc.model_dump(mode="json")["kv_cache_scheme"]["strategy"] == "tensor"

@@ -1,0 +1,279 @@
+"""W4A8Linear against the kernels' reference (bit for bit), GPTQ -> packed format, dtype keeping,
+and the w4a8kv4 config: JSON round trip, validation, per-channel fallback, empty_linear parity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from natix.kernels.packing import quantize_channel, quantize_g128
+from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
+from natix.kernels.w4a8_gemm import w4a8_gemm_reference
+from natix.quant.errors import QuantError
+from natix.quant.gptq import AffineGrid, ProgressiveGrid, gptq_quantize
+from natix.quant.schemes import config_from_dict, known_schemes
+from natix.quant.w4a8 import W4A8Linear
+from natix.quant.w4a8kv4_config import W4A8KV4Config
+
+
+def _reference(x: torch.Tensor, packed, bias) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs, _ = rmsnorm_quant_reference(x2, None)
+    return w4a8_gemm_reference(xq, xs, packed, bias, out_dtype=x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _linear(k: int, n: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin
+
+
+@pytest.mark.parametrize("group_size", [128, -1])
+@pytest.mark.parametrize("shape", [(1, 256), (7, 256), (2, 5, 256)])
+def test_forward_equals_kernel_reference(group_size, shape):
+    lin = _linear(256, 96)
+    mod = W4A8Linear.from_linear(lin, group_size=group_size)
+    packed = quantize_g128(lin.weight) if group_size == 128 else quantize_channel(lin.weight)
+    for name, t in packed.state_dict().items():
+        assert torch.equal(getattr(mod, name), t), name
+    x = torch.randn(*shape)
+    y = mod(x)
+    assert y.shape == (*shape[:-1], 96) and y.dtype == torch.float32
+    assert torch.equal(y, _reference(x, packed, lin.bias))
+    # and it is a W4A8 approximation of the float layer, not just some number
+    ref = lin(x)
+    assert 0 < ((y - ref).norm() / ref.norm()).item() < 0.15
+
+
+def test_state_dict_is_the_kernel_format():
+    g = W4A8Linear.from_linear(_linear(256, 64), group_size=128)
+    c = W4A8Linear.from_linear(_linear(256, 64, bias=False), group_size=-1)
+    sg = {k: (v.dtype, tuple(v.shape)) for k, v in g.state_dict().items()}
+    sc = {k: (v.dtype, tuple(v.shape)) for k, v in c.state_dict().items()}
+    assert sg == {"qweight": (torch.uint8, (32, 256)), "scale": (torch.float32, (64,)),
+                  "group_scale": (torch.uint8, (2, 64)), "group_zero": (torch.uint8, (2, 64)),
+                  "bias": (torch.float32, (64,))}
+    assert sc == {"qweight": (torch.uint8, (32, 256)), "scale": (torch.float32, (64,)), "zero": (torch.uint8, (64,))}
+    assert g.layer_meta() == {"group_size": 128} and c.layer_meta() == {"group_size": -1}
+
+
+def _hessian(k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # correlated channels (a low-rank mix + noise), as real activations are: GPTQ's error feedback
+    # has somewhere to put each rounding error
+    x = torch.randn(512, 32, generator=g) @ torch.randn(32, k, generator=g) + 0.1 * torch.randn(512, k, generator=g)
+    return x, (2 * x.T.double() @ x.double() / x.shape[0])
+
+
+@pytest.mark.parametrize("grid,gs", [(ProgressiveGrid(), 128), (AffineGrid(bits=4), -1)])
+def test_from_gptq_matches_gptq_result(grid, gs):
+    lin = _linear(256, 64)
+    _, H = _hessian(256)
+    res = gptq_quantize(lin.weight.detach(), H, grid, group_size=gs, act_order=gs == -1)
+    mod = W4A8Linear.from_gptq(res, grid, bias=lin.bias)
+    # the packed weight represents exactly what GPTQ computed
+    from natix.kernels.packing import dequantize
+
+    assert torch.equal(dequantize(mod.packed()), res.dequantized)
+    x = torch.randn(3, 256)
+    assert torch.equal(mod(x), _reference(x, mod.packed(), lin.bias))
+
+
+def test_from_gptq_rejects_other_grids():
+    lin = _linear(256, 64)
+    res = gptq_quantize(lin.weight.detach(), torch.eye(256), AffineGrid(bits=4), group_size=128)
+    with pytest.raises(QuantError, match="group_size=128"):
+        W4A8Linear.from_gptq(res, AffineGrid(bits=4))
+
+
+def test_dtype_kept_on_model_to():
+    mod = W4A8Linear.from_linear(_linear(256, 64), group_size=128)
+    seq = torch.nn.Sequential(mod).to(torch.bfloat16)
+    assert mod.scale.dtype == torch.float32 and mod.qweight.dtype == torch.uint8
+    assert mod.group_scale.dtype == torch.uint8 and mod.bias.dtype == torch.bfloat16
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    y = seq(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, _reference(x, mod.packed(), mod.bias))
+    seq.float()
+    assert mod.scale.dtype == torch.float32 and mod.bias.dtype == torch.float32
+
+
+def test_odd_n_and_bad_k_errors():
+    with pytest.raises(QuantError, match="even out_features"):
+        W4A8Linear(256, 63)
+    with pytest.raises(QuantError, match="even"):
+        W4A8Linear.from_linear(_linear(256, 63))
+    with pytest.raises(QuantError, match="in_features % 128"):
+        W4A8Linear(200, 64, group_size=128)
+    with pytest.raises(QuantError, match="group_size"):
+        W4A8Linear(256, 64, group_size=64)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_registered_and_round_trips():
+    assert "w4a8kv4" in known_schemes()
+    cfg = W4A8KV4Config(group_size=-1, kv_cache="none", gptq=False, smooth_alpha=0.3, ignore=["lm_head", "x"])
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["scheme"] == "w4a8kv4" and d["version"] == 1 and d["ignore"] == ["lm_head", "x"]
+    back = config_from_dict(d)
+    assert back == cfg and isinstance(back.ignore, tuple)
+    assert config_from_dict({"scheme": "w4a8kv4"}) == W4A8KV4Config()
+
+
+@pytest.mark.parametrize("bad", [
+    {"group_size": 64}, {"group_fallback": "tensor"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
+    {"smooth_alpha": 1.5}, {"percdamp": -0.1}, {"seed": 1.5}, {"version": 2}, {"bogus": 1},
+])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(QuantError):
+        config_from_dict({"scheme": "w4a8kv4", **bad})
+
+
+def test_needs_calibration():
+    assert W4A8KV4Config().needs_calibration()
+    assert not W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=False).needs_calibration()
+    assert W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=True).needs_calibration()
+
+
+def test_group_fallback_channel_and_error():
+    cfg = W4A8KV4Config(gptq=False)
+    lin576 = _linear(576, 64)
+    mod = cfg.quantize_linear(lin576, name="model.layers.0.self_attn.q_proj")
+    assert mod.layer_meta() == {"group_size": -1}
+    assert cfg.quantize_linear(_linear(256, 64), name="x").layer_meta() == {"group_size": 128}
+    assert W4A8KV4Config(group_size=-1, gptq=False).quantize_linear(_linear(256, 64)).layer_meta() == {"group_size": -1}
+    strict = W4A8KV4Config(group_fallback="error", gptq=False)
+    with pytest.raises(QuantError, match=r"model\.layers\.0\.self_attn\.q_proj.*576.*group_fallback='channel'"):
+        strict.quantize_linear(lin576, name="model.layers.0.self_attn.q_proj")
+    with pytest.raises(QuantError, match="out_features=63"):
+        cfg.quantize_linear(_linear(256, 63), name="odd")
+
+
+@pytest.mark.parametrize("k", [256, 576])
+def test_gptq_beats_rtn_on_calibration_error(k):
+    lin = _linear(k, 64, seed=3)
+    x, H = _hessian(k)
+    gptq = W4A8KV4Config().quantize_linear(lin, name="l", hessian=H)
+    rtn = W4A8KV4Config().quantize_linear(lin, name="l", hessian=None)
+    off = W4A8KV4Config(gptq=False).quantize_linear(lin, name="l", hessian=H)
+    from natix.kernels.packing import dequantize
+
+    ref = x @ lin.weight.detach().T
+    # GPTQ's objective: the layer output error of the quantized weight on the calibration inputs
+    err = {n: ((x @ dequantize(m.packed()).T - ref).norm() / ref.norm()).item()
+           for n, m in (("gptq", gptq), ("rtn", rtn), ("off", off))}
+    assert err["off"] == err["rtn"]  # gptq=False ignores the Hessian
+    assert err["gptq"] < 0.5 * err["rtn"], err
+    # the whole W4A8 layer (INT8 activations too) is better as well
+    full = {n: (m(x) - lin(x)).norm().item() for n, m in (("gptq", gptq), ("rtn", rtn))}
+    assert full["gptq"] < full["rtn"], full
+
+
+def test_empty_linear_rebuilds_the_layout():
+    cfg = W4A8KV4Config(gptq=False)
+    for k, bias in ((256, True), (576, False)):
+        q = cfg.quantize_linear(_linear(k, 64, bias=bias), name="l")
+        e = cfg.empty_linear(k, 64, bias, torch.float32, q.layer_meta())
+        assert {n: (t.dtype, t.shape) for n, t in e.state_dict().items()} == \
+               {n: (t.dtype, t.shape) for n, t in q.state_dict().items()}
+        e.load_state_dict(q.state_dict())
+        x = torch.randn(2, k)
+        assert torch.equal(e(x), q(x))
+
+
+def test_hf_quantization_config_is_self_describing():
+    cfg = W4A8KV4Config()
+    qc = cfg.hf_quantization_config({"model.layers.0.mlp.down_proj": {"group_size": 128},
+                                     "model.layers.0.self_attn.q_proj": {"group_size": -1}})
+    json.dumps(qc)
+    assert qc["quant_method"] == "natix-w4a8kv4" and qc["version"] == 1
+    assert qc["group_size"] == 128 and qc["kv_cache"] == "int4" and qc["ignore"] == ["lm_head"]
+    assert qc["layers"]["model.layers.0.self_attn.q_proj"] == {"group_size": -1}
+    assert qc["input_activations"]["strategy"] == "token" and qc["weights"]["num_bits"] == 4
+    assert cfg.hf_quantization_config(None)["layers"] == {}
+    assert W4A8KV4Config(kv_cache="none").hf_quantization_config()["kv_cache_scheme"] is None
+    assert set(cfg.engines()) == {"natix hf", "natix kernels"}
+
+
+def test_hooks_with_transforms_off_are_noops(tiny):
+    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False)
+    model = tiny.model("qwen2")  # tied embeddings
+    report: dict = {}
+    cfg.prepare_model(model, report)
+    cfg.prepare_block("model.layers.0", model.model.layers[0], lambda: None, report)
+    cfg.prepare_empty_model(model)
+    assert report == {}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_prepare_empty_model_unties(tiny):
+    model = tiny.model("qwen2")
+    W4A8KV4Config().prepare_empty_model(model)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert model.config.tie_word_embeddings is False
+
+
+def test_whole_tiny_model_quantized(tiny):
+    """hidden 64 (K=64: per-channel fallback) and intermediate 128 (down_proj: g128)."""
+    cfg = W4A8KV4Config(gptq=False, rotate=False, smooth_attention=False, smooth_outputs=False)
+    model = tiny.model("llama")
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    metas = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and not cfg.skips(name):
+            q = cfg.quantize_linear(mod, name=name)
+            metas[name] = q.layer_meta()
+            model.set_submodule(name, q)
+    assert metas["model.layers.0.mlp.down_proj"] == {"group_size": 128}
+    assert metas["model.layers.1.self_attn.q_proj"] == {"group_size": -1}
+    assert isinstance(model.lm_head, torch.nn.Linear) and len(metas) == 14
+    with torch.no_grad():
+        out = model(ids).logits
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.2, rel
+
+
+def test_config_module_import_is_light():
+    code = ("import sys, natix.quant.w4a8kv4_config, natix.quant.schemes as s; s.known_schemes(); "
+            "assert 'torch' not in sys.modules, 'heavy import'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_qoq_hooks_preserve_the_function(tiny):
+    """prepare_model (untie, fold norms, rotate) and prepare_block (SmoothAttention, output
+    smoothing) through natix.quant.qoq: the float model computes the same logits, the report says
+    what was done, and W4A8 after the transforms stays close to the float model."""
+    cfg = W4A8KV4Config(gptq=False)
+    model = tiny.model("qwen2")  # tied embeddings: prepare_model must untie
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report: dict = {}
+    cfg.prepare_model(model, report)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    for i, block in enumerate(model.model.layers):
+        cfg.prepare_block(f"model.layers.{i}", block, lambda: model(ids), report)
+    assert set(report) == {"qoq_prepare", "qoq_smooth"}
+    assert set(report["qoq_smooth"]) == {"model.layers.0", "model.layers.1"}
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and not cfg.skips(name):
+            model.set_submodule(name, cfg.quantize_linear(mod, name=name))
+    with torch.no_grad():
+        q = model(ids).logits
+    assert ((q - ref).norm() / ref.norm()).item() < 0.2
