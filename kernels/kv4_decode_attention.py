@@ -4,7 +4,9 @@ One program per (batch row, KV head, split) handles all ``G = H_q / H_kv`` query
 head, so each cache byte is read once. The scores never dequantize K:
 ``s[t] = k_scale[t] * (q . codes[t]) + k_zero[t] * sum(q)``; and V folds its scale into the
 probabilities: ``o = (p * v_scale) . codes + sum(p * v_zero)``. Both products run on fp16 tensor
-cores (codes 0..15 are exact in fp16) with fp32 accumulation; the G query rows are padded to 16.
+cores (codes 0..15 are exact in fp16) with fp32 accumulation. Default loop (``swap=True``): tokens are the
+MMA's M dimension and the G query heads its N (padded to 8), so on sm_90 the dequantized tile is a register
+A operand of wgmma; ``swap=False`` keeps the earlier loop (G query rows padded to 16, tile via shared memory).
 With more than one split (flash-decoding), each split writes an unnormalised partial output and its
 (max, sum) and a second small kernel combines them; with one split the first kernel writes the output.
 """
@@ -51,11 +53,33 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def _nib16(c, SHIFT: tl.constexpr):
+        # uint8 codes -> fp16 nibble values: OR the nibble into the fp16 pattern of 1024 (0x6400) and
+        # subtract 1024 exactly (no int->float conversion instruction)
+        x = ((c.to(tl.int16) >> SHIFT) & 15) | 0x6400
+        return x.to(tl.float16, bitcast=True) - 1024.0
+
+    @triton.jit
+    def _words16(w, SHIFT: tl.constexpr, BT: tl.constexpr, DH: tl.constexpr):
+        # int32 words (4 code bytes) -> fp16 [BT, DH] nibble values (bytes in order along the row)
+        e = ((w >> SHIFT) & 0x000F000F) | 0x64006400
+        o = ((w >> (SHIFT + 8)) & 0x000F000F) | 0x64006400
+        x = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
+                                       (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
+                               tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
+                                       (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH))
+        return x - 1024.0
+
+    # the kernels resolve helper names through the module's globals (triton is imported lazily, so the
+    # helpers cannot be module-level definitions)
+    globals().update(_nib16=_nib16, _words16=_words16)
+
+    @triton.jit
     def kv4_decode_kernel(
         q_ptr, kc, vc, ks, kz, vs, vz, bt_ptr, len_ptr, out_ptr, po_ptr, pml_ptr,
         qk_scale, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, PAGE: tl.constexpr,
-        BT: tl.constexpr, DIRECT: tl.constexpr,
+        BT: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -68,94 +92,133 @@ def _kernels():
         g = tl.arange(0, GP)
         d = tl.arange(0, DH)
         g_ok = g < G
-        q_base = q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :]
-        q_lo = tl.load(q_base, mask=g_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-        q_hi = tl.load(q_base + DH, mask=g_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-        q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
-        q_lo16 = q_lo.to(tl.float16)
-        q_hi16 = q_hi.to(tl.float16)
-
-        m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([GP], dtype=tl.float32)
-        acc_lo = tl.zeros([GP, DH], dtype=tl.float32)
-        acc_hi = tl.zeros([GP, DH], dtype=tl.float32)
-        z_acc = tl.zeros([GP], dtype=tl.float32)
         t_off = tl.arange(0, BT)
-        DW: tl.constexpr = DH // 4
-        w_off = tl.arange(0, DW)
-        kc32 = kc.to(tl.pointer_type(tl.int32))
-        vc32 = vc.to(tl.pointer_type(tl.int32))
-        for t0 in range(start, end, BT):
-            t = t0 + t_off
-            t_ok = t < end
-            page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-            row = (page * HKV + h) * PAGE + t % PAGE  # [BT]
-            # codes as int32 words (16-byte vector loads), 4 bytes = dims 4i..4i+3 (low nibbles) and
-            # DH+4i.. (high nibbles); each nibble becomes the fp16 1024 + code by OR-ing it into the
-            # exponent pattern 0x6400, and an exact fp16 subtraction of 1024 leaves the code (no
-            # int->float conversions). Folding the 1024 into the scores instead (one op fewer) cost
-            # 1.2e-2 relative error on the H100: the MMA's fp32 accumulation of ~1024 * sum(q) loses
-            # the small difference.
-            kw = tl.load(kc32 + row[:, None] * DW + w_off[None, :], mask=t_ok[:, None], other=0)
-            k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
-            k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
-            vw = tl.load(vc32 + row[:, None] * DW + w_off[None, :], mask=t_ok[:, None], other=0)
-            v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
-            v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
-
-            e = (kw & 0x000F000F) | 0x64006400
-            o = ((kw >> 8) & 0x000F000F) | 0x64006400
-            k_lo = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
-                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH)) - 1024.0
-            e = ((kw >> 4) & 0x000F000F) | 0x64006400
-            o = ((kw >> 12) & 0x000F000F) | 0x64006400
-            k_hi = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
-                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH)) - 1024.0
-            qk = tl.dot(q_lo16, tl.trans(k_lo)) + tl.dot(q_hi16, tl.trans(k_hi))  # [GP, BT]
-            s = qk * k_s[None, :] + q_sum[:, None] * k_z[None, :]
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            z_acc = z_acc * alpha + tl.sum(p * v_z[None, :], axis=1)
-            pv = (p * v_s[None, :]).to(tl.float16)
-            e = (vw & 0x000F000F) | 0x64006400
-            o = ((vw >> 8) & 0x000F000F) | 0x64006400
-            v_lo = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
-                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH)) - 1024.0
-            e = ((vw >> 4) & 0x000F000F) | 0x64006400
-            o = ((vw >> 12) & 0x000F000F) | 0x64006400
-            v_hi = tl.reshape(tl.join(tl.join(e.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (e >> 16).to(tl.int16).to(tl.float16, bitcast=True)),
-                                      tl.join(o.to(tl.int16).to(tl.float16, bitcast=True),
-                                              (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH)) - 1024.0
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, v_lo)
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi)
-            m_i = m_new
-
-        acc_lo += z_acc[:, None]
-        acc_hi += z_acc[:, None]
-        if DIRECT:
+        # a block of BT tokens starts at a multiple of BT: when BT divides the page it lies in one page,
+        # so the page table is read once per block and the block's codes are one contiguous run
+        ONE_PAGE: tl.constexpr = PAGE % BT == 0
+        if SWAP:
+            # swap-AB: the dequantized cache tile is the MMA's A operand (rows = tokens) and the G query
+            # heads are its N dimension (padded to 8, not 16), so the padding costs half the MMAs of the
+            # [16, BT] layout, and the layout conversion to the A operand can run on the uint8 codes
+            qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
+            q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+            q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+            q_sum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)  # [GP]
+            q_lo16 = q_lo.to(tl.float16)
+            q_hi16 = q_hi.to(tl.float16)
+            m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
+            acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
+            acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
+            z_acc = tl.zeros([GP], dtype=tl.float32)
+            for t0 in range(start, end, BT):
+                t = t0 + t_off
+                t_ok = t < end
+                if ONE_PAGE:
+                    page = tl.load(bt_ptr + b * stride_bt + t0 // PAGE).to(tl.int64)
+                    row = (page * HKV + h) * PAGE + (t0 % PAGE) + t_off
+                else:
+                    page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
+                    row = (page * HKV + h) * PAGE + t % PAGE
+                kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
+                vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
+                k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
+                k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
+                v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
+                v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
+                sT = tl.dot(_nib16(kcod, 0), q_lo16) + tl.dot(_nib16(kcod, 4), q_hi16)  # [BT, GP]
+                sT = sT * k_s[:, None] + k_z[:, None] * q_sum[None, :]
+                sT = tl.where(t_ok[:, None], sT, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sT - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                z_acc = z_acc * alpha + tl.sum(p * v_z[:, None], axis=0)
+                pv = (p * v_s[:, None]).to(tl.float16)  # [BT, GP]
+                acc_lo = acc_lo * alpha[None, :] + tl.dot(_nib16(vcod, 0), pv)
+                acc_hi = acc_hi * alpha[None, :] + tl.dot(_nib16(vcod, 4), pv)
+                m_i = m_new
+            acc_lo += z_acc[None, :]
+            acc_hi += z_acc[None, :]
             inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-            o = out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :]
-            tl.store(o, (acc_lo * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
-            tl.store(o + DH, (acc_hi * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            if DIRECT:
+                o = out_ptr + b * stride_ob + (h * G + g)[None, :] * stride_oh + d[:, None]
+                tl.store(o, (acc_lo * inv[None, :]).to(out_ptr.dtype.element_ty), mask=g_ok[None, :])
+                tl.store(o + DH, (acc_hi * inv[None, :]).to(out_ptr.dtype.element_ty), mask=g_ok[None, :])
+            else:
+                idx = (b * (HKV * G) + h * G + g) * num_splits + sp  # [GP]
+                po = po_ptr + idx[None, :] * (2 * DH) + d[:, None]
+                tl.store(po, acc_lo, mask=g_ok[None, :])
+                tl.store(po + DH, acc_hi, mask=g_ok[None, :])
+                tl.store(pml_ptr + idx * 2, m_i, mask=g_ok)
+                tl.store(pml_ptr + idx * 2 + 1, l_i, mask=g_ok)
         else:
-            # partials: po [B, Hq, S, D] fp32, pml [B, Hq, S, 2] fp32
-            hq = h * G + g
-            idx = (b * (HKV * G) + hq) * num_splits + sp  # [GP]
-            po = po_ptr + idx[:, None] * (2 * DH) + d[None, :]
-            tl.store(po, acc_lo, mask=g_ok[:, None])
-            tl.store(po + DH, acc_hi, mask=g_ok[:, None])
-            tl.store(pml_ptr + idx * 2, m_i, mask=g_ok)
-            tl.store(pml_ptr + idx * 2 + 1, l_i, mask=g_ok)
+            q_base = q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :]
+            q_lo = tl.load(q_base, mask=g_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            q_hi = tl.load(q_base + DH, mask=g_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            q_sum = tl.sum(q_lo, axis=1) + tl.sum(q_hi, axis=1)
+            q_lo16 = q_lo.to(tl.float16)
+            q_hi16 = q_hi.to(tl.float16)
+
+            m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
+            acc_lo = tl.zeros([GP, DH], dtype=tl.float32)
+            acc_hi = tl.zeros([GP, DH], dtype=tl.float32)
+            z_acc = tl.zeros([GP], dtype=tl.float32)
+            DW: tl.constexpr = DH // 4
+            w_off = tl.arange(0, DW)
+            kc32 = kc.to(tl.pointer_type(tl.int32))
+            vc32 = vc.to(tl.pointer_type(tl.int32))
+            for t0 in range(start, end, BT):
+                t = t0 + t_off
+                t_ok = t < end
+                if ONE_PAGE:
+                    page = tl.load(bt_ptr + b * stride_bt + t0 // PAGE).to(tl.int64)
+                    row = (page * HKV + h) * PAGE + (t0 % PAGE) + t_off
+                else:
+                    page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
+                    row = (page * HKV + h) * PAGE + t % PAGE  # [BT]
+                # codes as int32 words (16-byte vector loads), 4 bytes = dims 4i..4i+3 (low nibbles) and
+                # DH+4i.. (high nibbles). Folding the 1024 of the fp16 trick into the scores instead (one
+                # op fewer) cost 1.2e-2 relative error on the H100: the MMA's fp32 accumulation of
+                # ~1024 * sum(q) loses the small difference.
+                kw = tl.load(kc32 + row[:, None] * DW + w_off[None, :], mask=t_ok[:, None], other=0)
+                k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
+                k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
+                vw = tl.load(vc32 + row[:, None] * DW + w_off[None, :], mask=t_ok[:, None], other=0)
+                v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
+                v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
+                k_lo = _words16(kw, 0, BT, DH)
+                k_hi = _words16(kw, 4, BT, DH)
+                qk = tl.dot(q_lo16, tl.trans(k_lo)) + tl.dot(q_hi16, tl.trans(k_hi))  # [GP, BT]
+                s = qk * k_s[None, :] + q_sum[:, None] * k_z[None, :]
+                s = tl.where(t_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                z_acc = z_acc * alpha + tl.sum(p * v_z[None, :], axis=1)
+                pv = (p * v_s[None, :]).to(tl.float16)
+                acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, _words16(vw, 0, BT, DH))
+                acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, _words16(vw, 4, BT, DH))
+                m_i = m_new
+
+            acc_lo += z_acc[:, None]
+            acc_hi += z_acc[:, None]
+            if DIRECT:
+                inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+                o = out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :]
+                tl.store(o, (acc_lo * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+                tl.store(o + DH, (acc_hi * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+            else:
+                # partials: po [B, Hq, S, D] fp32, pml [B, Hq, S, 2] fp32
+                hq = h * G + g
+                idx = (b * (HKV * G) + hq) * num_splits + sp  # [GP]
+                po = po_ptr + idx[:, None] * (2 * DH) + d[None, :]
+                tl.store(po, acc_lo, mask=g_ok[:, None])
+                tl.store(po + DH, acc_hi, mask=g_ok[:, None])
+                tl.store(pml_ptr + idx * 2, m_i, mask=g_ok)
+                tl.store(pml_ptr + idx * 2 + 1, l_i, mask=g_ok)
 
     @triton.jit
     def kv4_combine_kernel(po_ptr, pml_ptr, out_ptr, num_splits, HQ, stride_ob, stride_oh,
@@ -180,10 +243,11 @@ def _kernels():
 
 
 def default_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int = 132, bt: int = 64) -> int:
-    """Enough splits for ~2 programs per SM, each split at least 4 blocks of tokens."""
+    """Enough splits for ~16 programs per SM (several resident per SM hide the load latency; measured
+    best on the H100/H200 tuning runs: 8 splits at B=64, 64 at B=1), each split at least one block."""
     progs = batch * num_kv_heads
     splits = 1
-    while progs * splits < 2 * num_sms and max_len // (splits * 2) >= 4 * bt:
+    while progs * splits < 16 * num_sms and max_len // (splits * 2) >= bt and splits < 64:
         splits *= 2
     return splits
 
@@ -209,10 +273,11 @@ def _check(q, cache: KV4Cache, block_tables, seq_lens) -> None:
 def kv4_decode_attention_triton(
     q: torch.Tensor, cache: KV4Cache, block_tables: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float,
     num_splits: Optional[int] = None, block_t: int = 64, num_warps: int = 4, num_stages: int = 3,
-    max_len: Optional[int] = None,
+    max_len: Optional[int] = None, swap: bool = True,
 ) -> torch.Tensor:
     """Launch. ``max_len`` (an upper bound of seq_lens) only sizes the default split count; pass it to
-    avoid a device->host sync (``seq_lens.max()``)."""
+    avoid a device->host sync (``seq_lens.max()``). ``swap`` picks the swap-AB loop (tokens as the MMA's
+    M dimension, query heads padded to 8) instead of query heads padded to 16 rows."""
     import triton
 
     _check(q, cache, block_tables, seq_lens)
@@ -237,8 +302,8 @@ def kv4_decode_attention_triton(
     decode[(b, hkv, num_splits)](
         q, *cache.tensors(), block_tables, seq_lens, out, po, pml,
         sm_scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
-        HKV=hkv, G=g, GP=max(16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size, BT=block_t,
-        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        HKV=hkv, G=g, GP=max(8 if swap else 16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size,
+        BT=block_t, DIRECT=direct, SWAP=bool(swap), num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         combine[(b, hq)](po, pml, out, num_splits, hq, out.stride(0), out.stride(1),

@@ -76,7 +76,7 @@ def rel(out, ref) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def bench_graph(fns, use_graph=True, rep=100) -> float:
+def bench_graph(fns, use_graph=True, rep=100, warmup=25) -> float:
     """fns: list of R zero-arg callables (one per rotated set). Returns median us per call."""
     for f in fns:
         f()
@@ -93,7 +93,7 @@ def bench_graph(fns, use_graph=True, rep=100) -> float:
             with torch.cuda.graph(graph):
                 for f in fns:
                     f()
-            ms = do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+            ms = do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
             return ms * 1000 / len(fns)
         except Exception as e:  # noqa: BLE001
             print("graph capture failed, timing eagerly:", repr(e)[:200], flush=True)
@@ -129,20 +129,27 @@ def candidates(m: int, grouped: bool = True) -> list[dict]:
     c = []
     if m <= 16:
         for bnh in (32, 64):  # BNH=128 at 4 warps spills (sm_90 compile report)
-            for split in (2, 4, 8, 16):
+            for split in (1, 2, 4, 8, 16):
                 c.append(dict(BM=16, BNH=bnh, BK=128, SPLIT_K=split, num_warps=4, num_stages=4))
+        for split in (4, 8):
+            c.append(dict(BM=16, BNH=64, BK=128, SPLIT_K=split, num_warps=4, num_stages=6))
+            c.append(dict(BM=16, BNH=32, BK=64 if grouped else 256, SPLIT_K=split, num_warps=4, num_stages=5))
         if not grouped:
-            for split in (4, 8):
+            for split in (2, 4, 8):
                 c.append(dict(BM=16, BNH=64, BK=256, SPLIT_K=split, num_warps=4, num_stages=3))
     elif m <= 64:
-        for bm in (32, 64):
-            for bnh in (64,):
+        for bm in (16, 32, 64):
+            for bnh in (32, 64):
                 for split in (1, 2, 4, 8):
+                    if bm == 16 and split == 1:
+                        continue
                     c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=split, num_warps=4, num_stages=4))
     else:
         for bm, bnh in ((64, 128), (128, 64), (128, 128), (256, 64)):
             for w in (4, 8):
                 c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=1, num_warps=w, num_stages=3, GROUP_M=8))
+        for bm, bnh, w in ((128, 64, 4), (256, 64, 8), (128, 128, 8)):
+            c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=1, num_warps=w, num_stages=4, GROUP_M=8))
         if m <= 1024:  # too few output tiles to fill 132 SMs on the smaller shapes
             for bm, bnh in ((64, 128), (128, 64)):
                 for split in (2, 4):
@@ -162,35 +169,43 @@ def make_gemm_inputs(m, n, k, grouped, r):
     return sets
 
 
-def tune(out: Out, tuned_path: str, shapes, ms, variants) -> None:
+def tune(out: Out, tuned_path: str, shapes, ms, variants, deadline: float = float("inf")) -> None:
+    """Time every candidate the way the bench times the kernel: CUDA-graph replays over rotated
+    weight/input sets (so launch overhead and L2 hits do not rank µs-scale configs). Buckets not in
+    ``ms`` (or not reached before ``deadline``) keep the entries of the shipped table."""
     key = g.device_key(DEV)
-    table = {key: {}}
-    for grouped in variants:
-        vname = "g128" if grouped else "channel"
-        table[key][vname] = {}
-        for n, k in shapes:
-            ent = table[key][vname].setdefault(f"{n},{k}", {})
-            for m in ms:
-                (x, xq, xs, xsum, pw), = make_gemm_inputs(m, n, k, grouped, 1)
-                best = None
+    table = json.loads(json.dumps(g._load_configs()))
+    table.setdefault(key, {})
+    # M outermost: the buckets the goals are about (small M) are tuned first if the deadline cuts in
+    for m in ms:
+        for grouped in variants:
+            vname = "g128" if grouped else "channel"
+            table[key].setdefault(vname, {})
+            for n, k in shapes:
+                ent = table[key][vname].setdefault(f"{n},{k}", {})
+                if time.time() > deadline:
+                    out(kind="tune", variant=vname, n=n, k=k, m=m, error="skipped: tuning deadline")
+                    continue
+                r = copies(n * k // 2)
+                wsets = make_gemm_inputs(1, n, k, grouped, r)
+                xsets = [quantize_per_token(torch.randn(m, k, device=DEV, dtype=torch.bfloat16)) for _ in range(r)]
+                best, tried = None, []
                 for cfg in candidates(m, grouped):
                     try:
-                        f = lambda: g.w4a8_gemm_triton(xq, xs, xsum, pw, None, torch.bfloat16, cfg)  # noqa: E731
-                        f()
-                        us = do_bench(f, warmup=5, rep=25, return_mode="median") * 1000
+                        fns = [lambda q=q, s=s: g.w4a8_gemm_triton(q[0], q[1], q[2], s[4], None, torch.bfloat16, cfg)
+                               for q, s in zip(xsets, wsets)]
+                        us = bench_graph(fns, rep=20, warmup=5)
                     except Exception as e:  # noqa: BLE001
                         print("cfg failed", cfg, repr(e)[:200], flush=True)
                         continue
+                    tried.append((round(us, 2), cfg))
                     if best is None or us < best[0]:
                         best = (us, cfg)
                 ent[str(m)] = best[1]
-                out(kind="tune", variant=vname, n=n, k=k, m=m, us=best[0], config=best[1])
-                del x, xq, xs, xsum, pw
-    # variants not tuned reuse the tuned tables (same kernel, same tiles; the channel variant only
-    # skips the level-1 multiply)
-    for vname in ("g128", "channel"):
-        if vname not in table[key]:
-            table[key][vname] = json.loads(json.dumps(next(iter(table[key].values()))))
+                out(kind="tune", variant=vname, n=n, k=k, m=m, us=best[0], config=best[1], timing="cuda-graph, rotated",
+                    tried=tried)
+                del xsets, wsets
+                torch.cuda.empty_cache()
     with open(tuned_path, "w") as fh:
         json.dump(table, fh, indent=1, sort_keys=True)
     g._CONFIG_FILE = __import__("pathlib").Path(tuned_path)
@@ -246,7 +261,7 @@ def bench_gemm(out: Out, shapes, ms) -> None:
             torch.cuda.empty_cache()
 
 
-def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"), group_size=128) -> None:
+def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"), group_size=128, autotune_ms=None) -> None:
     try:
         import gemlite
         from gemlite.helper import A8W4_HQQ_INT_dynamic, A16W4_HQQ_INT
@@ -254,9 +269,11 @@ def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"
         out(kind="gemm", impl="gemlite", error="import failed: " + repr(e)[:300])
         return
     for mode in modes:
-        if mode == "autotune-fast":
-            gemlite.reset_config()  # drop the bundled h100.json, autotune every (M bucket, N, K)
-            gemlite.set_autotune("fast")
+        if mode.startswith("autotune"):
+            # drop the bundled h100.json and autotune every (M bucket, N, K); "-graph": GemLite's own
+            # CUDA-graph timing of candidates (its most accurate setting); "max": its largest search space
+            gemlite.reset_config()
+            gemlite.set_autotune("max" if "max" in mode else "fast", use_cuda_graph="graph" in mode)
         for n, k in shapes:
             if time.time() > DEADLINE[0]:
                 out(kind="gemm", n=n, k=k, impl=f"gemlite [{mode}]", error="skipped: out of device time in this run")
@@ -274,6 +291,11 @@ def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"
             wdeq = ((wq.float() - 8.0) * scales.float().repeat_interleave(group_size, 1))
             del wq
             for m in ms:
+                if mode.startswith("autotune") and autotune_ms and m not in autotune_ms:
+                    continue
+                if time.time() > DEADLINE[0]:
+                    out(kind="gemm", n=n, k=k, m=m, impl=f"gemlite [{mode}]", error="skipped: out of device time in this run")
+                    continue
                 for name, layer in layers.items():
                     try:
                         x = torch.randn(m, k, device=DEV, dtype=torch.float16)
@@ -347,19 +369,23 @@ def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
         ref = kv4_decode_attention_reference(q[sub], cache, bt[sub], seq[sub], sm_scale)
         settings = [dict()]
         if tune_splits:
-            settings += [dict(num_splits=s, block_t=bt_, num_stages=st, num_warps=w)
-                         for s in (1, 2, 4, 8, 16, 32, 64) for bt_, w in ((64, 4), (128, 4), (128, 8)) for st in (2, 3)
-                         if not (bt_ == 128 and w == 8 and st == 3)]
-        best = None
+            # split counts that give 1-4 waves of programs on 132 SMs (b * 8 KV heads * splits)
+            splits = (1, 2, 4, 8) if b >= 32 else (8, 16, 32, 64)
+            settings += [dict(num_splits=s, block_t=bt_, num_stages=st, num_warps=w, swap=sw)
+                         for sw in (True, False) for s in splits for bt_, w in ((64, 4), (128, 4), (64, 8), (128, 8))
+                         for st in (2, 3)]
+        best, tried = None, []
         for st in settings:
             try:
                 o = kv4_decode_attention_triton(q, cache, bt, seq, sm_scale, max_len=max(lens), **st)
                 err = rel(o[sub], ref)
-                us = do_bench(lambda: kv4_decode_attention_triton(q, cache, bt, seq, sm_scale, max_len=max(lens), **st),
-                              warmup=10, rep=50, return_mode="median") * 1000
+                # timed like the final number: CUDA-graph replays (no host launch overhead in the ranking)
+                us = bench_graph([lambda st=st: kv4_decode_attention_triton(q, cache, bt, seq, sm_scale, max_len=max(lens), **st)],
+                                 rep=15, warmup=5)
             except Exception as e:  # noqa: BLE001
                 print("kv4 setting failed", st, repr(e)[:200], flush=True)
                 continue
+            tried.append((round(us, 1), st, round(err, 5)))
             if err < 2e-2 and (best is None or us < best[0]):
                 best = (us, st, err)
         if best is None:
@@ -367,6 +393,14 @@ def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
             del cache
             torch.cuda.empty_cache()
             continue
+        out(kind="kv4_tune", **{k: v for k, v in rec.items() if k != "kind"}, tried=tried)
+        # the previous kernel's layout (query heads padded to 16 rows), best setting, for the record
+        prev = [t for t in tried if t[1].get("swap") is False and t[2] < 2e-2]  # the default dict() is swap=True
+        if prev:
+            pb = min(prev, key=lambda t: t[0])
+            us_p = bench_graph([lambda: kv4_decode_attention_triton(q, cache, bt, seq, sm_scale, max_len=max(lens), **pb[1])])
+            out(**rec, impl="kv4 triton rows-layout", us=us_p, rel_err=pb[2], settings=pb[1], bytes=nbytes,
+                gbps=nbytes / us_p / 1e3, frac_copy=nbytes / us_p / 1e3 / copy_bw)
         st = best[1]
         us = bench_graph([lambda: kv4_decode_attention_triton(q, cache, bt, seq, sm_scale, max_len=max(lens), **st)])
         out(**rec, impl="kv4 triton" + ("" if st else " (default)"), us=us, rel_err=best[2], settings=st,
@@ -402,6 +436,10 @@ def main() -> None:
     ap.add_argument("--gemlite-modes", default="bundled-config,autotune-fast")
     ap.add_argument("--quick", action="store_true", help="two shapes, three M (smoke test)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after start to stop GemLite")
+    ap.add_argument("--tune-ms", default="1,16,64,256,1024,4096", help="M buckets to re-tune (others keep the shipped table)")
+    ap.add_argument("--tune-deadline", type=float, default=1e9, help="seconds after start to stop tuning")
+    ap.add_argument("--gemlite-autotune-ms", default="", help="M values to run in GemLite autotune modes (all if empty)")
+    ap.add_argument("--gemlite-shapes", default="", help="N,K;N,K... for GemLite (default: all shapes)")
     a = ap.parse_args()
     DEADLINE[0] = time.time() + a.deadline
     torch.manual_seed(0)
@@ -411,7 +449,8 @@ def main() -> None:
     t0 = time.time()
     copy_bw = measure_copy(out)
     if a.tune and "gemm" in secs:
-        tune(out, a.tuned_out, shapes, ms, (True, False))
+        tms = [int(x) for x in a.tune_ms.split(",") if x]
+        tune(out, a.tuned_out, shapes, [m for m in ms if m in tms], (True, False), t0 + a.tune_deadline)
         print(f"[tune done {time.time() - t0:.0f}s]", flush=True)
     if "norm" in secs:
         bench_norm(out, copy_bw)
@@ -423,7 +462,9 @@ def main() -> None:
         bench_gemm(out, shapes, ms)
         print(f"[gemm done {time.time() - t0:.0f}s]", flush=True)
     if "gemlite" in secs:
-        bench_gemlite(out, shapes, ms, a.gemlite_modes.split(","))
+        gshapes = [tuple(int(v) for v in x.split(",")) for x in a.gemlite_shapes.split(";") if x] or shapes
+        ams = [int(x) for x in a.gemlite_autotune_ms.split(",") if x] or None
+        bench_gemlite(out, gshapes, ms, a.gemlite_modes.split(","), autotune_ms=ams)
         print(f"[gemlite done {time.time() - t0:.0f}s]", flush=True)
     gc.collect()
 

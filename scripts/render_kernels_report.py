@@ -27,8 +27,9 @@ def render(recs, resources) -> str:
     L = []
     L.append("# natix kernels on the H100: W4A8 GEMM, RMSNorm + INT8 quant, KV4 decode attention, FP8\n")
     L.append(f"Card **{env['gpu']}**, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
-             f"{env.get('sms')} SMs; git {env['git_sha'][:12]}; measured {env['time']}.  ")
-    L.append(f"Command: `{env['command']}`  ")
+             f"{env.get('sms')} SMs; git {env['git_sha'][:16]}; measured {env['time']}.  ")
+    cmds = list(dict.fromkeys(r["env"]["command"] for r in recs if "env" in r))
+    L.append("Command" + ("s (one run, one machine, in this order)" if len(cmds) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in cmds) + "  ")
     L.append(f"Copy bandwidth measured in the same run: **{fmt(copy_bw, 0)} GB/s** (read + write, 1 GiB `copy_`).  ")
     L.append("Times are medians (`triton.testing.do_bench`) of CUDA-graph replays over rotated input/weight sets "
              "(≥ 200 MB touched per replay, so weights come from HBM, not L2), per call, in µs. "
@@ -42,18 +43,23 @@ def render(recs, resources) -> str:
     L.append("## W4A8 GEMM (g128 progressive and per-channel) vs baselines\n")
     L.append("`w4a8_*` = the GEMM on already-quantized activations (what replaces the bf16 GEMM; the INT8 quantization is "
              "fused into the preceding RMSNorm); `+quant` adds a separate per-token quantization launch. "
-             "Speed-ups are bf16 time / our time. GemLite rows use its bundled `h100.json` configs, fp16, group 128 "
-             "(A8W4 = its FP8-activation dynamic kernel); its weights were not rotated, which can only flatter it on the "
-             "shapes whose packed weights fit L2.\n")
+             "Speed-ups are bf16 time / our time. GemLite columns: fp16, group 128 (A8W4 = its FP8-activation dynamic "
+             "kernel); `(autotuned)` = its bundled configs dropped (`reset_config`) and re-autotuned on this card with "
+             "`set_autotune('fast', use_cuda_graph=True)` (its CUDA-graph candidate timing); its weights were not rotated, "
+             "which can only flatter it on the shapes whose packed weights fit L2. Our W4A8 configs were tuned in the same "
+             "run, each candidate timed as CUDA-graph replays over rotated weight sets.\n")
     impls = ["w4a8_g128", "w4a8_g128+quant", "w4a8_channel", "w4a8_channel+quant", "bf16 cublas", "fp8 _scaled_mm",
              "int8 _int_mm", "gemlite A16W4 [bundled-config]", "gemlite A8W4-fp8 [bundled-config]",
-             "gemlite A16W4 [autotune-fast]", "gemlite A8W4-fp8 [autotune-fast]"]
+             "gemlite A16W4 [autotune-fast]", "gemlite A8W4-fp8 [autotune-fast]",
+             "gemlite A16W4 [autotune-fast-graph]", "gemlite A8W4-fp8 [autotune-fast-graph]"]
     shapes = sorted({(n, k) for n, k, _ in gemm}, key=lambda s: [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)].index(s) if s in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)] else 9)
     present = [i for i in impls if any(i in v for v in gemm.values())]
     short = {"w4a8_g128": "g128", "w4a8_g128+quant": "g128+q", "w4a8_channel": "chan", "w4a8_channel+quant": "chan+q",
              "bf16 cublas": "bf16", "fp8 _scaled_mm": "fp8", "int8 _int_mm": "int8",
              "gemlite A16W4 [bundled-config]": "GL A16W4", "gemlite A8W4-fp8 [bundled-config]": "GL A8W4",
-             "gemlite A16W4 [autotune-fast]": "GL A16W4 (tuned)", "gemlite A8W4-fp8 [autotune-fast]": "GL A8W4 (tuned)"}
+             "gemlite A16W4 [autotune-fast]": "GL A16W4 (tuned)", "gemlite A8W4-fp8 [autotune-fast]": "GL A8W4 (tuned)",
+             "gemlite A16W4 [autotune-fast-graph]": "GL A16W4 (autotuned)",
+             "gemlite A8W4-fp8 [autotune-fast-graph]": "GL A8W4 (autotuned)"}
     goal_rows = []
     for n, k in shapes:
         L.append(f"### N × K = {n} × {k}\n")
@@ -113,19 +119,32 @@ def render(recs, resources) -> str:
     L.append("Bytes = codes (d/2 B per token per head, K and V) + fp16 scale and zero per token per head, + q/out. "
              "SDPA = `scaled_dot_product_attention(enable_gqa=True)` over a contiguous bf16 cache. "
              "Goals (B = 64, T = 4096): ≥ 3.0× SDPA and ≥ 60% of copy bandwidth.\n")
-    L.append("| batch | context | KV4 µs | settings (splits, block, stages, warps) | KV4 GB/s | % copy | SDPA bf16 µs | SDPA GB/s | speed-up | rel err |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| batch | context | KV4 µs | settings (layout, splits, block, stages, warps) | KV4 GB/s | % copy | SDPA bf16 µs | SDPA GB/s | speed-up | rel err | rows layout µs ² |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     kv = defaultdict(dict)
     for r in recs:
         if r["kind"] == "kv4_decode":
-            kv[(r["batch"], r["ctx"])]["ours" if r["impl"].startswith("kv4") else "sdpa"] = r
+            if r["impl"] in ("kv4 triton", "kv4 triton (default)"):
+                kv[(r["batch"], r["ctx"])]["ours"] = r
+            elif r["impl"].startswith("torch SDPA"):
+                kv[(r["batch"], r["ctx"])]["sdpa"] = r
+        elif r["kind"] == "kv4_tune":
+            rows = [t for t in r["tried"] if t[1].get("swap") is False and t[2] < 2e-2]
+            if rows:
+                kv[(r["batch"], r["ctx"])]["rows"] = min(rows, key=lambda t: t[0])
     for key in kv:
         o, s = kv[key].get("ours", {}), kv[key].get("sdpa", {})
         st = o.get("settings") or {}
+        lay = "swap-AB" if st.get("swap", True) else "rows"
         sp = s["us"] / o["us"] if o.get("us") and s.get("us") else None
-        L.append(f"| {key[0]} | {key[1]} | {fmt(o.get('us'))} | {st.get('num_splits', 'auto')}, {st.get('block_t', 64)}, {st.get('num_stages', 3)}, {st.get('num_warps', 4)} | "
+        rows = kv[key].get("rows")
+        rs = f"{rows[0]:.1f} ({rows[1]['num_splits']} splits)" if rows else "—"
+        L.append(f"| {key[0]} | {key[1]} | {fmt(o.get('us'))} | {lay}, {st.get('num_splits', 'auto')}, {st.get('block_t', 64)}, {st.get('num_stages', 3)}, {st.get('num_warps', 4)} | "
                  f"{fmt(o.get('gbps'), 0)} | {fmt(100 * o['frac_copy'] if 'frac_copy' in o else None, 0)}% | {fmt(s.get('us'))} | "
-                 f"{fmt(s.get('gbps'), 0)} | {fmt(sp, 2)}× | {o.get('rel_err', 0):.1e} |")
+                 f"{fmt(s.get('gbps'), 0)} | {fmt(sp, 2)}× | {o.get('rel_err', 0):.1e} | {rs} |")
+    L.append("\n² best setting of the previous layout (query heads padded to 16 MMA rows), same run, from the setting search "
+             "(CUDA-graph timing, shorter repetition than the main column). `settings` `auto` = the launcher's default "
+             "(swap-AB, `default_splits`, block 64, 3 stages, 4 warps), which won that case's search.")
     L.append("\n`ragged64`: 64 rows with lengths drawn uniformly from 1…4096 (SDPA runs them padded to the longest).")
     w = [r for r in recs if r["kind"] == "kv4_write"]
     if w:

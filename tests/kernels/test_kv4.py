@@ -49,13 +49,15 @@ def test_write_matches_reference():
             assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
 
 
-@pytest.mark.parametrize("lens,hq,hkv,splits,bt", [
-    ([1, 37, 80], 8, 2, 1, 16),
-    ([1, 37, 80], 8, 2, 3, 16),
-    ([0, 50], 4, 4, 2, 32),  # an empty row and MHA
+@pytest.mark.parametrize("swap", [False, True], ids=["rows", "swap"])
+@pytest.mark.parametrize("lens,hq,hkv,splits,bt,page", [
+    ([1, 37, 80], 8, 2, 1, 16, 16),
+    ([1, 37, 80], 8, 2, 3, 16, 32),  # two blocks per page (one page-table read per block)
+    ([0, 50], 4, 4, 2, 32, 16),  # an empty row, MHA, and a block spanning two pages
 ])
-def test_decode_matches_reference(lens, hq, hkv, splits, bt):
-    d, page = 64, 16
+def test_decode_matches_reference(lens, hq, hkv, splits, bt, page, swap):
+    torch.manual_seed(0)  # the 4-bit-vs-bf16 bound below is statistical: a fixed draw keeps it deterministic
+    d = 64
     cache, bt_, slots = _setup(lens, hkv, d, page, DEVICE)
     k = torch.randn(slots.numel(), hkv, d, device=DEVICE, dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -63,7 +65,7 @@ def test_decode_matches_reference(lens, hq, hkv, splits, bt):
     seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     q = torch.randn(len(lens), hq, d, device=DEVICE, dtype=torch.bfloat16)
     ref = kv4_decode_attention_reference(q, cache, bt_, seq, d ** -0.5)
-    out = kv4_decode_attention_triton(q, cache, bt_, seq, d ** -0.5, num_splits=splits, block_t=bt)
+    out = kv4_decode_attention_triton(q, cache, bt_, seq, d ** -0.5, num_splits=splits, block_t=bt, swap=swap)
     assert rel_err(out, ref) < 1e-2
     # and the quantization error of the whole path vs bf16 attention stays small
     if 0 not in lens:
@@ -97,6 +99,8 @@ def test_gpu_ragged_long():
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q = torch.randn(len(lens), 32, 128, device="cuda", dtype=torch.bfloat16)
     ref = kv4_decode_attention_reference(q, cache, bt_, seq, 128 ** -0.5)
-    for splits in (None, 1, 7):
-        out = kv4_decode_attention_triton(q, cache, bt_, seq, 128 ** -0.5, num_splits=splits, max_len=4096)
-        assert rel_err(out, ref) < 1e-2
+    for splits, bt, swap in ((None, 64, False), (1, 64, False), (7, 64, False), (None, 64, True), (1, 64, True),
+                             (7, 64, True), (3, 128, True)):
+        out = kv4_decode_attention_triton(q, cache, bt_, seq, 128 ** -0.5, num_splits=splits, max_len=4096,
+                                          block_t=bt, swap=swap)
+        assert rel_err(out, ref) < 1e-2, (splits, bt, swap)
