@@ -1,0 +1,92 @@
+"""End to end: ``natix-quant export --scheme gptq`` (CLI -> compressed-tensors pack-quantized artifact ->
+inspect -> reference loader -> hf engine), group fallback and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from natix.quant.cli import main
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory, tiny):
+    d = tmp_path_factory.mktemp("wide") / "llama128"
+    tiny.model("llama", hidden=128).save_pretrained(d)
+    tiny.tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "c.jsonl"
+    p.write_text("\n".join(json.dumps({"text": " ".join(f"w{4 + (i * 13 + j * 7) % 120}" for j in range(32))})
+                           for i in range(8)) + "\n")
+    return p
+
+
+def _export(base, out, calib, *extra):
+    return CliRunner().invoke(main, ["export", "--base", str(base), "--scheme", "gptq", "--calib", str(calib),
+                                     "--out", str(out), "--dtype", "fp32", *extra])
+
+
+@pytest.mark.parametrize("extra, groups", [([], {128}), (["--group-size", "-1"], {-1}),
+                                           (["--act-order", "weight", "--kv", "fp8"], {128})])
+def test_export_inspect_load_generate(wide_base, calib_file, tmp_path, tiny, extra, groups):
+    from natix.engines.base import EngineConfig, SamplingSpec, create_engine
+    from natix.quant.loader import describe_artifact, load_artifact
+    from natix.quant.w4a16 import W4A16Linear
+
+    out = tmp_path / "g"
+    r = _export(wide_base, out, calib_file, *extra)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    info = describe_artifact(out)
+    assert info["scheme"] == "gptq" and info["quantized_layers"] == 14
+    assert 4.0 < info["effective_bits_quantized"] < 4.7
+    layers = info["manifest"]["details"]["layers"]
+    assert {m["group_size"] for m in layers.values()} == groups
+    model, _ = load_artifact(out)
+    assert isinstance(model.model.layers[1].mlp.down_proj, W4A16Linear)
+    assert model.natix_kv_cache == ("fp8" if "--kv" in extra else "none")
+    ref = tiny.model("llama", hidden=128)
+    ids = torch.tensor([list(range(4, 36))])
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 0.2
+    eng = create_engine("hf")
+    eng.load(EngineConfig(model=str(out), device="cpu"))
+    try:
+        (res,) = eng.generate(["w5 w6 w7"], SamplingSpec(max_tokens=4))
+        assert res[0].num_tokens >= 1
+    finally:
+        eng.close()
+
+
+def test_fallback_is_announced_and_error_mode_refuses(base_dirs, calib_file, tmp_path):
+    r = _export(base_dirs["llama"], tmp_path / "fb", calib_file)  # hidden 64: no K divides by 128
+    assert r.exit_code == 0, r.output
+    assert "quantized per output channel" in " ".join(r.output.split())
+    r = _export(base_dirs["llama"], tmp_path / "err", calib_file, "--set", "group_fallback=error")
+    assert r.exit_code != 0 and "group_size" in r.output
+    assert not (tmp_path / "err").exists()
+
+
+def test_gptq_rejects_int4_kv_and_bad_group(base_dirs, tmp_path):
+    for extra, msg in ((["--kv", "int4"], "kv_cache"), (["--group-size", "0"], "group_size")):
+        r = CliRunner().invoke(main, ["export", "--base", str(base_dirs["llama"]), "--scheme", "gptq",
+                                      "--out", str(tmp_path / "x"), *extra])
+        assert r.exit_code != 0 and msg in r.output, r.output
+        assert not (tmp_path / "x").exists()
+
+
+def test_adapter_for_another_base_is_refused(base_dirs, make_adapter, calib_file, tmp_path):
+    adapter = make_adapter("llama", "lora", hidden=48)  # made on a llama of another width
+    r = CliRunner().invoke(main, ["export", "--base", str(base_dirs["llama"]), "--adapter", str(adapter),
+                                  "--scheme", "gptq", "--calib", str(calib_file), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "adapter" in r.output.lower()
+    assert not (tmp_path / "x").exists()
