@@ -180,10 +180,10 @@ def quantize_sequential(model: "nn.Module", cfg: QuantConfig, samples: Sequence[
 
             cfg.prepare_block(prefix, block, run_block, report)
             linears = _linears(block, prefix, cfg)
-            hessians = collect_hessians(block, linears, run_block) if linears else {}
+            hessians = collect_hessians(block, linears, run_block) if linears and cfg.needs_hessians() else {}
             for name, lin in linears.items():
                 full = f"{prefix}.{name}"
-                block.set_submodule(name, cfg.quantize_linear(lin, name=full, hessian=hessians.pop(name)))
+                block.set_submodule(name, cfg.quantize_linear(lin, name=full, hessian=hessians.pop(name, None)))
                 quantized.append(full)
                 if progress:
                     progress(len(quantized), total, full)

@@ -65,6 +65,9 @@ class Fp8Config(QuantConfig):
     def needs_calibration(self) -> bool:
         return self.kv_cache == "fp8"  # the weights need none; static KV scales do
 
+    def needs_hessians(self) -> bool:
+        return False
+
     def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
         if self.kv_cache == "fp8":
             from natix.quant.kv_quant import calibrate_block_kv_scales

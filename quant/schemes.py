@@ -99,6 +99,11 @@ class QuantConfig:
         """Whether export must run calibration data through the model (GPTQ, smoothing, KV scales)."""
         return False
 
+    def needs_hessians(self) -> bool:
+        """Whether :meth:`quantize_linear` uses calibration Hessians (GPTQ); a calibrated scheme
+        that only smooths or calibrates KV scales says no, and export skips accumulating them."""
+        return self.needs_calibration()
+
     def prepare_model(self, model: Any, report: dict[str, Any]) -> None:
         """Whole-model, function-preserving transforms before any layer is quantized (e.g.
         untie embeddings, fold norms, rotate the residual stream). Runs on the fp32 model;

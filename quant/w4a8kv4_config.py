@@ -123,6 +123,9 @@ class W4A8KV4Config(QuantConfig):
     def needs_calibration(self) -> bool:
         return self.gptq or self.smooth_attention or self.smooth_outputs
 
+    def needs_hessians(self) -> bool:
+        return self.gptq
+
     def prepare_model(self, model: Any, report: dict[str, Any]) -> None:
         if not (self.rotate or self.smooth_attention or self.smooth_outputs):
             return

@@ -53,6 +53,8 @@ def env() -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "sms": torch.cuda.get_device_properties(DEV).multi_processor_count,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # one label for all bench processes of one device call (the renderer groups records by it)
+        "run": os.environ.get("NATIX_BENCH_RUN"),
     }
 
 
@@ -261,45 +263,71 @@ def bench_gemm(out: Out, shapes, ms) -> None:
             torch.cuda.empty_cache()
 
 
-def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"), group_size=128, autotune_ms=None) -> None:
+GEMLITE_KINDS = ("A16W4", "A8W4-fp8")
+
+
+def gemlite_bundled_entries(gemlite, m, n, k, group_size) -> list:
+    """(kernel type, type id) of the entries GemLite's config cache holds for this (M bucket, N, K, group):
+    in bundled-config mode, a kernel whose type id is absent is autotuned by GemLite on first use."""
+    try:
+        from gemlite.triton_kernels import utils as gu
+        cache = gemlite.core.GEMLITE_TRITON_CONFIG_CACHE
+        pre = f"({gu.get_closest_m(m)}, {n}, {k}, {group_size},"
+        return sorted({f"{t}:{kk.rstrip(')').split(',')[-1].strip()}" for t, v in cache.items() for kk in v if kk.startswith(pre)})
+    except Exception as e:  # noqa: BLE001
+        return [repr(e)[:80]]
+
+
+def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"), group_size=128, autotune_ms=None,
+                  kinds=GEMLITE_KINDS, shape_ms=None) -> None:
+    """shape_ms: list parallel to ``shapes`` (a shape may repeat); an entry that is not None overrides ``ms`` (and
+    ``autotune_ms``) for that shape. Order: shapes as given, then M, then kind; the deadline is checked before every
+    (shape, M, kind) cell."""
     try:
         import gemlite
         from gemlite.helper import A8W4_HQQ_INT_dynamic, A16W4_HQQ_INT
     except Exception as e:  # noqa: BLE001
         out(kind="gemm", impl="gemlite", error="import failed: " + repr(e)[:300])
         return
+    glv = getattr(gemlite, "__version__", None)
+    procs = {"A16W4": lambda: A16W4_HQQ_INT(device="cuda", dtype=torch.float16),
+             "A8W4-fp8": lambda: A8W4_HQQ_INT_dynamic(device="cuda", dtype=torch.float16)}
     for mode in modes:
         if mode.startswith("autotune"):
             # drop the bundled h100.json and autotune every (M bucket, N, K); "-graph": GemLite's own
             # CUDA-graph timing of candidates (its most accurate setting); "max": its largest search space
             gemlite.reset_config()
             gemlite.set_autotune("max" if "max" in mode else "fast", use_cuda_graph="graph" in mode)
-        for n, k in shapes:
+        for si, (n, k) in enumerate(shapes):
+            sms = shape_ms[si] if shape_ms else None
+            if sms is None:
+                sms = [m for m in ms if not (mode.startswith("autotune") and autotune_ms and m not in autotune_ms)]
             if time.time() > DEADLINE[0]:
-                out(kind="gemm", n=n, k=k, impl=f"gemlite [{mode}]", error="skipped: out of device time in this run")
+                out(kind="gemm", n=n, k=k, ms=sms, impl=f"gemlite [{mode}]", error="skipped: out of device time in this run")
                 continue
             layers = {}
             wq = torch.randint(0, 16, (n, k), device=DEV, dtype=torch.uint8)
             scales = (torch.rand(n, k // group_size, device=DEV, dtype=torch.float16) * 0.01 + 0.001)
             zeros = torch.full((n, k // group_size), 8.0, device=DEV, dtype=torch.float16)
-            for name, proc in (("A16W4", A16W4_HQQ_INT(device="cuda", dtype=torch.float16)),
-                               ("A8W4-fp8", A8W4_HQQ_INT_dynamic(device="cuda", dtype=torch.float16))):
+            for name in kinds:
                 try:
-                    layers[name] = proc.from_weights(wq, scales, zeros)
+                    layers[name] = procs[name]().from_weights(wq, scales, zeros)
                 except Exception as e:  # noqa: BLE001
                     out(kind="gemm", n=n, k=k, impl=f"gemlite {name} [{mode}]", error=repr(e)[:300])
             wdeq = ((wq.float() - 8.0) * scales.float().repeat_interleave(group_size, 1))
             del wq
-            for m in ms:
-                if mode.startswith("autotune") and autotune_ms and m not in autotune_ms:
-                    continue
-                if time.time() > DEADLINE[0]:
-                    out(kind="gemm", n=n, k=k, m=m, impl=f"gemlite [{mode}]", error="skipped: out of device time in this run")
-                    continue
+            for m in sms:
                 for name, layer in layers.items():
+                    if time.time() > DEADLINE[0]:
+                        out(kind="gemm", n=n, k=k, m=m, impl=f"gemlite {name} [{mode}]", error="skipped: out of device time in this run")
+                        continue
                     try:
+                        pre = gemlite_bundled_entries(gemlite, m, n, k, group_size) if mode == "bundled-config" else None
+                        t0 = time.time()
                         x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-                        y = layer(x)
+                        y = layer(x)  # first call: GemLite autotunes here if its cache has no entry
+                        torch.cuda.synchronize()
+                        first_s = time.time() - t0
                         err = rel(y, x.float() @ wdeq.t())
                         r = copies(n * k // 2)
                         xs_ = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in range(r)]
@@ -307,7 +335,8 @@ def bench_gemlite(out: Out, shapes, ms, modes=("bundled-config", "autotune-fast"
                         # small-shape numbers may include L2 hits, i.e. they flatter GemLite
                         us = bench_graph([lambda a=a: layer(a) for a in xs_])
                         out(kind="gemm", n=n, k=k, m=m, impl=f"gemlite {name} [{mode}]", us=us, rel_err=err,
-                            note="weights not rotated (L2 may hold them)" if n * k // 2 < (50 << 20) else None)
+                            note="weights not rotated (L2 may hold them)" if n * k // 2 < (50 << 20) else None,
+                            gemlite_version=glv, first_call_s=round(first_s, 1), bundled_entries=pre)
                     except Exception as e:  # noqa: BLE001
                         out(kind="gemm", n=n, k=k, m=m, impl=f"gemlite {name} [{mode}]", error=repr(e)[:300])
             del layers, wdeq
@@ -439,7 +468,9 @@ def main() -> None:
     ap.add_argument("--tune-ms", default="1,16,64,256,1024,4096", help="M buckets to re-tune (others keep the shipped table)")
     ap.add_argument("--tune-deadline", type=float, default=1e9, help="seconds after start to stop tuning")
     ap.add_argument("--gemlite-autotune-ms", default="", help="M values to run in GemLite autotune modes (all if empty)")
-    ap.add_argument("--gemlite-shapes", default="", help="N,K;N,K... for GemLite (default: all shapes)")
+    ap.add_argument("--gemlite-shapes", default="",
+                    help="N,K;N,K... for GemLite (default: all shapes); N,K:M,M,... gives that shape its own M list")
+    ap.add_argument("--gemlite-kinds", default=",".join(GEMLITE_KINDS), help="GemLite kernels to run: A16W4,A8W4-fp8")
     a = ap.parse_args()
     DEADLINE[0] = time.time() + a.deadline
     torch.manual_seed(0)
@@ -462,9 +493,16 @@ def main() -> None:
         bench_gemm(out, shapes, ms)
         print(f"[gemm done {time.time() - t0:.0f}s]", flush=True)
     if "gemlite" in secs:
-        gshapes = [tuple(int(v) for v in x.split(",")) for x in a.gemlite_shapes.split(";") if x] or shapes
+        gshapes, shape_ms = [], []
+        for x in (x for x in a.gemlite_shapes.split(";") if x):
+            sh, _, mlist = x.partition(":")
+            gshapes.append(tuple(int(v) for v in sh.split(",")))
+            shape_ms.append([int(v) for v in mlist.split(",") if v] if mlist else None)
+        if not gshapes:
+            gshapes, shape_ms = shapes, None
         ams = [int(x) for x in a.gemlite_autotune_ms.split(",") if x] or None
-        bench_gemlite(out, gshapes, ms, a.gemlite_modes.split(","), autotune_ms=ams)
+        bench_gemlite(out, gshapes, ms, a.gemlite_modes.split(","), autotune_ms=ams,
+                      kinds=[x for x in a.gemlite_kinds.split(",") if x], shape_ms=shape_ms)
         print(f"[gemlite done {time.time() - t0:.0f}s]", flush=True)
     gc.collect()
 
