@@ -110,7 +110,6 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     source; :class:`~natix.quant.models.ModelLoadError` for a bad base;
     :class:`~natix.quant.errors.AdapterError` / ``MergeParityError`` for a bad adapter.
     """
-    import torch
     from safetensors.torch import save_file
 
     from natix.quant.adapters import merge_adapter, read_adapter

@@ -32,15 +32,17 @@ def build_tokenizer():
     return tok
 
 
-def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+def build_tiny_llama(out: Path, seed: int = 0, *, hidden: int = 32, max_positions: int = 1024,
+                     init: float = 0.3) -> Path:
+    """A 2-layer random Llama (4 heads, GQA 4/2, MLP 2 x hidden) over the char tokenizer, saved to ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, tie_word_embeddings=False,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        initializer_range=init, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)
@@ -50,6 +52,12 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_builder():
+    """:func:`build_tiny_llama` for test modules (conftest is not importable under importlib mode)."""
+    return build_tiny_llama
 
 
 @pytest.fixture(scope="session")

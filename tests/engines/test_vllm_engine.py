@@ -51,31 +51,11 @@ NEAR_TIE = 1.0
 MEDIAN_LOGPROB_DIFF = 1e-3
 
 
-def _tiny_llama(tokenizer_dir: str, out: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama over the char tokenizer of tests/engines/conftest.py; hidden 128,
-    4 heads of 32 (vLLM CPU attention supports head_dim 32, not 16), GQA 4/2."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        initializer_range=0.2, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_model_dir, tmp_path_factory) -> str:
-    return str(_tiny_llama(tiny_model_dir, tmp_path_factory.mktemp("vllm-tiny") / "model"))
+def tiny_dir(tiny_llama_builder, tmp_path_factory) -> str:
+    # hidden 128 = 4 heads of 32: vLLM's CPU attention supports head_dim 32, not the default 8
+    return str(tiny_llama_builder(tmp_path_factory.mktemp("vllm-tiny") / "model", hidden=128, max_positions=512,
+                                  init=0.2))
 
 
 def test_registered_and_cheap_to_import():

@@ -138,3 +138,42 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def wide_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama whose every in_features is a multiple of 128 (hidden 128, MLP 256), as an HF dir."""
+    d = tmp_path_factory.mktemp("wide") / "llama128"
+    tiny_model("llama", hidden=128).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 calibration rows of 32 tiny-vocabulary words, as a .jsonl."""
+    import json
+
+    p = tmp_path_factory.mktemp("calib") / "c.jsonl"
+    p.write_text("\n".join(json.dumps({"text": " ".join(f"w{4 + (i * 13 + j * 7) % 120}" for j in range(32))})
+                           for i in range(8)) + "\n")
+    return p
+
+
+def generate_from(model_dir: Path, max_tokens: int = 4):
+    """Load ``model_dir`` in the hf engine on CPU and generate from one prompt; the completion."""
+    from natix.engines.base import EngineConfig, SamplingSpec, create_engine
+
+    eng = create_engine("hf")
+    eng.load(EngineConfig(model=str(model_dir), device="cpu"))
+    try:
+        (res,) = eng.generate(["w5 w6 w7"], SamplingSpec(max_tokens=max_tokens))
+        return res[0]
+    finally:
+        eng.close()
+
+
+@pytest.fixture(scope="session")
+def hf_generate():
+    """:func:`generate_from`, for test modules."""
+    return generate_from

@@ -12,22 +12,6 @@ from click.testing import CliRunner
 from natix.quant.cli import main
 
 
-@pytest.fixture(scope="module")
-def wide_base(tmp_path_factory, tiny):
-    d = tmp_path_factory.mktemp("wide") / "llama128"
-    tiny.model("llama", hidden=128).save_pretrained(d)
-    tiny.tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "c.jsonl"
-    p.write_text("\n".join(json.dumps({"text": " ".join(f"w{4 + (i * 13 + j * 7) % 120}" for j in range(32))})
-                           for i in range(8)) + "\n")
-    return p
-
-
 def _export(base, out, calib, *extra):
     return CliRunner().invoke(main, ["export", "--base", str(base), "--scheme", "gptq", "--calib", str(calib),
                                      "--out", str(out), "--dtype", "fp32", *extra])
@@ -35,8 +19,7 @@ def _export(base, out, calib, *extra):
 
 @pytest.mark.parametrize("extra, groups", [([], {128}), (["--group-size", "-1"], {-1}),
                                            (["--act-order", "weight", "--kv", "fp8"], {128})])
-def test_export_inspect_load_generate(wide_base, calib_file, tmp_path, tiny, extra, groups):
-    from natix.engines.base import EngineConfig, SamplingSpec, create_engine
+def test_export_inspect_load_generate(wide_base, calib_file, tmp_path, tiny, hf_generate, extra, groups):
     from natix.quant.loader import describe_artifact, load_artifact
     from natix.quant.w4a16 import W4A16Linear
 
@@ -58,13 +41,7 @@ def test_export_inspect_load_generate(wide_base, calib_file, tmp_path, tiny, ext
     with torch.no_grad():
         a, b = model(ids).logits, ref(ids).logits
     assert ((a - b).norm() / b.norm()).item() < 0.2
-    eng = create_engine("hf")
-    eng.load(EngineConfig(model=str(out), device="cpu"))
-    try:
-        (res,) = eng.generate(["w5 w6 w7"], SamplingSpec(max_tokens=4))
-        assert res[0].num_tokens >= 1
-    finally:
-        eng.close()
+    assert hf_generate(out).num_tokens >= 1
 
 
 def test_fallback_is_announced_and_error_mode_refuses(base_dirs, calib_file, tmp_path):

@@ -3,30 +3,12 @@ reference loader -> hf engine), the ablation switches, and bad input."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from natix.quant.cli import main
-
-
-@pytest.fixture(scope="module")
-def wide_base(tmp_path_factory, tiny):
-    """A tiny llama whose every in_features is a multiple of 128 (hidden 128, MLP 256)."""
-    d = tmp_path_factory.mktemp("wide") / "llama128"
-    tiny.model("llama", hidden=128).save_pretrained(d)
-    tiny.tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "c.jsonl"
-    p.write_text("\n".join(json.dumps({"text": " ".join(f"w{4 + (i * 13 + j * 7) % 120}" for j in range(32))})
-                           for i in range(8)) + "\n")
-    return p
 
 
 def _export(base, out, calib, *extra):
@@ -46,8 +28,7 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("group", ["128", "-1"])
-def test_export_load_generate(wide_base, calib_file, tmp_path, tiny, group):
-    from natix.engines.base import EngineConfig, SamplingSpec, create_engine
+def test_export_load_generate(wide_base, calib_file, tmp_path, tiny, hf_generate, group):
     from natix.quant.loader import describe_artifact, load_artifact
     from natix.quant.w4a8 import W4A8Linear
 
@@ -69,13 +50,7 @@ def test_export_load_generate(wide_base, calib_file, tmp_path, tiny, group):
     ids = list(range(4, 36))
     err = ((_logits(model, ids) - _logits(ref, ids)).norm() / _logits(ref, ids).norm()).item()
     assert err < 0.35, err
-    eng = create_engine("hf")
-    eng.load(EngineConfig(model=str(out), device="cpu"))
-    try:
-        (res,) = eng.generate(["w5 w6 w7"], SamplingSpec(max_tokens=4))
-        assert res[0].num_tokens >= 1
-    finally:
-        eng.close()
+    assert hf_generate(out).num_tokens >= 1
 
 
 def test_gptq_and_transforms_reduce_error(wide_base, calib_file, tmp_path, tiny):

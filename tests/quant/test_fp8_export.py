@@ -10,7 +10,6 @@ logits identical (0.0) to our reference loader.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -292,12 +291,11 @@ def test_smollm2_fp8_export(tmp_path):
 
 
 # ------------------------------------------------------------------ fp8 KV cache
-def test_fp8_kv_cache_export_load_and_generate(base_dirs, tmp_path):
+def test_fp8_kv_cache_export_load_and_generate(base_dirs, tmp_path, hf_generate):
     """--kv fp8: calibrated per-layer scales land in the checkpoint under the names vLLM reads,
     the config carries compressed-tensors' kv_cache_scheme, and the reference path uses them."""
     from safetensors import safe_open
 
-    from natix.engines.base import EngineConfig, SamplingSpec, create_engine
     from natix.quant.loader import load_artifact
 
     calib = tmp_path / "c.jsonl"
@@ -321,13 +319,7 @@ def test_fp8_kv_cache_export_load_and_generate(base_dirs, tmp_path):
     model, _ = load_artifact(out)
     assert model.natix_kv_cache == "fp8"
     assert float(model.model.layers[1].self_attn.v_scale) == float(scales["model.layers.1.self_attn.v_scale"])
-    eng = create_engine("hf")
-    eng.load(EngineConfig(model=str(out), device="cpu"))
-    try:
-        (res,) = eng.generate(["w5 w6 w7"], SamplingSpec(max_tokens=4))
-        assert res[0].num_tokens >= 1
-    finally:
-        eng.close()
+    assert hf_generate(out).num_tokens >= 1
 
 
 def test_fp8_rejects_int4_kv(base_dirs, tmp_path):
