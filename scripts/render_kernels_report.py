@@ -1,6 +1,13 @@
 """Render reports/kernels.md from the JSONL written by scripts/bench_kernels.py (nothing else).
 
-    python scripts/render_kernels_report.py reports/kernels.jsonl [--resources reports/kernels_resources.jsonl] > reports/kernels.md
+    python scripts/render_kernels_report.py reports/kernels.jsonl [--resources reports/kernels_resources.jsonl] \
+        [--notes reports/kernels_notes.md] > reports/kernels.md
+
+The JSONL may hold several runs (one run = one device call; records carry ``env.run``, records written before the
+bench wrote that label belong to ``LEGACY_RUN``). Each part of the report comes from the newest run that measured it:
+the GEMM section (our kernels and the bf16/fp8/int8 baselines, all from one run), the RMSNorm and KV4 sections, and
+each GemLite (shape, M, kernel, mode) cell on its own. A ratio only ever divides numbers of the same run: "best
+GemLite ÷ chan" is computed per run (that run's GemLite over that run's chan time) and the smallest is shown.
 """
 from __future__ import annotations
 
@@ -18,45 +25,113 @@ def fmt(x, nd=1):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def fmt_ratio(x):
+    """Two decimals, three near 1 (so that 0.998 does not print as a met 1.00)."""
+    return f"{x:.3f}" if 0.99 <= x < 1.01 else f"{x:.2f}"
+
+
 GOALS_GEMM = {1: 3.5, 16: 3.5, 64: 2.5, 4096: 1.0}
+LEGACY_RUN = "h100-pass3"  # the pass-3 device call, written before bench_kernels.py recorded env.run
+SHAPE_ORDER = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+def run_of(r) -> str:
+    return (r.get("env") or {}).get("run") or LEGACY_RUN
+
+
+def newest_run(recs, pred):
+    """Label of the last run (in file order) holding a record that satisfies pred, or None."""
+    found = None
+    for r in recs:
+        if pred(r):
+            found = run_of(r)
+    return found
 
 
 def render(recs, resources) -> str:
-    env = recs[0]["env"]
-    copy_bw = next((r["gbps"] for r in recs if r["kind"] == "copy"), None)
+    runs = list(dict.fromkeys(run_of(r) for r in recs))
+    by_run = {u: [r for r in recs if run_of(r) == u] for u in runs}
+    is_gl = lambda r: r["kind"] == "gemm" and "gemlite" in r.get("impl", "")  # noqa: E731
+    gemm_run = newest_run(recs, lambda r: r["kind"] == "gemm" and r.get("impl") == "w4a8_channel" and "us" in r)
+    norm_run = newest_run(recs, lambda r: r["kind"] == "rmsnorm_quant")
+    kv_run = newest_run(recs, lambda r: r["kind"] in ("kv4_decode", "kv4_tune", "kv4_write"))
+    gl_runs = [u for u in runs if any(is_gl(r) and "us" in r for r in by_run[u])]
+    mark = {u: "‡" * (i + 1) for i, u in enumerate([u for u in runs if u != gemm_run])}
+    mark[gemm_run] = ""
+    sections = defaultdict(list)
+    for name, u in (("W4A8 GEMM + bf16/fp8/int8 baselines", gemm_run), ("RMSNorm + INT8", norm_run), ("KV4 decode", kv_run)):
+        if u:
+            sections[u].append(name)
+    for u in gl_runs:
+        sections[u].append("GemLite cells" + (f" marked {mark[u]}" if mark[u] else ""))
     L = []
     L.append("# natix kernels on the H100: W4A8 GEMM, RMSNorm + INT8 quant, KV4 decode attention, FP8\n")
-    L.append(f"Card **{env['gpu']}**, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
-             f"{env.get('sms')} SMs; git {env['git_sha'][:16]}; measured {env['time']}.  ")
-    cmds = list(dict.fromkeys(r["env"]["command"] for r in recs if "env" in r))
-    L.append("Command" + ("s (one run, one machine, in this order)" if len(cmds) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in cmds) + "  ")
-    L.append(f"Copy bandwidth measured in the same run: **{fmt(copy_bw, 0)} GB/s** (read + write, 1 GiB `copy_`).  ")
+    if len(runs) > 1:
+        gpus = sorted({r["env"]["gpu"] for r in recs if "env" in r})
+        L.append(f"Measured in {len(runs)} runs (device calls) on " + (f"the same card model ({gpus[0]})" if len(gpus) == 1 else
+                 "different cards (" + ", ".join(gpus) + ")") + ". Every section below comes from "
+                 "one run, named here; the GEMM tables take our kernels and the bf16/fp8/int8 baselines from the newest "
+                 "run and each GemLite cell from the newest run that measured it; a ratio never divides numbers of "
+                 "two runs.\n")
+    for u in runs:
+        rr = by_run[u]
+        env = rr[0]["env"]
+        copy_bw = next((r["gbps"] for r in rr if r["kind"] == "copy"), None)
+        cmds = list(dict.fromkeys(r["env"]["command"] for r in rr if "env" in r))
+        times = sorted({r["env"]["time"] for r in rr})
+        head = f"**Run `{u}`**" + (f" ({', '.join(sections[u])})" if sections[u] else " (superseded: nothing rendered from it)") + ": " \
+            if len(runs) > 1 else ""
+        L.append(head + f"card **{env['gpu']}**, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
+                 f"CUDA {env.get('cuda')}, {env.get('sms')} SMs; git {env['git_sha'][:20]}; measured {times[0]}"
+                 + (f" – {times[-1]}" if len(times) > 1 else "") + ".  ")
+        L.append("Command" + ("s (one run, one machine, in this order)" if len(cmds) > 1 else "") + ": "
+                 + "; ".join(f"`{c}`" for c in cmds) + "  ")
+        L.append(f"Copy bandwidth measured in this run: **{fmt(copy_bw, 0)} GB/s** (read + write, 1 GiB `copy_`).\n")
     L.append("Times are medians (`triton.testing.do_bench`) of CUDA-graph replays over rotated input/weight sets "
              "(≥ 200 MB touched per replay, so weights come from HBM, not L2), per call, in µs. "
              "Rendered by `scripts/render_kernels_report.py` from `reports/kernels.jsonl`.\n")
 
     # ---------------------------------------------------------------- GEMM
-    gemm = defaultdict(dict)
+    gemm = defaultdict(dict)  # (n, k, m) -> impl -> record: ours/baselines of gemm_run, GemLite newest per cell
+    gl_by_run = defaultdict(dict)  # (n, k, m) -> run -> impl -> us (every GemLite number of every run)
     for r in recs:
-        if r["kind"] == "gemm" and "m" in r and "us" in r:
-            gemm[(r["n"], r["k"], r["m"])][r["impl"]] = r
+        if r["kind"] != "gemm" or "m" not in r or "us" not in r:
+            continue
+        key = (r["n"], r["k"], r["m"])
+        if is_gl(r):
+            gemm[key][r["impl"]] = r
+            gl_by_run[key].setdefault(run_of(r), {})[r["impl"]] = r["us"]
+        elif run_of(r) == gemm_run:
+            gemm[key][r["impl"]] = r
+    chan_by_run = {(run_of(r), r["n"], r["k"], r["m"]): r["us"] for r in recs
+                   if r["kind"] == "gemm" and r.get("impl") == "w4a8_channel" and "us" in r}
+    g128_by_run = {(run_of(r), r["n"], r["k"], r["m"]): r["us"] for r in recs
+                   if r["kind"] == "gemm" and r.get("impl") == "w4a8_g128" and "us" in r}
+    tuned_here = any(r["kind"] == "tune" for r in by_run.get(gemm_run, []))
     L.append("## W4A8 GEMM (g128 progressive and per-channel) vs baselines\n")
     L.append("`w4a8_*` = the GEMM on already-quantized activations (what replaces the bf16 GEMM; the INT8 quantization is "
              "fused into the preceding RMSNorm); `+quant` adds a separate per-token quantization launch. "
              "Speed-ups are bf16 time / our time. GemLite columns: fp16, group 128 (A8W4 = its FP8-activation dynamic "
              "kernel); `(autotuned)` = its bundled configs dropped (`reset_config`) and re-autotuned on this card with "
-             "`set_autotune('fast', use_cuda_graph=True)` (its CUDA-graph candidate timing); its weights were not rotated, "
-             "which can only flatter it on the shapes whose packed weights fit L2. Our W4A8 configs were tuned in the same "
-             "run, each candidate timed as CUDA-graph replays over rotated weight sets.\n")
+             "`set_autotune('fast', use_cuda_graph=True)` (its CUDA-graph candidate timing); "
+             + ("`(bundled)` = GemLite as shipped, with its own `configs/h100.json` (entries for all four shapes at every "
+                "M bucket for the fp16-activation kernel); " if any("[bundled-config]" in r.get("impl", "") and "us" in r
+                                                                   for r in recs) else "")
+             + "its weights were not rotated, which can only flatter it on the shapes whose packed weights fit L2. "
+             + ("Our W4A8 configs were tuned in the same run, each candidate timed as CUDA-graph replays over rotated "
+                "weight sets." if tuned_here else
+                "Our W4A8 kernels ran with the config table in the tree (`kernels/configs/w4a8_gemm.json`, tuned on an H100 "
+                "by the pass-3 run with CUDA-graph timing over rotated weight sets), not re-tuned in this run.") + "\n")
     impls = ["w4a8_g128", "w4a8_g128+quant", "w4a8_channel", "w4a8_channel+quant", "bf16 cublas", "fp8 _scaled_mm",
-             "int8 _int_mm", "gemlite A16W4 [bundled-config]", "gemlite A8W4-fp8 [bundled-config]",
+             "int8 _int_mm",
+             "gemlite A16W4 [autotune-fast-graph]", "gemlite A8W4-fp8 [autotune-fast-graph]",
              "gemlite A16W4 [autotune-fast]", "gemlite A8W4-fp8 [autotune-fast]",
-             "gemlite A16W4 [autotune-fast-graph]", "gemlite A8W4-fp8 [autotune-fast-graph]"]
-    shapes = sorted({(n, k) for n, k, _ in gemm}, key=lambda s: [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)].index(s) if s in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)] else 9)
+             "gemlite A16W4 [bundled-config]", "gemlite A8W4-fp8 [bundled-config]"]
+    shapes = sorted({(n, k) for n, k, _ in gemm}, key=lambda s: SHAPE_ORDER.index(s) if s in SHAPE_ORDER else 9)
     present = [i for i in impls if any(i in v for v in gemm.values())]
     short = {"w4a8_g128": "g128", "w4a8_g128+quant": "g128+q", "w4a8_channel": "chan", "w4a8_channel+quant": "chan+q",
              "bf16 cublas": "bf16", "fp8 _scaled_mm": "fp8", "int8 _int_mm": "int8",
-             "gemlite A16W4 [bundled-config]": "GL A16W4", "gemlite A8W4-fp8 [bundled-config]": "GL A8W4",
+             "gemlite A16W4 [bundled-config]": "GL A16W4 (bundled)", "gemlite A8W4-fp8 [bundled-config]": "GL A8W4 (bundled mode ³)",
              "gemlite A16W4 [autotune-fast]": "GL A16W4 (tuned)", "gemlite A8W4-fp8 [autotune-fast]": "GL A8W4 (tuned)",
              "gemlite A16W4 [autotune-fast-graph]": "GL A16W4 (autotuned)",
              "gemlite A8W4-fp8 [autotune-fast-graph]": "GL A8W4 (autotuned)"}
@@ -71,31 +146,65 @@ def render(recs, resources) -> str:
             bf = us.get("bf16 cublas")
             sg = bf / us["w4a8_g128"] if bf and "w4a8_g128" in us else None
             sc = bf / us["w4a8_channel"] if bf and "w4a8_channel" in us else None
-            gl = [v for i, v in us.items() if i.startswith("gemlite")]
-            glr = min(gl) / us["w4a8_channel"] if gl and "w4a8_channel" in us else None
+            # best GemLite over our chan time, per run (newest run first); the goal uses the smallest
+            per_run = [(min(v.values()) / chan_by_run[(u, n, k, m)], u) for u, v in gl_by_run[(n, k, m)].items()
+                       if (u, n, k, m) in chan_by_run]
+            per_run.sort(key=lambda t: -runs.index(t[1]))
+            glr, glu = min(per_run) if per_run else (None, None)
             ex = [row[i].get("int_exact") for i in ("w4a8_g128", "w4a8_channel") if i in row]
             exs = "—" if all(e is None for e in ex) else ("yes" if all(e for e in ex if e is not None) else "**NO**")
             errs = " / ".join(f"{row[i]['rel_err']:.1e}" for i in ("w4a8_g128", "w4a8_channel") if i in row)
             note = " ¹" if any((row[i].get("note") or "").startswith("M padded") for i in row) else ""
-            L.append(f"| {m}{note} | " + " | ".join(fmt(us.get(i)) for i in present) +
-                     f" | {fmt(sg, 2)}× | {fmt(sc, 2)}× | {fmt(glr, 2)} | {errs} | {exs} |")
-            goal_rows.append((n, k, m, sg, sc, glr))
+            cells = [fmt(us.get(i)) + (mark[run_of(row[i])] if i in row and i.startswith("gemlite") else "") for i in present]
+            glc = " / ".join(fmt_ratio(x) + (f"{mark[u]} (vs {chan_by_run[(u, n, k, m)]:.1f})" if mark[u] else "")
+                             for x, u in per_run) or "—"
+            L.append(f"| {m}{note} | " + " | ".join(cells) + f" | {fmt(sg, 2)}× | {fmt(sc, 2)}× | {glc} | {errs} | {exs} |")
+            per_run_g = [(min(v.values()) / g128_by_run[(u, n, k, m)], u) for u, v in gl_by_run[(n, k, m)].items()
+                         if (u, n, k, m) in g128_by_run]
+            per_run_g.sort(key=lambda t: -runs.index(t[1]))
+            goal_rows.append((n, k, m, sg, sc, glr, " / ".join(fmt_ratio(x) + mark[u] for x, u in per_run),
+                              " / ".join(fmt_ratio(x) + mark[u] for x, u in per_run_g) or "—"))
         L.append("")
     L.append("¹ `torch._int_mm` needs M > 16: timed at M = 17.  int32 exact: the raw int32 accumulator equals an exact "
-             "float64 GEMM of the integer operands (checked where M·N·K ≤ 2³⁶; the CPU/GPU tests check it on every shape they run).\n")
-    gl_errs = [r for r in recs if r["kind"] == "gemm" and "gemlite" in r.get("impl", "") and "error" in r]
-    if gl_errs:
-        L.append("GemLite runs not made in this run: " + "; ".join(sorted({f"{r['impl']}: {r['error']}" for r in gl_errs})) + "\n")
+             "float64 GEMM of the integer operands (checked where M·N·K ≤ 2³⁶; the CPU/GPU tests check it on every shape they run).")
+    for u in runs:
+        if mark[u] and u in gl_runs:
+            L.append(f"{mark[u]} GemLite number from run `{u}` (not re-measured in run `{gemm_run}`); its "
+                     f"\"best GemLite ÷ chan\" uses our chan time of run `{u}` (in parentheses), not the one in this row.")
+    if any(i.startswith("gemlite A8W4-fp8 [bundled-config]") for i in present):
+        L.append("³ GemLite's `h100.json` has no entry for the FP8-activation 4-bit kernel (its type id 304; the records' "
+                 "`bundled_entries` list only `GEMM:104`, the fp16-activation one), so in bundled-config mode GemLite "
+                 "autotuned this kernel itself on its first call, with its default `fast` search and non-graph timing.")
+    L.append("")
+    # GemLite cells skipped in some run and measured in none. A skip record names one kernel ("gemlite A16W4 [mode]")
+    # or all ("gemlite [mode]"), and one M, a list "ms", or (older records) the whole shape.
+    have = [(r["n"], r["k"], r["m"], r["impl"]) for r in recs if is_gl(r) and "us" in r]
+    missing = set()
+    for r in recs:
+        if not (is_gl(r) and "error" in r and "n" in r and r["error"].startswith("skipped")):
+            continue
+        imp = r["impl"]
+        suffix = imp.split(" ", 1)[1] if not imp.startswith("gemlite [") else imp[len("gemlite "):]
+        for m in ([r["m"]] if "m" in r else r.get("ms") or ["all"]):
+            if not any((n, k) == (r["n"], r["k"]) and (m == "all" or mm == m) and h.endswith(suffix) for n, k, mm, h in have):
+                missing.add((imp, r["n"], r["k"], m))
+    missing = sorted(missing, key=str)
+    if missing:
+        L.append("GemLite cells measured in no run (out of device time): " +
+                 "; ".join(f"{i} {n}×{k} M={m}" for i, n, k, m in missing) + "\n")
 
     # goal table
     L.append("### GEMM goals\n")
-    L.append("| N × K | M | goal × bf16 | g128 | per-channel | ≥ best GemLite 4-bit (chan) |")
-    L.append("|---|---|---|---|---|---|")
-    for n, k, m, sg, sc, glr in goal_rows:
+    L.append("GemLite columns: best GemLite ÷ our time, per run (‡ = the run marked so above). The goal is judged on "
+             "per-channel (✅ only if every run's ratio is ≥ 1); the g128 column (same group size as GemLite's kernels) "
+             "is for information.\n")
+    L.append("| N × K | M | goal × bf16 | g128 | per-channel | ≥ best GemLite 4-bit (chan) | best GemLite ÷ g128 |")
+    L.append("|---|---|---|---|---|---|---|")
+    for n, k, m, sg, sc, glr, glall, glg in goal_rows:
         goal = GOALS_GEMM.get(m)
         ok = lambda s: "—" if s is None or goal is None else (f"{s:.2f}× ✅" if s >= goal else f"{s:.2f}× ❌")  # noqa: E731
-        gls = "—" if glr is None else (f"✅ ({glr:.2f})" if glr >= 1 else f"❌ ({glr:.2f})")
-        L.append(f"| {n}×{k} | {m} | {goal if goal else '—'} | {ok(sg)} | {ok(sc)} | {gls} |")
+        gls = "—" if glr is None else ("✅" if glr >= 1 else "❌") + f" ({glall})"
+        L.append(f"| {n}×{k} | {m} | {goal if goal else '—'} | {ok(sg)} | {ok(sc)} | {gls} | {glg} |")
     L.append("")
 
     # ---------------------------------------------------------------- norm
@@ -104,7 +213,7 @@ def render(recs, resources) -> str:
     L.append("| M | triton µs | GB/s | % of copy | torch eager µs | codes ≠ reference (fraction, max diff) |")
     L.append("|---|---|---|---|---|---|")
     norm = defaultdict(dict)
-    for r in recs:
+    for r in by_run.get(norm_run, []):
         if r["kind"] == "rmsnorm_quant":
             norm[r["m"]][r["impl"]] = r
     for m in sorted(norm):
@@ -122,7 +231,7 @@ def render(recs, resources) -> str:
     L.append("| batch | context | KV4 µs | settings (layout, splits, block, stages, warps) | KV4 GB/s | % copy | SDPA bf16 µs | SDPA GB/s | speed-up | rel err | rows layout µs ² |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     kv = defaultdict(dict)
-    for r in recs:
+    for r in by_run.get(kv_run, []):
         if r["kind"] == "kv4_decode":
             if r["impl"] in ("kv4 triton", "kv4 triton (default)"):
                 kv[(r["batch"], r["ctx"])]["ours"] = r
@@ -146,7 +255,7 @@ def render(recs, resources) -> str:
              "(CUDA-graph timing, shorter repetition than the main column). `settings` `auto` = the launcher's default "
              "(swap-AB, `default_splits`, block 64, 3 stages, 4 warps), which won that case's search.")
     L.append("\n`ragged64`: 64 rows with lengths drawn uniformly from 1…4096 (SDPA runs them padded to the longest).")
-    w = [r for r in recs if r["kind"] == "kv4_write"]
+    w = [r for r in by_run.get(kv_run, []) if r["kind"] == "kv4_write"]
     if w:
         L.append(f"KV4 quantize-on-write of one decode step (64 tokens × 8 heads, K and V): {fmt(w[0]['us'])} µs.\n")
 
