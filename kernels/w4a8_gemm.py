@@ -29,18 +29,37 @@ M_BUCKETS = (1, 16, 64, 256, 1024, 4096)
 # ----------------------------------------------------------------------------------------------
 # reference (the CPU path)
 # ----------------------------------------------------------------------------------------------
+# |xq * wi| <= 127 * 128 = 16256, so a sum of 1024 such products stays below 2^24 and an fp32
+# matmul over a 1024-wide slice of K is exact; the slices are then added in fp64 (exact too).
+_EXACT_K_SLICE = 1024
+
+
+def int_matmul_exact(x_q: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
+    """int32 [M, N] = ``x_q [M, K]`` (int8 codes) @ ``wi [N, K]``ᵀ (integers in [-128, 127]), exact.
+
+    Done as fp32 matmuls over K slices of 1024 (exact, see above) summed in fp64: BLAS speed on
+    CPU, where an int64 matmul has no fast kernel (~100x slower at SmolLM2's shapes)."""
+    acc: Optional[torch.Tensor] = None
+    for k0 in range(0, x_q.shape[-1], _EXACT_K_SLICE):
+        part = x_q[:, k0:k0 + _EXACT_K_SLICE].float() @ wi[:, k0:k0 + _EXACT_K_SLICE].float().t()
+        acc = part.double() if acc is None else acc + part.double()
+    if acc is None:  # K == 0
+        return torch.zeros(x_q.shape[0], wi.shape[0], dtype=torch.int32, device=x_q.device)
+    return acc.to(torch.int32)
+
+
 def w4a8_gemm_int_reference(x_q: torch.Tensor, w: W4A8Weight) -> torch.Tensor:
-    """int32 [M, N] = xq [M, K] (int8) @ Wi^T, exact (int64 matmul on CPU)."""
-    wi = integer_weight(w).to(torch.int64).cpu()
-    return (x_q.to(torch.int64).cpu() @ wi.t()).to(torch.int32).to(x_q.device)
+    """int32 [M, N] = xq [M, K] (int8) @ Wi^T, exact."""
+    return int_matmul_exact(x_q, integer_weight(w))
 
 
 def w4a8_gemm_reference(
     x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight, bias: Optional[torch.Tensor] = None,
-    out_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype = torch.bfloat16, wi: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """[M, N] out_dtype; the float epilogue in float32 like the kernel."""
-    acc = w4a8_gemm_int_reference(x_q, w)
+    """[M, N] out_dtype; the float epilogue in float32 like the kernel. ``wi``: ``integer_weight(w)``
+    if the caller keeps it (a module reused across calls), else computed here."""
+    acc = int_matmul_exact(x_q, integer_weight(w) if wi is None else wi)
     if out_dtype == torch.int32:
         return acc
     y = acc.float() * x_scale.float()[:, None] * w.scale.float()[None, :]

@@ -129,21 +129,37 @@ class W4A8Linear(nn.Module):
         return {"group_size": self.group_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K]`` (fp16/bf16/fp32) -> ``[..., N]`` in ``x.dtype``."""
-        from natix.kernels.rmsnorm_quant import quantize_per_token
+        """``x [..., K]`` (fp16/bf16/fp32) -> ``[..., N]`` in ``x.dtype``. CUDA: the Triton ops where
+        they can take the shape; elsewhere the pure-torch references, called directly (the ops
+        route CPU tensors to the Triton interpreter when TRITON_INTERPRET=1, which is for testing
+        the kernels, not for running a model)."""
+        from natix.kernels.rmsnorm_quant import quantize_per_token, rmsnorm_quant_reference
         from natix.kernels.w4a8_gemm import w4a8_gemm_reference
 
         assert x.shape[-1] == self.in_features, f"x has K={x.shape[-1]}, layer has K={self.in_features}"
         x2 = x.reshape(-1, self.in_features).contiguous()
-        xq, xs, xsum = quantize_per_token(x2)
         w = self.packed()
         if x.is_cuda and self._kernel_ok(x):
             from natix.kernels.w4a8_gemm import w4a8_gemm
 
+            xq, xs, xsum = quantize_per_token(x2)
             y = w4a8_gemm(xq, xs, w, xsum, self.bias, x.dtype)
         else:
-            y = w4a8_gemm_reference(xq, xs, w, self.bias, out_dtype=x.dtype)
+            xq, xs, _ = rmsnorm_quant_reference(x2, None)
+            y = w4a8_gemm_reference(xq, xs, w, self.bias, out_dtype=x.dtype, wi=self._integer_weight(w))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _integer_weight(self, w: W4A8Weight) -> torch.Tensor:
+        """int8 [N, K] integer weight of the reference GEMM, kept until a buffer changes (unpacking
+        it on every call cost more than the matmul in decode)."""
+        from natix.kernels.packing import integer_weight
+
+        key = tuple((t.data_ptr(), t._version) for t in (w.qweight, w.group_scale, w.group_zero, w.zero)
+                    if t is not None)
+        if getattr(self, "_wi_key", None) != key:
+            self._wi = integer_weight(w).to(torch.int8)  # values in [-128, 127] (packing checks it)
+            self._wi_key = key
+        return self._wi
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         from natix.kernels.select import LinearSpec, can_implement
