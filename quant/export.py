@@ -17,7 +17,8 @@ transforms) inside :func:`natix.quant.artifact.atomic_dir`.
 Peak memory: the model in its storage dtype, plus one decoder layer in fp32 with its calibration
 activations and Hessians; merging an adapter upcasts the whole model to fp32 for the duration of
 the merge (exactness of the parity check), so with an adapter the peak is ~2x the bf16 model.
-The checkpoint is written as one safetensors file (fine up to a few GB); sharding is still to do.
+The checkpoint is written in safetensors shards of up to 512 MiB (:func:`save_sharded`), which also
+bounds the memory that writing it takes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,37 @@ def unique_state_dict(model: "nn.Module") -> dict[str, Any]:
     return out
 
 
+def save_sharded(state: dict[str, Any], out: Path, max_shard_bytes: int | None = None) -> list[str]:
+    """Write ``state`` as safetensors shards of at most ~``max_shard_bytes`` (Hugging Face's layout:
+    ``model.safetensors`` when one shard suffices, else ``model-0000i-of-0000n.safetensors`` +
+    ``model.safetensors.index.json``). safetensors' ``save_file`` builds the whole file in memory
+    before writing it, so shards also bound the export's peak memory to model + one shard."""
+    from safetensors.torch import save_file
+
+    max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    if len(shards) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True) + "\n")
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        shard.clear()
+    return names
+
+
 def _layer_record(mod: "nn.Module") -> dict[str, Any]:
     """What the manifest keeps per quantized layer: the module's ``layer_meta()`` plus its
     ``shape`` [out_features, in_features] (inspect counts weights from it)."""
@@ -110,8 +144,6 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     source; :class:`~natix.quant.models.ModelLoadError` for a bad base;
     :class:`~natix.quant.errors.AdapterError` / ``MergeParityError`` for a bad adapter.
     """
-    from safetensors.torch import save_file
-
     from natix.quant.adapters import merge_adapter, read_adapter
     from natix.quant.artifact import Manifest, atomic_dir, library_versions, write_manifest
     from natix.quant.errors import ArtifactError
@@ -179,7 +211,7 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     config["quantization_config"] = hf_qc
     say(f"writing {out}")
     with atomic_dir(out, force=force) as tmp:
-        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_sharded(unique_state_dict(model), tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

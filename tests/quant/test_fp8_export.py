@@ -327,3 +327,24 @@ def test_fp8_rejects_int4_kv(base_dirs, tmp_path):
                                   "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "kv_cache must be 'none' or 'fp8'" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_sharded_checkpoint_round_trip(base_dirs, tmp_path, monkeypatch):
+    """Shards + index in Hugging Face's layout; the loader and inspect read them."""
+    import natix.quant.export as ex
+    from natix.quant.fp8_config import Fp8Config
+    from natix.quant.loader import describe_artifact, load_artifact
+
+    one = ex.export(str(base_dirs["llama"]), Fp8Config(), tmp_path / "one", dtype="fp32").out
+    monkeypatch.setattr(ex, "MAX_SHARD_BYTES", 40_000)
+    many = ex.export(str(base_dirs["llama"]), Fp8Config(), tmp_path / "many", dtype="fp32").out
+    shards = sorted(p.name for p in many.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((many / ex.INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    a, _ = load_artifact(one)
+    b, _ = load_artifact(many)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert describe_artifact(many)["effective_bits_quantized"] == describe_artifact(one)["effective_bits_quantized"]
