@@ -1,0 +1,153 @@
+"""Build reports/quant-accuracy.{jsonl,md}: perplexity and task accuracy of every export scheme
+for the embedded SmolLM2-135M + demo adapter, with the w4a8kv4 ablations.
+
+    python scripts/quant_accuracy.py                      # run missing rows, then render
+    python scripts/quant_accuracy.py --rows bf16,fp8      # only these rows
+    python scripts/quant_accuracy.py --render-only        # re-render the .md from the .jsonl
+
+Each row is the real CLI: ``natix-quant export`` (into --work) then ``natix-quant eval --jsonl``,
+so the report is what a user gets. Rows already in the JSONL (same label and settings) are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "smollm2-135m"
+# label -> (scheme or None for the unquantized baseline, extra export flags)
+ROWS: dict[str, tuple[str | None, list[str]]] = {
+    "bf16": (None, []),
+    "fp8": ("fp8", []),
+    "gptq-g128": ("gptq", ["--group-size", "128"]),
+    "gptq-channel": ("gptq", ["--group-size", "-1"]),
+    "w4a8kv4-g128": ("w4a8kv4", ["--group-size", "128"]),
+    "w4a8kv4-channel": ("w4a8kv4", ["--group-size", "-1"]),
+    "w4a8kv4-g128 no SmoothAttention": ("w4a8kv4", ["--group-size", "128", "--set", "smooth_attention=false"]),
+    "w4a8kv4-g128 no rotation": ("w4a8kv4", ["--group-size", "128", "--set", "rotate=false"]),
+    "w4a8kv4-g128 no GPTQ (RTN)": ("w4a8kv4", ["--group-size", "128", "--set", "gptq=false"]),
+    "w4a8kv4-g128 KV16": ("w4a8kv4", ["--group-size", "128", "--kv", "none"]),
+}
+GOALS = {"fp8": 0.01}  # max relative perplexity increase vs bf16
+QOQ_ANCHOR = 6.76 / 6.14 - 1  # QoQ W4A8KV4 g128 on Llama-3-8B, WikiText2 (QServe paper)
+
+
+def _run(cmd: list[str], log) -> float:
+    t0 = time.time()
+    print("+", " ".join(cmd), file=log, flush=True)
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def run_rows(labels: list[str], args: argparse.Namespace) -> None:
+    jsonl = Path(args.jsonl)
+    done = set()
+    if jsonl.exists():
+        done = {json.loads(x)["label"] for x in jsonl.read_text().splitlines() if x.strip()}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    with open(work / "log.txt", "a") as log:
+        for label in labels:
+            if label in done:
+                print(f"{label}: already in {jsonl}")
+                continue
+            scheme, flags = ROWS[label]
+            model = str(work / label.replace(" ", "_").replace("(", "").replace(")", ""))
+            if scheme is None:  # the merged model with bf16 weights: what every artifact starts from
+                export_s = _run([str(bin_dir / "natix-quant"), "merge", "--base", BASE, "--adapter", args.adapter,
+                                 "--dtype", "bf16", "--out", model, "--force"], log)
+            else:
+                export_s = _run([str(bin_dir / "natix-quant"), "export", "--base", BASE, "--adapter", args.adapter,
+                                 "--scheme", scheme, *flags, "--calib", args.calib, "--calib-samples",
+                                 str(args.calib_samples), "--out", model, "--force"], log)
+            tmp = work / "row.jsonl"
+            tmp.unlink(missing_ok=True)
+            # ablations get greedy only: perplexity is their measure; maj@8 costs 8x the generation
+            strategies = ["--strategy", "greedy"] + ([] if " " in label else ["--strategy", "maj@8"])
+            eval_s = _run([str(bin_dir / "natix-quant"), "eval", model, "--ppl", "pydoc", "--ppl-windows",
+                           str(args.ppl_windows), "--task", "chain_sum", *strategies,
+                           "--items", str(args.items), "--temperature", "0.7", "--label", label, "--jsonl", str(tmp)],
+                          log)
+            row = json.loads(tmp.read_text())
+            row.update({"export_s": export_s, "eval_s": eval_s, "export_flags": flags, "calib": args.calib,
+                        "calib_samples": args.calib_samples})
+            if scheme is not None:
+                manifest = json.loads((Path(model) / "natix_manifest.json").read_text())
+                row["quant_config"] = manifest["details"]["quant_config"]
+                row["layers"] = manifest["details"]["layers"]
+                row["artifact_bytes"] = sum(f.stat().st_size for f in Path(model).iterdir() if f.is_file())
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{label}: ppl {row['perplexity']['ppl']:.3f}, greedy "
+                  f"{row['task']['strategies']['greedy']['accuracy']:.1%} ({export_s or 0:.0f}+{eval_s:.0f} s)")
+
+
+def render(jsonl: Path) -> str:
+    rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
+    by = {r["label"]: r for r in rows}
+    base = by.get("bf16")
+    L = ["# Quantization accuracy: SmolLM2-135M-Instruct + demo LoRA (chain_sum)\n"]
+    env = rows[0]["env"]
+    L.append(f"Rendered from `{jsonl.name}` by `python scripts/quant_accuracy.py --render-only`; each row is "
+             "`natix-quant export` then `natix-quant eval` (reference path, CPU). "
+             f"Machine: {env.get('cpu', env.get('device', '?'))}; torch {env.get('torch')}, "
+             f"transformers {env.get('transformers')}; git {str(env.get('git_sha'))[:12]}.\n")
+    r0 = rows[0]
+    L.append(f"Perplexity: held-out half of the `pydoc` corpus (Python's documentation topics; the other half is "
+             f"never seen by calibration), {r0['perplexity']['tokens']} tokens in windows of "
+             f"{r0['perplexity']['max_length']}. Task: chain_sum eval split, {r0['task']['strategies']['greedy']['items']} "
+             f"items, greedy and maj@8 at T=0.7, Wilson 95% intervals. Calibration: `{r0.get('calib') or rows[-1].get('calib')}`, "
+             f"{rows[-1].get('calib_samples')} samples.\n")
+    L.append("| variant | KV | ppl | Δppl vs bf16 | greedy | maj@8 | Δgreedy vs bf16 (paired) | artifact MiB | export s |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ppl = r["perplexity"]["ppl"]
+        d = f"{100 * (ppl / base['perplexity']['ppl'] - 1):+.1f}%" if base and r is not base else "—"
+        g, mj = r["task"]["strategies"]["greedy"], r["task"]["strategies"].get("maj@8")
+        acc = lambda c: f"{100 * c['accuracy']:.1f} [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]"  # noqa: E731
+        paired = "—"
+        if base and r is not base:
+            from natix.bench.stats import paired_difference
+
+            bg = base["task"]["strategies"]["greedy"]["correct"]
+            diff = paired_difference(g["correct"], bg)
+            paired = f"{100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]"
+        size = f"{r['artifact_bytes'] / 2**20:.1f}" if r.get("artifact_bytes") else "—"
+        L.append(f"| {r['label']} | {r['perplexity'].get('kv_cache', 'none')} | {ppl:.3f} | {d} | {acc(g)} | "
+                 f"{acc(mj) if mj else '—'} | {paired} | {size} | {r['export_s'] or 0:.0f} |")
+    L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated labels (default: all)")
+    ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--calib", default="chain_sum")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--adapter", default=str(ROOT / "bench" / "data" / "adapters" / "smollm2-chain-sum-lora"))
+    ap.add_argument("--jsonl", default=str(ROOT / "reports" / "quant-accuracy.jsonl"))
+    ap.add_argument("--work", default=os.environ.get("NATIX_QA_WORK", "/tmp/natix-quant-accuracy"))
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if not args.render_only:
+        labels = [x.strip() for x in args.rows.split(",") if x.strip()]
+        unknown = [x for x in labels if x not in ROWS]
+        if unknown:
+            ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
+        run_rows(labels, args)
+    md = Path(args.jsonl).with_suffix(".md")
+    md.write_text(render(Path(args.jsonl)))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
