@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def _run(cmd: list[str], log) -> float:
     return time.time() - t0
 
 
+def _peak_rss(cmd: list[str], log) -> tuple[float, int | None]:
+    """Run ``cmd`` under GNU time when there is one; (seconds, peak RSS bytes or None). The parent
+    (this script) never imports torch, so the child's maximum RSS is its own."""
+    gnu_time = Path("/usr/bin/time")
+    if not gnu_time.exists():
+        return _run(cmd, log), None
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as f:
+        secs = _run([str(gnu_time), "-f", "%M", "-o", f.name, *cmd], log)
+        return secs, int(f.read().split()[-1]) * 1024
+
+
 def run_rows(labels: list[str], args: argparse.Namespace) -> None:
     jsonl = Path(args.jsonl)
     done = set()
@@ -60,13 +72,15 @@ def run_rows(labels: list[str], args: argparse.Namespace) -> None:
                 continue
             scheme, flags = ROWS[label]
             model = str(work / label.replace(" ", "_").replace("(", "").replace(")", ""))
+            peak = None
             if scheme is None:  # the merged model with bf16 weights: what every artifact starts from
                 export_s = _run([str(bin_dir / "natix-quant"), "merge", "--base", BASE, "--adapter", args.adapter,
                                  "--dtype", "bf16", "--out", model, "--force"], log)
             else:
-                export_s = _run([str(bin_dir / "natix-quant"), "export", "--base", BASE, "--adapter", args.adapter,
-                                 "--scheme", scheme, *flags, "--calib", args.calib, "--calib-samples",
-                                 str(args.calib_samples), "--out", model, "--force"], log)
+                export_s, peak = _peak_rss([str(bin_dir / "natix-quant"), "export", "--base", BASE, "--adapter",
+                                            args.adapter, "--scheme", scheme, *flags, "--calib", args.calib,
+                                            "--calib-samples", str(args.calib_samples), "--out", model, "--force"],
+                                           log)
             tmp = work / "row.jsonl"
             tmp.unlink(missing_ok=True)
             # ablations get greedy only: perplexity is their measure; maj@8 costs 8x the generation
@@ -76,13 +90,14 @@ def run_rows(labels: list[str], args: argparse.Namespace) -> None:
                            "--items", str(args.items), "--temperature", "0.7", "--label", label, "--jsonl", str(tmp)],
                           log)
             row = json.loads(tmp.read_text())
-            row.update({"export_s": export_s, "eval_s": eval_s, "export_flags": flags, "calib": args.calib,
+            row.update({"export_s": export_s, "export_peak_rss_bytes": peak, "eval_s": eval_s, "export_flags": flags,
+                        "calib": args.calib,
                         "calib_samples": args.calib_samples})
+            row["artifact_bytes"] = sum(f.stat().st_size for f in Path(model).iterdir() if f.is_file())
             if scheme is not None:
                 manifest = json.loads((Path(model) / "natix_manifest.json").read_text())
                 row["quant_config"] = manifest["details"]["quant_config"]
                 row["layers"] = manifest["details"]["layers"]
-                row["artifact_bytes"] = sum(f.stat().st_size for f in Path(model).iterdir() if f.is_file())
             with open(jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{label}: ppl {row['perplexity']['ppl']:.3f}, greedy "
@@ -105,8 +120,9 @@ def render(jsonl: Path) -> str:
              f"{r0['perplexity']['max_length']}. Task: chain_sum eval split, {r0['task']['strategies']['greedy']['items']} "
              f"items, greedy and maj@8 at T=0.7, Wilson 95% intervals. Calibration: `{r0.get('calib') or rows[-1].get('calib')}`, "
              f"{rows[-1].get('calib_samples')} samples.\n")
-    L.append("| variant | KV | ppl | Δppl vs bf16 | greedy | maj@8 | Δgreedy vs bf16 (paired) | artifact MiB | export s |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| variant | KV | ppl | Δppl vs bf16 | greedy | maj@8 | Δgreedy vs bf16 (paired) | artifact MiB | export s | "
+             "export peak RSS MiB |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ppl = r["perplexity"]["ppl"]
         d = f"{100 * (ppl / base['perplexity']['ppl'] - 1):+.1f}%" if base and r is not base else "—"
@@ -120,8 +136,9 @@ def render(jsonl: Path) -> str:
             diff = paired_difference(g["correct"], bg)
             paired = f"{100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]"
         size = f"{r['artifact_bytes'] / 2**20:.1f}" if r.get("artifact_bytes") else "—"
+        rss = f"{r['export_peak_rss_bytes'] / 2**20:.0f}" if r.get("export_peak_rss_bytes") else "—"
         L.append(f"| {r['label']} | {r['perplexity'].get('kv_cache', 'none')} | {ppl:.3f} | {d} | {acc(g)} | "
-                 f"{acc(mj) if mj else '—'} | {paired} | {size} | {r['export_s'] or 0:.0f} |")
+                 f"{acc(mj) if mj else '—'} | {paired} | {size} | {r['export_s'] or 0:.0f} | {rss} |")
     L.append("")
     return "\n".join(L) + "\n"
 
