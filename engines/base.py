@@ -131,6 +131,20 @@ class Engine(Protocol):
 _ENGINES: dict[str, Callable[[], type]] = {}
 
 
+def release_memory() -> None:
+    """After an engine dropped its model: collect garbage and return cached CUDA blocks (a no-op
+    without torch or CUDA), so the next engine in the same process starts from free memory."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - engines always have torch
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def register_engine(name: str) -> Callable[[type], type]:
     """Class decorator: make an engine available to :func:`create_engine` under ``name``."""
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine
+from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine, release_memory
 from natix.engines.kv_cache import preallocate
 from natix.engines.kv_compression import PressSpec, build_press, cache_lengths, parse_press_spec
 
@@ -122,13 +122,7 @@ class HFEngine:
         self.model = None
         self.tokenizer = None
         self._press = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        release_memory()
 
     def info(self) -> dict[str, Any]:
         """What is loaded, and the last generate call's prefill cache lengths (press effect)."""

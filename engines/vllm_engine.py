@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine
+from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine, release_memory
 
 VLLM_ENV_HINT = ("the vllm engine needs vLLM: build its environment with `scripts/make_env.sh vllm` and run "
                  "it there (.venvs/vllm/bin/python, or RemoteEngine(python='.venvs/vllm/bin/python'))")
@@ -190,16 +190,7 @@ class VllmEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         del llm
-        import gc
-
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        release_memory()
 
     def info(self) -> dict[str, Any]:
         """What is loaded (beyond the protocol, like the hf engine's ``info``)."""
