@@ -16,13 +16,12 @@ the attention mask and the cache out of step.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine, release_memory
-from natix.engines.kv_cache import preallocate
+from natix.engines.kv_cache import cache_argument, preallocate
 from natix.engines.kv_compression import PressSpec, build_press, cache_lengths, parse_press_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,10 +112,7 @@ class HFEngine:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         self._eos = _eos_ids(model, tok)
-        # transformers 5.2 (kvpress env) names the cache argument past_key_values; 5.2x renamed
-        # it to `cache` (the old name is deprecated)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_argument(model)
 
     def close(self) -> None:
         self.model = None

@@ -69,6 +69,14 @@ def _slab_class() -> type:
 _SLAB: type | None = None
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword ``model.forward`` takes the KV cache under: transformers 5.2 (the kvpress
+    env) says ``past_key_values``; 5.2x renamed it to ``cache`` (the old name is deprecated)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def preallocate(cache: Any, extra_tokens: int) -> bool:
     """Switch every plain ``DynamicLayer`` of ``cache`` to in-place writes with room for
     ``extra_tokens`` more positions. Leaves caches of other kinds (sliding, quantized, a

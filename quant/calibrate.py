@@ -22,6 +22,8 @@ Samples run one at a time (batch 1): no padding, so no masked positions leak int
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -89,10 +91,8 @@ def capture_block_inputs(model: "nn.Module", samples: Sequence[Sequence[int]]
         with torch.no_grad():
             for ids in samples:
                 t = torch.tensor([list(ids)], dtype=torch.long, device=dev)
-                try:
+                with contextlib.suppress(_Captured):  # the hook stops the forward at layer 0
                     model(inputs_embeds=embed(t).float(), use_cache=False)
-                except _Captured:
-                    pass
     finally:
         handle.remove()
     if len(captured) != len(samples):

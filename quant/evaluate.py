@@ -37,19 +37,12 @@ def read_text(source: str) -> str:
     return text
 
 
-def cache_argument(model: Any) -> str:
-    """The name ``model.forward`` takes the KV cache under: transformers 5.2x renamed
-    ``past_key_values`` to ``cache`` (the old name still works there, with a warning)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
                max_windows: int | None = None) -> dict[str, Any]:
     """exp(mean token NLL) over ``text`` cut into ``max_length``-token windows."""
     import torch
 
+    from natix.engines.kv_cache import cache_argument
     from natix.quant.kv_quant import new_cache
 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -10,6 +10,8 @@ checkpoint has ``<layer>.weight_scale``", the rule vLLM's compressed-tensors loa
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import struct
 from pathlib import Path
@@ -98,10 +100,8 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     if missing or result.unexpected_keys:
         raise ArtifactError(f"artifact {p} does not match its config: missing {missing[:5]}, "
                             f"unexpected {list(result.unexpected_keys)[:5]}")
-    try:
+    with contextlib.suppress(OSError):  # an artifact without generation_config.json keeps the default
         model.generation_config = GenerationConfig.from_pretrained(p)
-    except OSError:
-        pass
     model.to(device).eval()
     # engines read this to quantize the KV cache as the scheme says (natix.quant.kv_quant)
     model.natix_kv_cache = getattr(cfg, "kv_cache", "none")

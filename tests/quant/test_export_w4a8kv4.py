@@ -18,7 +18,7 @@ def _export(base, out, calib, *extra):
 
 
 def _logits(model, ids):
-    from natix.quant.evaluate import cache_argument
+    from natix.engines.kv_cache import cache_argument
     from natix.quant.kv_quant import new_cache
 
     with torch.no_grad():
