@@ -16,7 +16,9 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 class SamplingSpec:
     """How to sample. ``temperature == 0`` means greedy (then ``n`` must be 1 to be useful).
 
-    ``seed`` makes sampling reproducible for a given engine, batch shape and device.
+    ``seed`` makes sampling reproducible for a given engine, batch shape and device (the natix
+    engine: for any batch it runs in). ``top_logprobs``: engines that report alternatives (the
+    streaming interface's deltas) give that many per token.
     ``stop`` strings end a completion; the stop string itself is not part of ``text``.
     """
 
@@ -28,6 +30,7 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = True
+    top_logprobs: int = 0  # per token, the logprobs of this many most likely tokens (0 = off)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -38,6 +41,8 @@ class SamplingSpec:
             raise ValueError(f"SamplingSpec.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"SamplingSpec.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"SamplingSpec.top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingSpec.max_tokens must be >= 1, got {self.max_tokens}")
         if isinstance(self.stop, str):  # a lone string is a common slip: make it a 1-tuple
