@@ -181,3 +181,28 @@ def integer_weight(w: W4A8Weight) -> torch.Tensor:
         sz = w.group_zero.t().to(torch.int32).repeat_interleave(GROUP_SIZE, dim=1)
         return q4 * s1 - sz
     return q4 - w.zero.to(torch.int32)[:, None]
+
+
+def concat_packed(weights: list[W4A8Weight]) -> W4A8Weight:
+    """One packed weight whose output rows are those of ``weights`` in order (e.g. q, k, v into one
+    QKV GEMM). The nibble pairing (rows j and j + N/2) spans the whole N, so the codes are unpacked,
+    concatenated and packed again; scales and zeros concatenate along N. All parts must share K and
+    the variant (g128 or per channel)."""
+    if not weights:
+        raise ValueError("concat_packed needs at least one weight")
+    k, grouped = weights[0].k, weights[0].group_scale is not None
+    for w in weights:
+        if w.k != k or (w.group_scale is not None) != grouped:
+            raise ValueError(f"cannot fuse weights of K={w.k} ({w.group_size or 'per channel'}) with K={k} "
+                             f"({'g128' if grouped else 'per channel'})")
+    if len(weights) == 1:
+        return weights[0]
+    q4 = pack_uint4(torch.cat([unpack_uint4(w.qweight) for w in weights], dim=0))
+    scale = torch.cat([w.scale for w in weights]).contiguous()
+    if grouped:
+        out = W4A8Weight(q4, scale, group_scale=torch.cat([w.group_scale for w in weights], dim=1).contiguous(),
+                         group_zero=torch.cat([w.group_zero for w in weights], dim=1).contiguous())
+    else:
+        out = W4A8Weight(q4, scale, zero=torch.cat([w.zero for w in weights]).contiguous())
+    out.validate()
+    return out

@@ -1,0 +1,94 @@
+"""A W4A8 GEMM prepared once per layer, so a call costs a launch and nothing else.
+
+`natix.kernels.w4a8_gemm.w4a8_gemm` is the general entry: a torch.library op that rebuilds the
+weight record, validates every tensor, looks the config up and then launches, on every call. An
+engine calls the same layer thousands of times with the same weight, so :class:`W4A8Gemm` does all
+of that at construction (validation, constexpr flags, dummy pointers) and keeps the tuned config of
+each M bucket after its first use; ``__call__`` allocates the output (and split-K partials) and
+launches. Off CUDA (and outside the Triton interpreter) it computes the exact reference instead,
+with the integer weight unpacked once (as float32: the CPU path is for small models).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .packing import GROUP_SIZE, W4A8Weight, integer_weight
+from .w4a8_gemm import M_BUCKETS, _counters, _kernel, get_config, int_matmul_exact
+
+
+class W4A8Gemm:
+    """``y [M, N] = dequant(xq [M, K], x_scale [M]) @ dequant(weight)^T (+ bias)`` in ``out_dtype``.
+
+    ``x_sum`` (int32 [M], per-token sum of the INT8 codes) is needed by per-channel weights.
+    Inputs are trusted: callers produce them with natix.kernels' quantizers (right dtypes and
+    shapes), which is what makes skipping per-call checks safe.
+    """
+
+    def __init__(self, weight: W4A8Weight, bias: Optional[torch.Tensor] = None,
+                 out_dtype: torch.dtype = torch.bfloat16) -> None:
+        weight.validate()
+        if weight.k % 4:
+            raise ValueError(f"K={weight.k}: the kernel reads weight rows as int32 words (K % 4 == 0)")
+        if bias is not None and (tuple(bias.shape) != (weight.n,) or not bias.is_contiguous()):
+            raise ValueError(f"bias must be contiguous [{weight.n}]")
+        self.weight, self.bias, self.out_dtype = weight, bias, out_dtype
+        self.n, self.k = weight.n, weight.k
+        self.grouped = weight.group_scale is not None
+        dev = weight.qweight.device
+        self.triton = dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        self._configs: dict[int, dict] = {}
+        self._wi: Optional[torch.Tensor] = None
+        w = weight
+        dummy = w.scale
+        # argument tuple of the kernel after (x_q, x_scale, x_sum): weight tensors and bias
+        self._wargs = (w.qweight, w.scale, w.group_scale if self.grouped else dummy,
+                       w.group_zero if self.grouped else dummy, dummy if self.grouped else w.zero,
+                       bias if bias is not None else dummy)
+
+    def _config(self, m: int) -> dict:
+        bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+        cfg = self._configs.get(bucket)
+        if cfg is None:
+            cfg = get_config(bucket, self.n, self.k, self.grouped, self.weight.qweight.device)
+            if self.grouped and GROUP_SIZE % cfg["BK"]:
+                cfg["BK"] = GROUP_SIZE
+            cfg = dict(cfg, EVEN_K=self.k % cfg["BK"] == 0, GROUP_M=cfg.get("GROUP_M", 8),
+                       num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+            self._configs[bucket] = cfg
+        return cfg
+
+    def __call__(self, x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = x_q.shape[0]
+        if not self.triton:
+            return self.reference(x_q, x_scale)
+        out = torch.empty((m, self.n), dtype=self.out_dtype, device=x_q.device)
+        if m == 0:
+            return out
+        cfg = self._config(m)
+        bm, bnh, split = cfg["BM"], cfg["BNH"], cfg["SPLIT_K"]
+        tiles = -(-m // bm) * -(-(self.n // 2) // bnh)
+        part = torch.empty((split, m, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
+        qw, ws, gs, gz, wz, b = self._wargs
+        _kernel()[(tiles, split)](
+            x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b, out, part,
+            _counters(x_q.device, tiles), m, self.n, self.k, x_q.stride(0), out.stride(0),
+            GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
+            EVEN_K=cfg["EVEN_K"], BM=bm, BNH=bnh, BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return out
+
+    def reference(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The exact integer GEMM (`natix.kernels.w4a8_gemm.w4a8_gemm_reference`), integer weight kept."""
+        if self._wi is None:  # float32 holds the integers exactly and skips a conversion per call
+            self._wi = integer_weight(self.weight).float()
+        acc = int_matmul_exact(x_q, self._wi)
+        if self.out_dtype == torch.int32:
+            return acc
+        y = acc.float() * x_scale.float()[:, None] * self.weight.scale.float()[None, :]
+        if self.bias is not None:
+            y = y + self.bias.float()[None, :]
+        return y.to(self.out_dtype)

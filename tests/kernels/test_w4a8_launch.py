@@ -1,0 +1,38 @@
+"""The prepared W4A8 GEMM equals the general op, and fused (concatenated) weights equal their parts."""
+import pytest
+import torch
+
+from natix.kernels.packing import concat_packed, dequantize, quantize_channel, quantize_g128
+from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
+from natix.kernels.w4a8_gemm import w4a8_gemm_reference
+from natix.kernels.w4a8_launch import W4A8Gemm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("m", [1, 19])
+def test_prepared_equals_reference(grouped, m):
+    n, k = 96, 256
+    w = (quantize_g128 if grouped else quantize_channel)(torch.randn(n, k)).to(DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    xq, xs, xsum = rmsnorm_quant_reference(torch.randn(m, k, device=DEVICE), None)
+    g = W4A8Gemm(w, bias, out_dtype=torch.float32)
+    ref = w4a8_gemm_reference(xq, xs, w, bias, torch.float32)
+    assert torch.allclose(g(xq, xs, xsum), ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(g.reference(xq, xs), ref, rtol=1e-6, atol=1e-5)
+    raw = W4A8Gemm(w, None, out_dtype=torch.int32)(xq, xs, xsum)
+    assert torch.equal(raw, w4a8_gemm_reference(xq, xs, w, None, torch.int32))
+
+
+@pytest.mark.parametrize("quant", [quantize_g128, quantize_channel])
+def test_concat_packed(quant):
+    parts = [quant(torch.randn(n, 128)) for n in (64, 16, 16)]
+    fused = concat_packed(parts)
+    assert fused.n == 96 and fused.k == 128
+    assert torch.equal(dequantize(fused), torch.cat([dequantize(p) for p in parts]))
+
+
+def test_concat_refuses_mixed():
+    with pytest.raises(ValueError, match="fuse"):
+        concat_packed([quantize_g128(torch.randn(8, 128)), quantize_channel(torch.randn(8, 128))])
