@@ -167,6 +167,7 @@ def register_engine(name: str) -> Callable[[type], type]:
 _BUILTIN_MODULES = {
     "hf": "natix.engines.hf_engine",
     "vllm": "natix.engines.vllm_engine",
+    "natix": "natix.engines.natix.engine",
 }
 
 

@@ -1,0 +1,141 @@
+"""Runtime linears and the small fused ops, each bound once to its device path.
+
+A model is built once and then called thousands of times, so every choice (kernel or reference,
+config, dummy pointers, shape checks) is made here at construction, and a call is the launch
+alone: the Triton kernels on CUDA, the pure-torch references elsewhere (bit-compatible with the
+kernels' definitions, so the CPU engine is the reference the GPU engine is tested against).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from natix.engines.natix.spec import EngineLoadError
+from natix.engines.natix.weights import LinearWeights
+
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+class Ops:
+    """Norm, activation, quantization and rope for one device (kernels on CUDA, references else)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.gpu = on_gpu(device)
+
+    def add_rmsnorm(self, h: torch.Tensor, delta: Optional[torch.Tensor], w: torch.Tensor, eps: float,
+                    quant: bool) -> Any:
+        if self.gpu:
+            from natix.kernels.fused_norm import add_rmsnorm_triton
+
+            return add_rmsnorm_triton(h, delta, w, eps, quant, check=False)
+        from natix.kernels.fused_norm import add_rmsnorm_reference
+
+        return add_rmsnorm_reference(h, delta, w, eps, quant)
+
+    def silu_mul(self, gu: torch.Tensor, quant: bool) -> Any:
+        if self.gpu:
+            from natix.kernels.activation import silu_mul_triton
+
+            return silu_mul_triton(gu, quant, check=False)
+        from natix.kernels.activation import silu_mul_reference
+
+        return silu_mul_reference(gu, quant)
+
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        if self.gpu:
+            from natix.kernels.rmsnorm_quant import rmsnorm_quant_triton
+
+            return rmsnorm_quant_triton(x, None, 0.0)
+        from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
+
+        return rmsnorm_quant_reference(x, None)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+        if self.gpu:
+            from natix.kernels.rope import rope_triton
+
+            rope_triton(q, k, positions, cos_sin, check=False)
+        else:
+            from natix.kernels.rope import rope_reference
+
+            rope_reference(q, k, positions, cos_sin)
+
+
+class Linear:
+    """``y [M, N] = x [M, K] @ W^T + b``; W4A8 linears also take already-quantized input
+    (:meth:`quantized`), which is how the fused norm / activation kernels feed them."""
+
+    takes_int8 = False
+
+    def __init__(self, lw: LinearWeights, ops: Ops, dtype: torch.dtype, name: str) -> None:
+        self.n, self.k, self.name = lw.n, lw.k, name
+        self.ops, self.dtype = ops, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def quantized(self, q: Quantized) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class DenseLinear(Linear):
+    def __init__(self, lw: LinearWeights, ops: Ops, dtype: torch.dtype, name: str) -> None:
+        super().__init__(lw, ops, dtype, name)
+        self.weight, self.bias = lw.weight, lw.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class Fp8Linear(Linear):
+    """Dynamic per-token e4m3 activations x per-channel e4m3 weights (torch._scaled_mm on CUDA)."""
+
+    def __init__(self, lw: LinearWeights, ops: Ops, dtype: torch.dtype, name: str) -> None:
+        super().__init__(lw, ops, dtype, name)
+        from natix.kernels.fp8_linear import can_implement_scaled_mm
+
+        self.w = lw.weight
+        self.bias = lw.bias
+        if ops.gpu:
+            ok, why = can_implement_scaled_mm(0, lw.n, lw.k, lw.weight.weight.device)
+            if not ok:
+                raise EngineLoadError(f"{name}: fp8 linear [{lw.n}, {lw.k}] cannot run on this device: {why}")
+            self.wt = lw.weight.weight.t()
+            self.scale_b = lw.weight.weight_scale.view(1, -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from natix.kernels.fp8_linear import fp8_linear_reference, quantize_fp8_per_token
+
+        if not self.ops.gpu:
+            return fp8_linear_reference(x, self.w, self.bias)
+        xq, xs = quantize_fp8_per_token(x)
+        return torch._scaled_mm(xq, self.wt, scale_a=xs, scale_b=self.scale_b, out_dtype=x.dtype, bias=self.bias)
+
+
+class W4A8Linear(Linear):
+    takes_int8 = True
+
+    def __init__(self, lw: LinearWeights, ops: Ops, dtype: torch.dtype, name: str) -> None:
+        super().__init__(lw, ops, dtype, name)
+        from natix.kernels.w4a8_launch import W4A8Gemm
+
+        try:
+            self.gemm = W4A8Gemm(lw.weight, lw.bias, out_dtype=dtype)
+        except ValueError as e:
+            raise EngineLoadError(f"{name}: the W4A8 kernel cannot take this layer: {e}") from e
+
+    def quantized(self, q: Quantized) -> torch.Tensor:
+        return self.gemm(*q)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(*self.ops.quantize(x))
+
+
+def make_linear(lw: LinearWeights, ops: Ops, dtype: torch.dtype, name: str) -> Linear:
+    cls = {"dense": DenseLinear, "fp8": Fp8Linear, "w4a8": W4A8Linear}[lw.kind]
+    return cls(lw, ops, dtype, name)

@@ -1,0 +1,197 @@
+"""The natix engine's own Llama-family decoder, over a paged KV cache.
+
+Per layer (W4A8KV4; dense and FP8 differ only where marked):
+
+    x      = add_rmsnorm(h, delta, γ_in)          residual add + norm (+ INT8 quant for W4A8), in place on h
+    qkv    = QKV(x)                                one GEMM for q, k and v
+    rope(q, k)                                     in place, one launch
+    write(k, v) -> cache                           KV4: quantize on write
+    a      = attention(q, cache | k, v)            decode: paged kernel; prefill: varlen flash / SDPA
+    delta  = O(a)                                  (W4A8: per-token INT8 quant of a first)
+    x      = add_rmsnorm(h, delta, γ_post)
+    delta  = Down(silu_mul(GateUp(x)))             (W4A8: the activation kernel quantizes)
+
+``forward`` takes a :class:`Batch` of flattened tokens (prefill: whole prompts, or the uncached
+rest of a prompt whose first pages are shared; decode: one token per sequence) and returns the
+logits of the rows that sample. Decode is a pure function of fixed-shape tensors (no host sync, no
+data-dependent Python), which is what lets the runner capture it in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from natix.engines.natix.kv_cache import PagedKVCache
+from natix.engines.natix.layers import Ops, make_linear
+from natix.engines.natix.weights import ModelWeights
+
+
+@dataclass
+class Batch:
+    """One forward's inputs (tensors on the model's device unless said).
+
+    All steps: ``input_ids`` / ``positions`` / ``slots`` [T] (slot = page * page_size + offset of
+    each token's KV), ``logits_rows`` [S] (rows of T whose next-token logits are wanted) or None for
+    all rows. Decode: ``block_tables`` int32 [B, max_pages], ``seq_lens`` int32 [B] (tokens in the
+    cache including this step's). Prefill (host-side lists): ``new_lens`` tokens computed per
+    sequence, ``ctx_lens`` tokens already cached before them, ``pages`` each sequence's page list,
+    ``cu_seqlens`` int32 [S + 1] (device) over ``new_lens``.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    is_prefill: bool
+    logits_rows: Optional[torch.Tensor] = None
+    block_tables: Optional[torch.Tensor] = None
+    seq_lens: Optional[torch.Tensor] = None
+    new_lens: Optional[list[int]] = None
+    ctx_lens: Optional[list[int]] = None
+    pages: Optional[list[list[int]]] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+
+
+class DecoderModel:
+    def __init__(self, weights: ModelWeights, kv_kind: str, prefill_attention: str, max_model_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        from natix.kernels.rope import cos_sin_table
+
+        self.spec = s = weights.spec
+        self.device, self.dtype = device, dtype
+        self.ops = Ops(device)
+        self.int8_act = weights.scheme == "w4a8kv4"
+        self.kv_kind = kv_kind
+        self.prefill_quantized = prefill_attention == "quantized"
+        self.max_model_len = max_model_len
+        self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
+        self.layers = []
+        for i, L in enumerate(weights.layers):
+            mk = lambda lw, nm: make_linear(lw, self.ops, dtype, f"layer {i} {nm}")  # noqa: E731
+            self.layers.append((L.input_norm, L.post_norm, mk(L.qkv, "qkv"), mk(L.o, "o_proj"),
+                                mk(L.gate_up, "gate_up"), mk(L.down, "down_proj")))
+        inv_freq, scaling = weights.rope
+        self.cos_sin = cos_sin_table(inv_freq.to(device), max_model_len, scaling)
+        self.sm_scale = 1.0 / math.sqrt(s.head_dim)
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, batch: Batch, kv: PagedKVCache) -> torch.Tensor:
+        """Logits [S, vocab] (model dtype) of ``batch.logits_rows`` (all rows if None)."""
+        s = self.spec
+        t = batch.input_ids.shape[0]
+        h = torch.nn.functional.embedding(batch.input_ids, self.embed)  # the residual stream [T, D]
+        delta: Optional[torch.Tensor] = None
+        qw, kw = s.q_width, s.kv_width
+        for li, (g_in, g_post, qkv_l, o_l, gu_l, down_l) in enumerate(self.layers):
+            x = self.ops.add_rmsnorm(h, delta, g_in, s.rms_eps, self.int8_act)
+            qkv = qkv_l.quantized(x) if self.int8_act else qkv_l(x)
+            q = qkv[:, :qw].view(t, s.heads, s.head_dim)
+            k = qkv[:, qw:qw + kw].view(t, s.kv_heads, s.head_dim)
+            v = qkv[:, qw + kw:].view(t, s.kv_heads, s.head_dim)
+            self.ops.rope(q, k, batch.positions, self.cos_sin)
+            self._write(kv, li, k, v, batch.slots)
+            if batch.is_prefill:
+                a = self._prefill_attention(kv, li, q, k, v, batch)
+            else:
+                a = self._decode_attention(kv, li, q, batch)
+            a = a.reshape(t, qw)
+            delta = o_l(a)
+            x = self.ops.add_rmsnorm(h, delta, g_post, s.rms_eps, self.int8_act)
+            gu = gu_l.quantized(x) if self.int8_act else gu_l(x)
+            delta = down_l.quantized(self.ops.silu_mul(gu, True)) if self.int8_act else down_l(self.ops.silu_mul(gu, False))
+        if batch.logits_rows is not None:
+            h, delta = h[batch.logits_rows], delta[batch.logits_rows]  # type: ignore[index]
+        x = self.ops.add_rmsnorm(h, delta, self.norm, s.rms_eps, False)
+        return torch.nn.functional.linear(x, self.lm_head)
+
+    # ------------------------------------------------------------------------------ KV cache
+    def _write(self, kv: PagedKVCache, li: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        c = kv.layer_caches[li]
+        if kv.kind == "int4":
+            if self.ops.gpu:
+                from natix.kernels.kv4_cache import kv4_write_triton
+
+                kv4_write_triton(c, k, v, slots)
+            else:
+                from natix.kernels.kv4_cache import kv4_write_reference
+
+                kv4_write_reference(c, k, v, slots)
+        else:
+            from natix.kernels.paged_attention import paged_write
+
+            paged_write(c[0], c[1], k, v, slots, check=False)
+
+    def _decode_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, batch: Batch) -> torch.Tensor:
+        c = kv.layer_caches[li]
+        if kv.kind == "int4":
+            if self.ops.gpu:
+                from natix.kernels.kv4_decode_attention import kv4_decode_attention_triton
+
+                return kv4_decode_attention_triton(q, c, batch.block_tables, batch.seq_lens, self.sm_scale,
+                                                   max_len=self.max_model_len)
+            from natix.kernels.kv4_decode_attention import kv4_decode_attention_reference
+
+            return kv4_decode_attention_reference(q, c, batch.block_tables, batch.seq_lens, self.sm_scale)
+        from natix.kernels.paged_attention import paged_decode_attention
+
+        return paged_decode_attention(q, c[0], c[1], batch.block_tables, batch.seq_lens, self.sm_scale,
+                                      max_len=self.max_model_len, check=False)
+
+    def _prefill_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           batch: Batch) -> torch.Tensor:
+        """[T, Hq, D]: each sequence's new tokens attend causally to its cached context and to each other."""
+        assert batch.new_lens is not None and batch.ctx_lens is not None and batch.pages is not None
+        if self.prefill_quantized and kv.kind == "int4":
+            from natix.quant.kv_quant import fake_quant_int4
+
+            k, v = fake_quant_int4(k), fake_quant_int4(v)
+        if not any(batch.ctx_lens) and self.ops.gpu:
+            out = _flash_varlen(q, k, v, batch, self.sm_scale)
+            if out is not None:
+                return out
+        outs = []
+        start = 0
+        for n, ctx, pages in zip(batch.new_lens, batch.ctx_lens, batch.pages):
+            qs, ks, vs = q[start:start + n], k[start:start + n], v[start:start + n]
+            if ctx:
+                kc, vc = kv.gather(li, pages[: -(-ctx // kv.page_size)], ctx)
+                ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
+            outs.append(_sdpa_causal(qs, ks, vs, self.sm_scale))
+            start += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, Hq, D] (the last n of the m key positions), k/v [m, Hkv, D] -> [n, Hq, D]."""
+    n, m = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if n == m:
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:  # bottom-right causal: query i sees keys [0, m - n + i]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+_FLASH_OK: Optional[bool] = None
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, scale: float) -> Optional[torch.Tensor]:
+    """All sequences in one FlashAttention-2 varlen launch (PyTorch's bundled kernel; GQA native).
+    None where it is unavailable (then the caller runs SDPA per sequence)."""
+    global _FLASH_OK
+    if _FLASH_OK is False or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    assert batch.cu_seqlens is not None and batch.new_lens is not None
+    mx = max(batch.new_lens)
+    try:
+        out = torch.ops.aten._flash_attention_forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), batch.cu_seqlens, batch.cu_seqlens, mx, mx, 0.0, True,
+            False, scale=scale)[0]
+    except (RuntimeError, TypeError):
+        _FLASH_OK = False
+        return None
+    _FLASH_OK = True
+    return out

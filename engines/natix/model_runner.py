@@ -1,0 +1,218 @@
+"""Runs the model for the scheduler: builds each step's inputs, owns the KV cache, captures decode
+in CUDA graphs, and samples.
+
+KV cache size: ``num_kv_pages``, else ``kv_cache_memory_gb``, else (CUDA) ``gpu_memory_utilization``
+of the card minus what the weights took and an activation reserve for the largest prefill; on CPU
+0.5 GB. Decode graphs: one per batch bucket (1, 2, 4, 8, 16, then steps of 16 to 64, 32 to 256 and
+64 beyond), captured the first time a step needs the bucket (or all at once by :meth:`warmup`),
+sharing one memory pool; a step of B sequences replays the smallest bucket >= B with the rows past
+B padded (they write to the scratch page and their logits are dropped). Inputs go to the device in
+one copy from a pinned host buffer; outputs come back in one copy (the step's only sync).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from natix.engines.natix.kv_cache import SCRATCH_PAGE, PagedKVCache, bytes_per_page
+from natix.engines.natix.model import Batch, DecoderModel
+from natix.engines.natix.sampler import SamplingBatch, sample
+from natix.engines.natix.sequence import Sequence
+from natix.engines.natix.spec import EngineLoadError, EngineOptions
+from natix.engines.natix.weights import ModelWeights
+
+
+def graph_buckets(max_seqs: int) -> list[int]:
+    out = [1, 2, 4, 8] + list(range(16, 65, 16)) + list(range(96, 257, 32)) + list(range(320, max_seqs + 64, 64))
+    out = [b for b in out if b < max_seqs] + [max_seqs]
+    return sorted(set(out))
+
+
+class ModelRunner:
+    def __init__(self, weights: ModelWeights, options: EngineOptions, max_model_len: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.spec = s = weights.spec
+        self.options, self.device, self.dtype = options, device, dtype
+        self.max_model_len = max_model_len
+        kind = weights.kv_cache if options.kv_cache == "auto" else options.kv_cache
+        if kind == "int4" and (s.head_dim & (s.head_dim - 1) or s.head_dim < 32):
+            raise EngineLoadError(f"the KV4 kernels need a power-of-two head_dim >= 32, this model has {s.head_dim}")
+        self.kv_kind = kind
+        self.page_size = options.page_size
+        self.max_pages = -(-max_model_len // self.page_size)
+        self.model = DecoderModel(weights, kind, options.prefill_attention, max_model_len, device, dtype)
+        self.weight_bytes = weights.nbytes()
+        self.kv = PagedKVCache(kind, self._num_pages(), s.layers, s.kv_heads, s.head_dim, self.page_size, dtype, device)
+        self.use_graphs = options.cuda_graphs and device.type == "cuda"
+        self.max_graph_batch = options.max_num_seqs
+        self.buckets = graph_buckets(self.max_graph_batch)
+        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.graph_pool: Any = None
+        self.capture_s = 0.0
+        g = self.max_graph_batch if self.use_graphs else options.max_num_seqs
+        self._in_len = 4 * g + g * self.max_pages
+        pin = device.type == "cuda"
+        self.host_in = torch.zeros(self._in_len, dtype=torch.int32, pin_memory=pin)
+        self.host_np = self.host_in.numpy()
+        self.dev_in = torch.zeros(self._in_len, dtype=torch.int32, device=device)
+        self._g = g
+
+    # ------------------------------------------------------------------------------ memory
+    def _num_pages(self) -> int:
+        o, s = self.options, self.spec
+        per_page = bytes_per_page(self.kv_kind, s.layers, s.kv_heads, s.head_dim, self.page_size, self.dtype)
+        self.bytes_per_page = per_page
+        if o.num_kv_pages is not None:
+            budget = o.num_kv_pages * per_page
+        elif o.kv_cache_memory_gb is not None:
+            budget = o.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            reserve = (o.max_num_batched_tokens * (s.q_width + 2 * s.kv_width + 3 * s.intermediate + 4 * s.hidden) * 4
+                       + o.max_num_seqs * s.vocab * 16 + 2**29)
+            budget = total * o.gpu_memory_utilization - used - reserve
+        else:
+            budget = 0.5 * 2**30
+        pages = int(budget // per_page)
+        need = self.max_pages + 1
+        if pages < 2 or (pages < need and o.num_kv_pages is None):
+            raise EngineLoadError(f"the KV cache budget ({budget / 2**30:.3f} GiB) holds {pages} pages of "
+                                  f"{self.page_size} tokens, fewer than one sequence of max_model_len="
+                                  f"{self.max_model_len} needs ({need}); lower max_model_len or raise the budget")
+        return pages
+
+    # ------------------------------------------------------------------------------ steps
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Compute every uncached token of ``seqs``; returns the logits [len(seqs), V] of their last tokens."""
+        ps = self.page_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        new_lens, ctx_lens, last = [], [], []
+        for s in seqs:
+            n = len(s.token_ids)
+            c = s.num_cached_tokens
+            ids.extend(s.token_ids[c:])
+            pos.extend(range(c, n))
+            bt = s.block_table
+            slots.extend(bt[p // ps] * ps + p % ps for p in range(c, n))
+            new_lens.append(n - c)
+            ctx_lens.append(c)
+            last.append(len(ids) - 1)
+        dev = self.device
+        cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(new_lens, out=cu[1:])
+        host = torch.from_numpy(np.concatenate([np.asarray(ids, np.int32), np.asarray(pos, np.int32),
+                                                np.asarray(slots, np.int32), cu, np.asarray(last, np.int32)]))
+        buf = host.to(dev, non_blocking=False)
+        t = len(ids)
+        batch = Batch(input_ids=buf[:t], positions=buf[t:2 * t], slots=buf[2 * t:3 * t], is_prefill=True,
+                      logits_rows=buf[3 * t + len(seqs) + 1:].long(), new_lens=new_lens, ctx_lens=ctx_lens,
+                      pages=[s.block_table for s in seqs], cu_seqlens=buf[3 * t:3 * t + len(seqs) + 1])
+        with torch.inference_mode():
+            return self.model.forward(batch, self.kv)
+
+    def _stage_decode(self, seqs: list[Sequence], rows: int) -> None:
+        """Write the decode inputs of ``seqs`` (padded to ``rows``) into the pinned buffer and copy it."""
+        g, mp, ps = self._g, self.max_pages, self.page_size
+        a = self.host_np
+        b = len(seqs)
+        ids, pos, slots, lens = a[0:g], a[g:2 * g], a[2 * g:3 * g], a[3 * g:4 * g]
+        bt = a[4 * g:].reshape(g, mp)
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            ids[i] = s.token_ids[-1]
+            pos[i] = n - 1
+            table = s.block_table
+            slots[i] = table[(n - 1) // ps] * ps + (n - 1) % ps
+            lens[i] = n
+            bt[i, :len(table)] = table
+        if rows > b:
+            ids[b:rows] = 0
+            pos[b:rows] = 0
+            slots[b:rows] = SCRATCH_PAGE * ps
+            lens[b:rows] = 1
+            bt[b:rows] = SCRATCH_PAGE
+        self.dev_in.copy_(self.host_in, non_blocking=True)
+
+    def _decode_batch(self, rows: int) -> Batch:
+        g, mp = self._g, self.max_pages
+        d = self.dev_in
+        return Batch(input_ids=d[0:rows], positions=d[g:g + rows], slots=d[2 * g:2 * g + rows], is_prefill=False,
+                     block_tables=d[4 * g:].view(g, mp)[:rows], seq_lens=d[3 * g:3 * g + rows])
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each of ``seqs``; returns their logits [len(seqs), V]."""
+        b = len(seqs)
+        if not self.use_graphs or b > self.max_graph_batch:
+            self._stage_decode(seqs, b)
+            with torch.inference_mode():
+                return self.model.forward(self._decode_batch(b), self.kv)
+        bucket = next(x for x in self.buckets if x >= b)
+        if bucket not in self.graphs:
+            self.capture(bucket)
+        self._stage_decode(seqs, bucket)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+    def capture(self, bucket: int) -> None:
+        """Capture the decode forward of ``bucket`` rows (inputs: the scratch page, harmless)."""
+        t0 = time.perf_counter()
+        self._stage_decode([], bucket)
+        batch = self._decode_batch(bucket)
+        with torch.inference_mode():
+            self.model.forward(batch, self.kv)  # warm-up: compiles kernels, allocates workspaces
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                out = self.model.forward(batch, self.kv)
+        torch.cuda.synchronize(self.device)
+        self.graph_pool = graph.pool()
+        self.graphs[bucket] = (graph, out)
+        self.capture_s += time.perf_counter() - t0
+
+    def warmup(self, buckets: Optional[list[int]] = None) -> None:
+        """Capture the graphs of ``buckets`` (default all), largest first (they share one pool)."""
+        if not self.use_graphs:
+            return
+        for b in sorted(buckets or self.buckets, reverse=True):
+            if b not in self.graphs:
+                self.capture(next(x for x in self.buckets if x >= b))
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            self.kv.copy_pages([c[0] for c in copies], [c[1] for c in copies])
+
+    # ------------------------------------------------------------------------------ sampling
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
+        """One token per sequence from its logits row; one device->host copy."""
+        dev = logits.device
+        specs = [s.request.spec for s in seqs]
+        any_sampled = any(sp.temperature > 0 for sp in specs)
+        any_filter = any_sampled and any(sp.temperature > 0 and (sp.top_k or sp.top_p < 1) for sp in specs)
+        top_n = max(sp.top_logprobs for sp in specs)
+        if any_sampled:
+            ints = torch.tensor([[sp.top_k for sp in specs], [s.request.seed for s in seqs],
+                                 [s.index for s in seqs], [s.num_output_tokens for s in seqs]], dtype=torch.int64)
+            flts = torch.tensor([[sp.temperature for sp in specs], [sp.top_p for sp in specs]], dtype=torch.float32)
+            ints, flts = ints.to(dev, non_blocking=True), flts.to(dev, non_blocking=True)
+            sb = SamplingBatch(flts[0], ints[0], flts[1], ints[1], ints[2], ints[3], True, any_filter, top_n)
+        else:
+            z = logits.new_zeros(0)
+            sb = SamplingBatch(z, z, z, z, z, z, False, False, top_n)
+        with torch.inference_mode():
+            tokens, lps, top = sample(logits, sb)
+            packed = torch.stack([tokens.double(), lps.double()]).cpu()
+        toks = [int(t) for t in packed[0].tolist()]
+        out_lps = packed[1].tolist()
+        tops = None
+        if top is not None:
+            ids, vals = top[0].cpu().tolist(), top[1].float().cpu().tolist()
+            tops = [{int(i): float(v) for i, v in zip(ids[r][: specs[r].top_logprobs], vals[r][: specs[r].top_logprobs])}
+                    for r in range(len(seqs))]
+        return toks, out_lps, tops

@@ -1,0 +1,229 @@
+"""The tensors the natix engine runs, taken from a loaded model or drawn at random.
+
+Three schemes, one layout: every decoder layer has a fused QKV linear, an output projection, a
+fused gate/up linear and a down projection, plus its two RMSNorm weights. A linear is dense (the
+model dtype), FP8 (e4m3 per channel, `natix.kernels.fp8_linear`) or W4A8 (the packed format of
+`natix.kernels.packing`). Fusing concatenates output rows (W4A8: through `concat_packed`).
+
+Sources: :func:`from_hf_model` reads the modules of a model loaded by natix's loaders (a base
+model, base + merged adapter, or a quantized artifact whose quantized linears are the scheme's
+reference modules), so every check those loaders make applies; :func:`random_weights` draws a
+model of a given shape (round-to-nearest quantization of random weights) for speed measurements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from natix.engines.natix.spec import EngineLoadError, ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+SCHEMES = ("dense", "fp8", "w4a8kv4")
+
+
+@dataclass
+class LinearWeights:
+    """One (possibly fused) linear: ``kind`` dense | fp8 | w4a8; ``weight`` a tensor [N, K], an
+    ``Fp8Weight`` or a ``W4A8Weight``; ``bias`` [N] or None."""
+
+    kind: str
+    n: int
+    k: int
+    weight: Any
+    bias: Optional["torch.Tensor"] = None
+
+    def to(self, device: Any, dtype: "torch.dtype") -> "LinearWeights":
+        w = self.weight
+        if self.kind == "dense":
+            w = w.to(device=device, dtype=dtype).contiguous()
+        elif self.kind == "fp8":
+            from natix.kernels.fp8_linear import Fp8Weight
+
+            w = Fp8Weight(w.weight.to(device).contiguous(), w.weight_scale.to(device).float().contiguous())
+        else:
+            w = w.to(device)
+        b = None if self.bias is None else self.bias.to(device=device, dtype=dtype).contiguous()
+        return LinearWeights(self.kind, self.n, self.k, w, b)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: "torch.Tensor"
+    post_norm: "torch.Tensor"
+    qkv: LinearWeights
+    o: LinearWeights
+    gate_up: LinearWeights
+    down: LinearWeights
+
+
+@dataclass
+class ModelWeights:
+    """A whole decoder. ``scheme``: dense | fp8 | w4a8kv4; ``kv_cache``: the KV cache the source
+    asks for ("int4" for a w4a8kv4 artifact, else "none"); ``rope``: (inv_freq, scaling)."""
+
+    spec: ModelSpec
+    scheme: str
+    embed: "torch.Tensor"
+    layers: list[LayerWeights]
+    norm: "torch.Tensor"
+    lm_head: "torch.Tensor"
+    rope: tuple["torch.Tensor", float]
+    kv_cache: str = "none"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: Any, dtype: "torch.dtype") -> "ModelWeights":
+        def t(x: "torch.Tensor") -> "torch.Tensor":
+            return x.to(device=device, dtype=dtype).contiguous()
+
+        tied = self.lm_head is self.embed
+        layers = [LayerWeights(t(L.input_norm), t(L.post_norm), L.qkv.to(device, dtype), L.o.to(device, dtype),
+                               L.gate_up.to(device, dtype), L.down.to(device, dtype)) for L in self.layers]
+        embed = t(self.embed)
+        return ModelWeights(self.spec, self.scheme, embed, layers, t(self.norm), embed if tied else t(self.lm_head),
+                            (self.rope[0].to(device), self.rope[1]), self.kv_cache, dict(self.info))
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor (a tied lm_head once)."""
+        import torch
+
+        seen: set[int] = set()
+
+        def size(x: Any) -> int:
+            if isinstance(x, torch.Tensor):
+                if x.data_ptr() in seen:
+                    return 0
+                seen.add(x.data_ptr())
+                return x.numel() * x.element_size()
+            if hasattr(x, "__dataclass_fields__"):
+                return sum(size(getattr(x, f)) for f in x.__dataclass_fields__)
+            return 0
+
+        total = size(self.embed) + size(self.norm) + size(self.lm_head)
+        for L in self.layers:
+            total += size(L.input_norm) + size(L.post_norm)
+            for lw in (L.qkv, L.o, L.gate_up, L.down):
+                total += size(lw.weight) + size(lw.bias)
+        return total
+
+
+# ------------------------------------------------------------------------------------ from a model
+def _linear_kind(mod: Any) -> str:
+    from torch import nn
+
+    from natix.quant.fp8 import Fp8Linear
+    from natix.quant.w4a8 import W4A8Linear
+
+    if isinstance(mod, W4A8Linear):
+        return "w4a8"
+    if isinstance(mod, Fp8Linear):
+        return "fp8"
+    if type(mod) is nn.Linear:
+        return "dense"
+    raise EngineLoadError(f"the natix engine runs dense, fp8 and w4a8kv4 linears; {type(mod).__name__} is none "
+                          f"of them (gptq W4A16 artifacts are served by vLLM)")
+
+
+def fuse(mods: list[Any], name: str) -> LinearWeights:
+    """Concatenate the output rows of ``mods`` (all of one kind and K) into one linear."""
+    import torch
+
+    kinds = {_linear_kind(m) for m in mods}
+    if len(kinds) != 1:
+        raise EngineLoadError(f"{name}: the natix engine fuses these linears into one GEMM, but they mix "
+                              f"{', '.join(sorted(kinds))}")
+    kind = kinds.pop()
+    k = mods[0].in_features
+    n = sum(m.out_features for m in mods)
+    biases = [m.bias for m in mods]
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=mods[0].weight.dtype
+                                                                           if kind == "dense" else torch.float32)
+                          for b, m in zip(biases, mods)])
+    else:
+        bias = None
+    if kind == "dense":
+        weight: Any = torch.cat([m.weight.detach() for m in mods])
+    elif kind == "fp8":
+        from natix.kernels.fp8_linear import Fp8Weight
+
+        weight = Fp8Weight(torch.cat([m.weight.detach() for m in mods]).contiguous(),
+                           torch.cat([m.weight_scale.detach().reshape(-1).float() for m in mods]).contiguous())
+    else:
+        from natix.kernels.packing import concat_packed
+
+        try:
+            weight = concat_packed([m.packed() for m in mods])
+        except ValueError as e:
+            raise EngineLoadError(f"{name}: {e}") from e
+    return LinearWeights(kind, n, k, weight, bias)
+
+
+def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeights:
+    """Read a transformers Llama-family model (dense, or with natix's quantized reference modules)."""
+    spec = ModelSpec.from_hf_config(model.config)
+    inner = model.model
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        a, m = layer.self_attn, layer.mlp
+        layers.append(LayerWeights(
+            input_norm=layer.input_layernorm.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
+            qkv=fuse([a.q_proj, a.k_proj, a.v_proj], f"layer {i} q/k/v"), o=fuse([a.o_proj], f"layer {i} o_proj"),
+            gate_up=fuse([m.gate_proj, m.up_proj], f"layer {i} gate/up"), down=fuse([m.down_proj], f"layer {i} down_proj"),
+        ))
+    head = model.get_output_embeddings()
+    if _linear_kind(head) != "dense":
+        raise EngineLoadError("the natix engine keeps lm_head in the model dtype; this model's is quantized")
+    embed = inner.embed_tokens.weight.detach()
+    lm_head = embed if head.weight is inner.embed_tokens.weight else head.weight.detach()
+    from natix.engines.natix.spec import rope_tables
+
+    return ModelWeights(spec, scheme, embed, layers, inner.norm.weight.detach(), lm_head,
+                        rope_tables(model), kv_cache)
+
+
+# ------------------------------------------------------------------------------------ random
+def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: Any = None, group_size: int = -1,
+                   seed: int = 0, rope_theta: float = 500000.0) -> ModelWeights:
+    """A random model of shape ``spec`` (weights ~ N(0, 0.02²), norms 1), quantized by round to
+    nearest for ``fp8`` / ``w4a8kv4`` (``group_size`` 128 or -1 = per channel). For speed: what the
+    GEMMs and caches see is exactly a served artifact's layout."""
+    import torch
+
+    from natix.kernels.fp8_linear import quantize_fp8_weight
+    from natix.kernels.packing import quantize_channel, quantize_g128
+
+    if scheme not in SCHEMES:
+        raise EngineLoadError(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    def lin(n: int, k: int, bias: bool) -> LinearWeights:
+        w = rnd(n, k)
+        b = rnd(n) if bias else None
+        if scheme == "dense":
+            return LinearWeights("dense", n, k, w, b)
+        if scheme == "fp8":
+            return LinearWeights("fp8", n, k, quantize_fp8_weight(w), b)
+        packed = quantize_g128(w) if group_size == 128 else quantize_channel(w)
+        return LinearWeights("w4a8", n, k, packed, b)
+
+    ones = torch.ones(spec.hidden, device=device, dtype=dtype)
+    layers = [LayerWeights(ones.clone(), ones.clone(), lin(spec.q_width + 2 * spec.kv_width, spec.hidden, spec.qkv_bias),
+                           lin(spec.hidden, spec.q_width, spec.o_bias),
+                           lin(2 * spec.intermediate, spec.hidden, spec.mlp_bias),
+                           lin(spec.hidden, spec.intermediate, spec.mlp_bias)) for _ in range(spec.layers)]
+    embed = rnd(spec.vocab, spec.hidden)
+    lm_head = embed if spec.tie_embeddings else rnd(spec.vocab, spec.hidden)
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32, device=device)
+                                     / spec.head_dim))
+    return ModelWeights(spec, scheme, embed, layers, ones.clone(), lm_head, (inv_freq, 1.0),
+                        "int4" if scheme == "w4a8kv4" else "none", {"random": True, "group_size": group_size})
+
+
+LLAMA3_8B = ModelSpec(arch="llama", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+                      vocab=128256, rms_eps=1e-5, max_positions=8192)

@@ -1,0 +1,209 @@
+"""The natix engine on CPU (reference ops) against the hf engine, and its serving behaviour:
+continuous batching, n samples sharing a prefill, preemption, prefix caching, streaming, errors."""
+from __future__ import annotations
+
+import pytest
+
+from natix.engines.base import EngineConfig, SamplingSpec, create_engine
+from natix.engines.streaming import RequestError, StreamingEngine
+
+PROMPTS = ["hello world", "The quick brown fox", "a", "xyz xyz xyz xyz", "0123456789" * 3]
+
+
+def _tokens(res):
+    return [[c.token_ids for c in per] for per in res]
+
+
+@pytest.fixture(scope="module")
+def hf_results(tiny_arch_dirs):
+    out = {}
+    for arch, d in tiny_arch_dirs.items():
+        e = create_engine("hf")
+        e.load(EngineConfig(model=str(d)))
+        out[arch] = e.generate(PROMPTS, SamplingSpec(max_tokens=24))
+        e.close()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_greedy_matches_hf_engine(arch, tiny_arch_dirs, hf_results, natix_factory):
+    nx = natix_factory(tiny_arch_dirs[arch], page_size=8, num_kv_pages=64)
+    got = nx.generate(PROMPTS, SamplingSpec(max_tokens=24))
+    ref = hf_results[arch]
+    assert _tokens(got) == _tokens(ref)
+    for g, r in zip(got, ref):
+        assert g[0].text == r[0].text and g[0].finish_reason == r[0].finish_reason
+        assert max(abs(a - b) for a, b in zip(g[0].token_logprobs, r[0].token_logprobs)) < 1e-4
+        assert g[0].timing.ttft_s > 0 and g[0].timing.total_s >= g[0].timing.ttft_s
+
+
+def test_is_a_streaming_engine(tiny_arch_dirs, natix_factory):
+    assert isinstance(natix_factory(tiny_arch_dirs["llama"], num_kv_pages=16), StreamingEngine)
+
+
+def test_n_samples_share_one_prefill_and_seeds_are_batch_invariant(tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], page_size=8, num_kv_pages=128)
+    spec = SamplingSpec(n=4, temperature=1.0, max_tokens=12, seed=7)
+    before = nx.stats().prompt_tokens
+    res = nx.generate(PROMPTS[:1], spec)
+    n_prompt = len(nx.tokenizer(PROMPTS[0], add_special_tokens=False).input_ids)
+    assert nx.stats().prompt_tokens - before == n_prompt  # one prefill for the four samples
+    samples = [c.token_ids for c in res[0]]
+    assert len(samples) == 4 and len(set(samples)) > 1
+    # the same request inside a different batch, and alone again: the same tokens
+    mixed = nx.generate([PROMPTS[3], PROMPTS[0], PROMPTS[1]], spec)
+    assert [c.token_ids for c in mixed[1]] == samples
+    assert _tokens(nx.generate(PROMPTS[:1], spec)) == [samples]
+    assert _tokens(nx.generate(PROMPTS[:1], spec.replace(seed=8))) != [samples]
+    assert nx.scheduler.blocks.usage() == 0.0  # every page back
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+    greedy = _tokens(nx.generate(PROMPTS, SamplingSpec(max_tokens=10)))
+    assert _tokens(nx.generate(PROMPTS, SamplingSpec(temperature=0.9, top_k=1, max_tokens=10, seed=1))) == greedy
+    assert _tokens(nx.generate(PROMPTS, SamplingSpec(temperature=0.9, top_p=1e-6, max_tokens=10, seed=1))) == greedy
+
+
+def test_stop_strings_cut_text_and_streaming_never_shows_them(tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+    base = nx.generate(PROMPTS[:1], SamplingSpec(max_tokens=20))[0][0]
+    stop = base.text[6:9]
+    assert len(stop) == 3
+    got = nx.generate(PROMPTS[:1], SamplingSpec(max_tokens=20, stop=(stop, "never")))[0][0]
+    assert got.finish_reason == "stop" and got.text == base.text[: base.text.find(stop)]
+    assert got.token_ids == base.token_ids[: len(got.token_ids)] and len(got.token_ids) < len(base.token_ids)
+    rid = nx.add_request(PROMPTS[0], SamplingSpec(max_tokens=20, stop=(stop,)))
+    text, final = "", None
+    while nx.has_unfinished():
+        for d in nx.step():
+            assert d.request_id == rid
+            text += d.text
+            assert stop not in text
+            final = d if d.finished else final
+    assert final is not None and final.completion.text == text == got.text
+
+
+def test_streaming_deltas_add_up_and_requests_join_and_leave(tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+    # three prompts that run to their max_tokens (no early EOS from this random model)
+    p0, p1, p2 = PROMPTS[0], PROMPTS[3], "zzz"
+    solo = {p: nx.generate([p], SamplingSpec(max_tokens=m))[0][0] for p, m in ((p0, 15), (p1, 5), (p2, 9))}
+    assert all(c.finish_reason == "length" for c in solo.values())
+    a = nx.add_request(p0, SamplingSpec(max_tokens=15))
+    toks = {a: [], "b": [], "c": []}
+    texts = {a: "", "b": "", "c": ""}
+    finals = {}
+    running = []
+    step = 0
+    while nx.has_unfinished():
+        if step == 2:
+            nx.add_request(p1, SamplingSpec(max_tokens=5), request_id="b")
+        if step == 4:
+            nx.add_request(p2, SamplingSpec(max_tokens=9), request_id="c")
+        for d in nx.step():
+            toks[d.request_id] += d.token_ids
+            texts[d.request_id] += d.text
+            if d.finished:
+                finals[d.request_id] = d.completion
+        running.append(nx.stats().running)
+        step += 1
+    for rid, p in ((a, p0), ("b", p1), ("c", p2)):
+        assert tuple(toks[rid]) == finals[rid].token_ids == solo[p].token_ids
+        assert texts[rid] == finals[rid].text == solo[p].text
+    assert max(running) == 3 and running[-1] == 0, running  # all three ran together, then left
+
+
+def test_abort_frees_pages_and_others_go_on(tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+    keep = nx.add_request("zzz", SamplingSpec(max_tokens=10))
+    drop = nx.add_request(PROMPTS[0], SamplingSpec(n=3, temperature=1.0, max_tokens=30))
+    reasons = {}
+    for i in range(10**6):
+        if i == 2:
+            nx.abort(drop)
+            nx.abort("no-such-request")  # ignored
+        if not nx.has_unfinished():
+            break
+        for d in nx.step():
+            if d.finished:
+                reasons[(d.request_id, d.index)] = d.finish_reason
+    assert reasons.pop((keep, 0)) == "length"
+    # every sample of the aborted request finished: by abort, unless it had already stopped by itself
+    assert sorted(reasons) == [(drop, 0), (drop, 1), (drop, 2)]
+    assert "abort" in reasons.values() and set(reasons.values()) <= {"abort", "stop"}
+    assert nx.scheduler.blocks.usage() == 0.0
+
+
+def test_request_errors_are_per_request(tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=9, page_size=8, max_model_len=64, max_num_seqs=4)
+    ok = nx.add_request(PROMPTS[0], SamplingSpec(max_tokens=8))
+    with pytest.raises(RequestError, match="max_model_len"):
+        nx.add_request("x" * 60, SamplingSpec(max_tokens=8))
+    with pytest.raises(RequestError, match="max_num_seqs"):
+        nx.add_request(PROMPTS[0], SamplingSpec(n=5, temperature=1.0, max_tokens=4))
+    with pytest.raises(RequestError, match="KV pages"):
+        nx.add_request(PROMPTS[0], SamplingSpec(n=4, temperature=1.0, max_tokens=40))
+    with pytest.raises(RequestError, match="empty"):
+        nx.add_request("", SamplingSpec(max_tokens=4))
+    with pytest.raises(RequestError, match="token ids"):
+        nx.add_request([1, 10**9], SamplingSpec(max_tokens=4))
+    with pytest.raises(RequestError, match="already in use"):
+        nx.add_request(PROMPTS[1], SamplingSpec(max_tokens=4), request_id=ok)
+    done = []
+    while nx.has_unfinished():
+        done += [d for d in nx.step() if d.finished]
+    assert [(d.request_id, d.finish_reason) for d in done] == [(ok, "length")]
+    with pytest.raises(ValueError, match="prompt 1"):
+        nx.generate([PROMPTS[0], "x" * 60], SamplingSpec(max_tokens=8))
+    assert not nx.has_unfinished()  # the refused batch left nothing queued
+
+
+def test_preemption_recomputes_and_loses_nothing(tiny_arch_dirs, natix_factory):
+    big = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=256, page_size=4)
+    small = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=20, page_size=4)  # 19 usable pages = 76 tokens
+    prompts = PROMPTS * 2
+    spec = SamplingSpec(max_tokens=24)
+    want = _tokens(big.generate(prompts, spec))
+    assert _tokens(small.generate(prompts, spec)) == want
+    assert small.stats().preemptions > 0 and big.stats().preemptions == 0
+    sampled = SamplingSpec(n=2, temperature=1.0, max_tokens=24, seed=3)
+    assert _tokens(small.generate(prompts[:4], sampled)) == _tokens(big.generate(prompts[:4], sampled))
+    assert small.scheduler.blocks.usage() == 0.0
+
+
+def test_prefix_caching_reuses_pages_with_identical_results(tiny_arch_dirs, natix_factory):
+    on = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=4)
+    off = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=4, enable_prefix_caching=False)
+    shared = "system: be brief. " * 2
+    prompts = [shared + "one", shared + "two", shared + "three"]
+    spec = SamplingSpec(max_tokens=12)
+    first = _tokens(on.generate(prompts[:1], spec))
+    hits0 = on.stats().prefix_cache_hit_tokens
+    rest = _tokens(on.generate(prompts, spec))
+    assert on.stats().prefix_cache_hit_tokens - hits0 >= 3 * 32  # the 36-char prefix: 9 full pages each
+    assert rest[0] == first[0]
+    assert rest == _tokens(off.generate(prompts, spec)) and off.stats().prefix_cache_hit_tokens == 0
+
+
+def test_bad_options_and_architectures(tiny_arch_dirs, tmp_path):
+    from natix.engines.natix.spec import EngineLoadError
+
+    e = create_engine("natix")
+    with pytest.raises(EngineLoadError, match="page_size"):
+        e.load(EngineConfig(model=str(tiny_arch_dirs["llama"]), extra={"page_size": 6}))
+    with pytest.raises(EngineLoadError, match="kv_cache"):
+        e.load(EngineConfig(model=str(tiny_arch_dirs["llama"]), extra={"kv_cache": "fp4"}))
+    with pytest.raises(EngineLoadError, match="max_position"):
+        e.load(EngineConfig(model=str(tiny_arch_dirs["llama"]), extra={"max_model_len": 10**6}))
+    with pytest.raises(EngineLoadError, match="fewer than one sequence"):
+        e.load(EngineConfig(model=str(tiny_arch_dirs["llama"]), extra={"kv_cache_memory_gb": 1e-5}))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(d)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_arch_dirs["llama"]).save_pretrained(d)
+    with pytest.raises(EngineLoadError, match="Llama family"):
+        e.load(EngineConfig(model=str(d)))
