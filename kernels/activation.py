@@ -5,9 +5,9 @@ GEMM computes both). Output ``[M, I]`` in gu's dtype, or with ``quant=True`` the
 W4A8 input ``(xq int8 [M, I], x_scale float32 [M], x_sum int32 [M])`` — the product is quantized
 from float32, never rounded to 16 bits first, with the rounding of `natix.kernels.rmsnorm_quant`.
 
-One program per row. The quantized variant makes two passes over the row in chunks of ``BLOCK``
-(the first finds the row's absolute maximum, the second recomputes, quantizes and stores), so any
-``I`` works with bounded registers; the second read of a row hits L2.
+One program per row. The quantized variant holds a row of up to 16384 in registers (one pass); wider
+rows take two passes in chunks of ``BLOCK`` (the first finds the row's absolute maximum, the second
+recomputes, quantizes and stores), so any ``I`` works; the second read of a row hits L2.
 """
 from __future__ import annotations
 
@@ -42,7 +42,19 @@ def _kernel():
         row = tl.program_id(0).to(tl.int64)
         base = gu_ptr + row * stride_gu
         offs = tl.arange(0, BLOCK)
-        if QUANT:
+        if QUANT and BLOCK >= I:  # the row fits: one pass, every load in flight at once
+            ok = offs < I
+            g = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(base + I + offs, mask=ok, other=0.0).to(tl.float32)
+            y = g / (1.0 + tl.exp(-g)) * u
+            amax_s = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-10)
+            v = y * (127.0 / amax_s)
+            a = tl.floor(tl.abs(v) + 0.5)
+            q = tl.maximum(tl.minimum(tl.where(v < 0, -a, a), 127.0), -127.0).to(tl.int32)
+            tl.store(q_ptr + row * stride_y + offs, q.to(tl.int8), mask=ok)
+            tl.store(s_ptr + row, amax_s / 127.0)
+            tl.store(sum_ptr + row, tl.sum(tl.where(ok, q, 0), axis=0))
+        elif QUANT:
             amax = tl.zeros([BLOCK], dtype=tl.float32)
             for c in range(0, I, BLOCK):
                 ok = c + offs < I
@@ -74,6 +86,13 @@ def _kernel():
     return silu_mul_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _launcher(quant: bool, block: int, warps: int):
+    from .launch import Launcher
+
+    return Launcher(_kernel(), QUANT=quant, BLOCK=block, num_warps=warps)
+
+
 def _check(gu: torch.Tensor) -> None:
     if gu.dim() != 2 or gu.stride(1) != 1 or gu.shape[1] % 2 or gu.dtype not in (
             torch.float16, torch.bfloat16, torch.float32):
@@ -95,9 +114,10 @@ def silu_mul_triton(gu: torch.Tensor, quant: bool = False, check: bool = True) -
         y = q = torch.empty((m, i), dtype=gu.dtype, device=dev)
         s = sm = y
     if m:
-        block = min(4096, triton.next_power_of_2(i))
-        _kernel()[(m,)](gu, y, q, s, sm, i, gu.stride(0), y.stride(0), QUANT=quant, BLOCK=block,
-                        num_warps=8 if block >= 2048 else 4)
+        # quantized rows up to 16384 wide go in one pass (16 warps hold 2 x 16384 floats in registers)
+        block = triton.next_power_of_2(i) if quant and i <= 16384 else min(4096, triton.next_power_of_2(i))
+        warps = 16 if block >= 8192 else (8 if block >= 2048 else 4)
+        _launcher(quant, block, warps)((m,), gu, y, q, s, sm, i, gu.stride(0), y.stride(0))
     return (q, s, sm) if quant else y
 
 

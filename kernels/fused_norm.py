@@ -79,6 +79,13 @@ def _kernel():
     return add_rmsnorm_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _launcher(has_delta: bool, quant: bool, block: int, warps: int):
+    from .launch import Launcher
+
+    return Launcher(_kernel(), HAS_DELTA=has_delta, QUANT=quant, BLOCK=block, num_warps=warps)
+
+
 def _check(h: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor) -> None:
     if h.dim() != 2 or h.stride(1) != 1 or h.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"h must be fp16/bf16/fp32 [M, H] with unit H stride, got {h.dtype} {tuple(h.shape)}")
@@ -110,12 +117,9 @@ def add_rmsnorm_triton(
         s = sm = y
     if m:
         block = triton.next_power_of_2(n)
-        _kernel()[(m,)](
-            h, delta if delta is not None else h, weight, y, q, s, sm, n, h.stride(0),
-            delta.stride(0) if delta is not None else 0, y.stride(0), eps,
-            HAS_DELTA=delta is not None, QUANT=quant, BLOCK=block,
-            num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
-        )
+        _launcher(delta is not None, quant, block, 4 if block <= 2048 else (8 if block <= 8192 else 16))(
+            (m,), h, delta if delta is not None else h, weight, y, q, s, sm, n, h.stride(0),
+            delta.stride(0) if delta is not None else 0, y.stride(0), eps)
     return (q, s, sm) if quant else y
 
 

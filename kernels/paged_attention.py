@@ -129,6 +129,13 @@ def _kernels():
     return paged_write_kernel, paged_decode_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _write_launcher(h: int, hp: int, d: int, page: int):
+    from .launch import Launcher
+
+    return Launcher(_kernels()[0], H=h, HP=hp, D=d, PAGE=page, num_warps=4)
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache/v_cache must be contiguous [num_pages, H_kv, page_size, D] of one shape")
@@ -156,10 +163,8 @@ def paged_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
     import triton
 
     h = k_cache.shape[1]
-    _kernels()[0][(k.shape[0],)](
-        k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H=h, HP=triton.next_power_of_2(h), D=k_cache.shape[3], PAGE=k_cache.shape[2], num_warps=4,
-    )
+    _write_launcher(h, triton.next_power_of_2(h), k_cache.shape[3], k_cache.shape[2])(
+        (k.shape[0],), k, v, slots, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
 
 def paged_decode_attention(

@@ -67,6 +67,13 @@ def _kernel():
     return rope_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _launcher(hq: int, hk: int, hp: int, half: int):
+    from .launch import Launcher
+
+    return Launcher(_kernel(), HQ=hq, HK=hk, HP=hp, HALF=half, num_warps=4)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     for name, x in (("q", q), ("k", k)):
         if x.dim() != 3 or x.stride(2) != 1:
@@ -91,10 +98,8 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_s
     if q.shape[0] == 0:
         return
     hq, hk = q.shape[1], k.shape[1]
-    _kernel()[(q.shape[0],)](
-        q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        HQ=hq, HK=hk, HP=triton.next_power_of_2(max(hq, hk)), HALF=q.shape[2] // 2, num_warps=4,
-    )
+    _launcher(hq, hk, triton.next_power_of_2(max(hq, hk)), q.shape[2] // 2)(
+        (q.shape[0],), q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:

@@ -4,8 +4,8 @@
 weight record, validates every tensor, looks the config up and then launches, on every call. An
 engine calls the same layer thousands of times with the same weight, so :class:`W4A8Gemm` does all
 of that at construction (validation, constexpr flags, dummy pointers) and keeps the tuned config of
-each M bucket after its first use; ``__call__`` allocates the output (and split-K partials) and
-launches. Off CUDA (and outside the Triton interpreter) it computes the exact reference instead,
+each M bucket after its first use, with a `natix.kernels.launch.Launcher` that calls the compiled
+kernel's launcher directly; ``__call__`` allocates the output (and split-K partials) and launches. Off CUDA (and outside the Triton interpreter) it computes the exact reference instead,
 with the integer weight unpacked once (as float32: the CPU path is for small models).
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ class W4A8Gemm:
                 cfg["BK"] = GROUP_SIZE
             cfg = dict(cfg, EVEN_K=self.k % cfg["BK"] == 0, GROUP_M=cfg.get("GROUP_M", 8),
                        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+            from .launch import Launcher
+
+            cfg["launch"] = Launcher(
+                _kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
+                EVEN_K=cfg["EVEN_K"], BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
+                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             self._configs[bucket] = cfg
         return cfg
 
@@ -72,13 +78,8 @@ class W4A8Gemm:
         tiles = -(-m // bm) * -(-(self.n // 2) // bnh)
         part = torch.empty((split, m, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
         qw, ws, gs, gz, wz, b = self._wargs
-        _kernel()[(tiles, split)](
-            x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b, out, part,
-            _counters(x_q.device, tiles), m, self.n, self.k, x_q.stride(0), out.stride(0),
-            GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
-            EVEN_K=cfg["EVEN_K"], BM=bm, BNH=bnh, BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        cfg["launch"]((tiles, split), x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b, out,
+                      part, _counters(x_q.device, tiles), m, self.n, self.k, x_q.stride(0), out.stride(0))
         return out
 
     def reference(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:

@@ -267,7 +267,7 @@ def section_engine(out: Out, a: argparse.Namespace) -> None:
             for b in a.batches:
                 prompts = prompts_of(b, a.prompt_len, e.runner.spec.vocab, seed=b)
                 spec = SamplingSpec(max_tokens=a.gen)
-                run_requests(e, prompts[:1], spec.replace(max_tokens=4))  # warm the prefill path
+                run_requests(e, prompts, spec.replace(max_tokens=2))  # warm the prefill path at this shape
                 for rep in range(a.reps):
                     r = run_requests(e, prompts, spec)
                     out(kind="engine", scheme=label(scheme, group), batch=b, prompt_len=a.prompt_len, gen=a.gen, rep=rep,
@@ -335,6 +335,52 @@ def section_maj(out: Out, a: argparse.Namespace) -> None:
                 free(e)
 
 
+def section_profile(out: Out, a: argparse.Namespace) -> None:
+    """Where a decode step's time goes: GPU kernel time by kernel (torch.profiler over graph replays),
+    the step's wall time, and the gap between them (host work the GPU waits for)."""
+    from natix.engines.base import SamplingSpec
+
+    for scheme, group in a.scheme_list:
+        e = None
+        try:
+            e = make_engine(scheme, group, max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.gen + 64,
+                            max_num_batched_tokens=max(8192, max(a.batches) * a.prompt_len), kv_cache_memory_gb=a.kv_gb)
+            for b in a.batches:
+                e.runner.warmup([b])
+                prompts = prompts_of(b, a.prompt_len, e.runner.spec.vocab, seed=b)
+                for p in prompts:
+                    e.add_request(p, SamplingSpec(max_tokens=40))
+                e.step()  # prefill
+                for _ in range(5):
+                    e.step()
+                sync()
+                walls = []
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20):
+                        t = time.perf_counter()
+                        e.step()
+                        walls.append(time.perf_counter() - t)
+                    sync()
+                while e.has_unfinished():
+                    e.step()
+                kern: dict[str, list[float]] = {}
+                for ev in prof.events():
+                    if ev.device_type == torch.autograd.DeviceType.CUDA:
+                        kern.setdefault(ev.name, []).append(ev.device_time_total if hasattr(ev, "device_time_total")
+                                                            else ev.cuda_time_total)
+                total = sum(sum(v) for v in kern.values()) / 20
+                top = sorted(((k, sum(v) / 20, len(v) / 20) for k, v in kern.items()), key=lambda x: -x[1])[:20]
+                out(kind="profile", scheme=label(scheme, group), batch=b, step_wall_ms=round(1e3 * statistics.median(walls), 3),
+                    gpu_us_per_step=round(total, 1), kernels_per_step=round(sum(len(v) for v in kern.values()) / 20, 1),
+                    top=[{"kernel": k[:80], "us_per_step": round(us, 1), "calls_per_step": c} for k, us, c in top])
+        except Exception as ex:  # noqa: BLE001
+            traceback.print_exc()
+            out(kind="profile", scheme=label(scheme, group), error=f"{type(ex).__name__}: {ex}")
+        finally:
+            if e is not None:
+                free(e)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -367,7 +413,8 @@ def main() -> None:
     for s in a.sections.split(","):
         t = time.perf_counter()
         {"host": lambda: section_host(out), "engine": lambda: section_engine(out, a),
-         "qserve": lambda: section_qserve(out, a), "maj": lambda: section_maj(out, a)}[s]()
+         "qserve": lambda: section_qserve(out, a), "maj": lambda: section_maj(out, a),
+         "profile": lambda: section_profile(out, a)}[s]()
         print(f"== section {s}: {time.perf_counter() - t:.1f} s", flush=True)
 
 

@@ -26,6 +26,7 @@ class Ops:
 
     def __init__(self, device: torch.device) -> None:
         self.gpu = on_gpu(device)
+        self._launchers: dict[tuple, Any] = {}
 
     def add_rmsnorm(self, h: torch.Tensor, delta: Optional[torch.Tensor], w: torch.Tensor, eps: float,
                     quant: bool) -> Any:
@@ -47,13 +48,51 @@ class Ops:
         return silu_mul_reference(gu, quant)
 
     def quantize(self, x: torch.Tensor) -> Quantized:
-        if self.gpu:
-            from natix.kernels.rmsnorm_quant import rmsnorm_quant_triton
+        """Per-token INT8 (`natix.kernels.rmsnorm_quant`'s kernel without the norm), lean launch."""
+        if not self.gpu:
+            from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
 
-            return rmsnorm_quant_triton(x, None, 0.0)
-        from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
+            return rmsnorm_quant_reference(x, None)
+        m, h = x.shape
+        q = torch.empty((m, h), dtype=torch.int8, device=x.device)
+        s = torch.empty((m,), dtype=torch.float32, device=x.device)
+        sm = torch.empty((m,), dtype=torch.int32, device=x.device)
+        if m:
+            self._launcher("quant", h)((m,), x, x, q, s, sm, h, x.stride(0), q.stride(0), 0.0)
+        return q, s, sm
 
-        return rmsnorm_quant_reference(x, None)
+    def kv4_write(self, cache: Any, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """`natix.kernels.kv4_cache`'s quantize-on-write kernel, lean launch (shapes checked at load)."""
+        if not self.gpu:
+            from natix.kernels.kv4_cache import kv4_write_reference
+
+            kv4_write_reference(cache, k, v, slots)
+            return
+        if k.shape[0]:
+            self._launcher("kv4_write", (cache.num_kv_heads, cache.head_dim, cache.page_size))(
+                (k.shape[0], 2), k, v, slots, *cache.tensors(), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+
+    def _launcher(self, kind: str, shape: Any) -> Any:
+        """One `natix.kernels.launch.Launcher` per kernel and constexpr set."""
+        lau = self._launchers.get((kind, shape))
+        if lau is None:
+            import triton
+
+            from natix.kernels.launch import Launcher
+
+            if kind == "quant":
+                from natix.kernels.rmsnorm_quant import _kernel
+
+                block = triton.next_power_of_2(shape)
+                lau = Launcher(_kernel(), NORM=False, BLOCK=block,
+                               num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+            else:
+                from natix.kernels.kv4_cache import _kernel
+
+                h, d, page = shape
+                lau = Launcher(_kernel(), H=h, HP=triton.next_power_of_2(h), DH=d // 2, PAGE=page, num_warps=4)
+            self._launchers[(kind, shape)] = lau
+        return lau
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
         if self.gpu:

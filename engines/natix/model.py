@@ -110,14 +110,7 @@ class DecoderModel:
     def _write(self, kv: PagedKVCache, li: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         c = kv.layer_caches[li]
         if kv.kind == "int4":
-            if self.ops.gpu:
-                from natix.kernels.kv4_cache import kv4_write_triton
-
-                kv4_write_triton(c, k, v, slots)
-            else:
-                from natix.kernels.kv4_cache import kv4_write_reference
-
-                kv4_write_reference(c, k, v, slots)
+            self.ops.kv4_write(c, k, v, slots)
         else:
             from natix.kernels.paged_attention import paged_write
 

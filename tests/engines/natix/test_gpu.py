@@ -55,8 +55,10 @@ def test_gpu_path_matches_cpu_reference(scheme, group):
         ids = [rnd.randrange(SMALL.vocab) for _ in range(n)]
         pc, dc = _forced_logits(cpu, ids, 17)
         pg, dg = _forced_logits(gpu, ids, 17)
-        assert _rel(pg, pc) < 3e-2, (n, _rel(pg, pc))
-        assert _rel(dg, dc) < 3e-2, (n, _rel(dg, dc))
+        # fp8: one e4m3 step is 6%, and bf16 activations round differently from fp32 ones
+        tol = 0.1 if scheme == "fp8" else 3e-2
+        assert _rel(pg, pc) < tol, (n, _rel(pg, pc))
+        assert _rel(dg, dc) < tol, (n, _rel(dg, dc))
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)

@@ -1,0 +1,30 @@
+"""The direct launcher computes what the JIT path computes, across specializations (M = 1 vs 17,
+misaligned views): a compiled kernel is never reused for arguments it was not specialized for."""
+import torch
+
+from natix.kernels.launch import Launcher, _key
+from natix.kernels.packing import quantize_channel
+from natix.kernels.rmsnorm_quant import quantize_per_token
+from natix.kernels.w4a8_gemm import w4a8_gemm_reference
+from natix.kernels.w4a8_launch import W4A8Gemm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_key_follows_triton_specialization():
+    t = torch.zeros(8, device=DEVICE)
+    assert _key((t, 1, 16, 17, 2**40)) == (True, (True, False, True), (False, True, True), (False, False, True),
+                                            (False, True, False))
+    assert _key((t[1:],))[0] is False  # a 4-byte offset view is not 16-byte aligned
+
+
+def test_direct_launch_matches_reference_across_shapes():
+    w = quantize_channel(torch.randn(64, 128)).to(DEVICE)
+    g = W4A8Gemm(w, None, out_dtype=torch.float32)
+    for m in (1, 17, 1, 33, 17):
+        xq, xs, xsum = quantize_per_token(torch.randn(m, 128, device=DEVICE))
+        assert torch.allclose(g(xq, xs, xsum), w4a8_gemm_reference(xq, xs, w, None, torch.float32), rtol=1e-5, atol=1e-4)
+    launchers = [c["launch"] for c in g._configs.values()]
+    assert launchers and all(isinstance(x, Launcher) for x in launchers)
+    if DEVICE == "cuda":  # one compiled entry per specialization seen, and the direct path in use
+        assert all(x.direct for x in launchers)
