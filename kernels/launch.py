@@ -45,6 +45,7 @@ class Launcher:
         self.direct = os.environ.get("TRITON_INTERPRET") != "1"
         self._compiled: dict[tuple, tuple[Callable, Any, Any, tuple]] = {}
         self._device: Optional[int] = None
+        self.why_not_direct = "" if self.direct else "TRITON_INTERPRET=1"
 
     def __call__(self, grid: tuple, *args: Any) -> None:
         if not self.direct:
@@ -74,6 +75,7 @@ class Launcher:
         real = getattr(kernel, attr, None)
         if hooked or real is None:
             self.direct = False
+            self.why_not_direct = "launch hooks are set" if hooked else f"no launcher on {type(kernel).__name__}"
             return
         seen: list[tuple] = []
 
@@ -89,6 +91,8 @@ class Launcher:
         if len(seen) != 1 or len(seen[0]) < 9 + len(args) or any(
                 x is not y for x, y in zip(seen[0][9:9 + len(args)], args) if isinstance(y, torch.Tensor)):
             self.direct = False
+            self.why_not_direct = (f"unexpected launcher call layout: {len(seen)} calls, "
+                                   f"{len(seen[0]) if seen else 0} arguments for {len(args)} runtime arguments")
             return
         call = seen[0]
         self._device = torch.cuda.current_device()

@@ -22,7 +22,7 @@ def on_gpu(device: torch.device) -> bool:
 
 
 class Ops:
-    """Norm, activation, quantization and rope for one device (kernels on CUDA, references else)."""
+    """Norm, activation and quantization for one device (kernels on CUDA, references else)."""
 
     def __init__(self, device: torch.device) -> None:
         self.gpu = on_gpu(device)
@@ -61,17 +61,6 @@ class Ops:
             self._launcher("quant", h)((m,), x, x, q, s, sm, h, x.stride(0), q.stride(0), 0.0)
         return q, s, sm
 
-    def kv4_write(self, cache: Any, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """`natix.kernels.kv4_cache`'s quantize-on-write kernel, lean launch (shapes checked at load)."""
-        if not self.gpu:
-            from natix.kernels.kv4_cache import kv4_write_reference
-
-            kv4_write_reference(cache, k, v, slots)
-            return
-        if k.shape[0]:
-            self._launcher("kv4_write", (cache.num_kv_heads, cache.head_dim, cache.page_size))(
-                (k.shape[0], 2), k, v, slots, *cache.tensors(), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-
     def _launcher(self, kind: str, shape: Any) -> Any:
         """One `natix.kernels.launch.Launcher` per kernel and constexpr set."""
         lau = self._launchers.get((kind, shape))
@@ -80,29 +69,12 @@ class Ops:
 
             from natix.kernels.launch import Launcher
 
-            if kind == "quant":
-                from natix.kernels.rmsnorm_quant import _kernel
+            from natix.kernels.rmsnorm_quant import _kernel
 
-                block = triton.next_power_of_2(shape)
-                lau = Launcher(_kernel(), NORM=False, BLOCK=block,
-                               num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
-            else:
-                from natix.kernels.kv4_cache import _kernel
-
-                h, d, page = shape
-                lau = Launcher(_kernel(), H=h, HP=triton.next_power_of_2(h), DH=d // 2, PAGE=page, num_warps=4)
+            block = triton.next_power_of_2(shape)
+            lau = Launcher(_kernel(), NORM=False, BLOCK=block, num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
             self._launchers[(kind, shape)] = lau
         return lau
-
-    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
-        if self.gpu:
-            from natix.kernels.rope import rope_triton
-
-            rope_triton(q, k, positions, cos_sin, check=False)
-        else:
-            from natix.kernels.rope import rope_reference
-
-            rope_reference(q, k, positions, cos_sin)
 
 
 class Linear:

@@ -4,8 +4,7 @@ Per layer (W4A8KV4; dense and FP8 differ only where marked):
 
     x      = add_rmsnorm(h, delta, γ_in)          residual add + norm (+ INT8 quant for W4A8), in place on h
     qkv    = QKV(x)                                one GEMM for q, k and v
-    rope(q, k)                                     in place, one launch
-    write(k, v) -> cache                           KV4: quantize on write
+    rope(q, k); write(k, v) -> cache               one launch; KV4: quantize on write
     a      = attention(q, cache | k, v)            decode: paged kernel; prefill: varlen flash / SDPA
     delta  = O(a)                                  (W4A8: per-token INT8 quant of a first)
     x      = add_rmsnorm(h, delta, γ_post)
@@ -90,8 +89,7 @@ class DecoderModel:
             q = qkv[:, :qw].view(t, s.heads, s.head_dim)
             k = qkv[:, qw:qw + kw].view(t, s.kv_heads, s.head_dim)
             v = qkv[:, qw + kw:].view(t, s.kv_heads, s.head_dim)
-            self.ops.rope(q, k, batch.positions, self.cos_sin)
-            self._write(kv, li, k, v, batch.slots)
+            self._rope_write(kv, li, q, k, v, batch)
             if batch.is_prefill:
                 a = self._prefill_attention(kv, li, q, k, v, batch)
             else:
@@ -107,14 +105,15 @@ class DecoderModel:
         return torch.nn.functional.linear(x, self.lm_head)
 
     # ------------------------------------------------------------------------------ KV cache
-    def _write(self, kv: PagedKVCache, li: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        c = kv.layer_caches[li]
-        if kv.kind == "int4":
-            self.ops.kv4_write(c, k, v, slots)
-        else:
-            from natix.kernels.paged_attention import paged_write
+    def _rope_write(self, kv: PagedKVCache, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    batch: Batch) -> None:
+        """RoPE on q and k in place, and k, v into the cache (one launch on CUDA)."""
+        from natix.kernels.rope_cache_write import rope_cache_write, rope_cache_write_reference
 
-            paged_write(c[0], c[1], k, v, slots, check=False)
+        c = kv.layer_caches[li]
+        caches = {"kv4": c} if kv.kind == "int4" else {"k_cache": c[0], "v_cache": c[1]}
+        fn = rope_cache_write if self.ops.gpu else rope_cache_write_reference
+        fn(q, k, v, batch.positions, self.cos_sin, batch.slots, **caches)
 
     def _decode_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, batch: Batch) -> torch.Tensor:
         c = kv.layer_caches[li]
@@ -140,20 +139,45 @@ class DecoderModel:
             from natix.quant.kv_quant import fake_quant_int4
 
             k, v = fake_quant_int4(k), fake_quant_int4(v)
-        if not any(batch.ctx_lens) and self.ops.gpu:
-            out = _flash_varlen(q, k, v, batch, self.sm_scale)
+        has_ctx = any(batch.ctx_lens)
+        if has_ctx:
+            k, v, cu_k, max_k = self._with_context(kv, li, k, v, batch)
+        if self.ops.gpu:
+            out = _flash_varlen(q, k, v, batch.cu_seqlens, cu_k if has_ctx else batch.cu_seqlens,
+                                max(batch.new_lens), max_k if has_ctx else max(batch.new_lens), self.sm_scale)
             if out is not None:
                 return out
         outs = []
-        start = 0
-        for n, ctx, pages in zip(batch.new_lens, batch.ctx_lens, batch.pages):
-            qs, ks, vs = q[start:start + n], k[start:start + n], v[start:start + n]
-            if ctx:
-                kc, vc = kv.gather(li, pages[: -(-ctx // kv.page_size)], ctx)
-                ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
-            outs.append(_sdpa_causal(qs, ks, vs, self.sm_scale))
-            start += n
+        sq = sk = 0
+        for n, ctx in zip(batch.new_lens, batch.ctx_lens):
+            outs.append(_sdpa_causal(q[sq:sq + n], k[sk:sk + ctx + n], v[sk:sk + ctx + n], self.sm_scale))
+            sq += n
+            sk += ctx + n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _with_context(self, kv: PagedKVCache, li: int, k: torch.Tensor, v: torch.Tensor, batch: Batch
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Keys/values packed per sequence as [its cached context (dequantized), its new tokens]: one
+        gather of every context page, one concatenation; and the cumulative key lengths."""
+        ps = kv.page_size
+        flat: list[int] = []
+        for ctx, pages in zip(batch.ctx_lens, batch.pages):  # type: ignore[arg-type]
+            flat += pages[: -(-ctx // ps)] if ctx else []
+        kc, vc = kv.gather(li, flat, len(flat) * ps)
+        kp, vp, cu = [], [], [0]
+        off = start = 0
+        for n, ctx in zip(batch.new_lens, batch.ctx_lens):  # type: ignore[arg-type]
+            if ctx:
+                kp.append(kc[off:off + ctx])
+                vp.append(vc[off:off + ctx])
+                off += -(-ctx // ps) * ps
+            kp.append(k[start:start + n])
+            vp.append(v[start:start + n])
+            start += n
+            cu.append(cu[-1] + ctx + n)
+        cu_k = torch.tensor(cu, dtype=torch.int32, device=k.device)
+        lens = [c + n for c, n in zip(batch.ctx_lens, batch.new_lens)]  # type: ignore[arg-type]
+        return torch.cat(kp), torch.cat(vp), cu_k, max(lens)
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -171,19 +195,21 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 _FLASH_OK: Optional[bool] = None
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, scale: float) -> Optional[torch.Tensor]:
-    """All sequences in one FlashAttention-2 varlen launch (PyTorch's bundled kernel; GQA native).
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Any, cu_k: Any, max_q: int, max_k: int,
+                  scale: float) -> Optional[torch.Tensor]:
+    """All sequences in one FlashAttention-2 varlen launch (PyTorch's bundled kernel; GQA native; with
+    more keys than queries the causal mask is aligned at the bottom right, the new tokens last).
     None where it is unavailable (then the caller runs SDPA per sequence)."""
     global _FLASH_OK
     if _FLASH_OK is False or q.dtype not in (torch.float16, torch.bfloat16):
         return None
-    assert batch.cu_seqlens is not None and batch.new_lens is not None
-    mx = max(batch.new_lens)
     try:
         out = torch.ops.aten._flash_attention_forward(
-            q.contiguous(), k.contiguous(), v.contiguous(), batch.cu_seqlens, batch.cu_seqlens, mx, mx, 0.0, True,
-            False, scale=scale)[0]
-    except (RuntimeError, TypeError):
+            q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)[0]
+    except (RuntimeError, TypeError) as e:
+        import logging
+
+        logging.getLogger("natix.engines.natix").warning("flash varlen attention unavailable (%s): SDPA per sequence", e)
         _FLASH_OK = False
         return None
     _FLASH_OK = True

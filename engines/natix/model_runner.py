@@ -49,7 +49,7 @@ class ModelRunner:
         self.use_graphs = options.cuda_graphs and device.type == "cuda"
         self.max_graph_batch = options.max_num_seqs
         self.buckets = graph_buckets(self.max_graph_batch)
-        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self.graph_pool: Any = None
         self.capture_s = 0.0
         g = self.max_graph_batch if self.use_graphs else options.max_num_seqs
@@ -59,6 +59,11 @@ class ModelRunner:
         self.host_np = self.host_in.numpy()
         self.dev_in = torch.zeros(self._in_len, dtype=torch.int32, device=device)
         self._g = g
+        # sampling parameters of a captured step: int64 [top_k, seed, index, position], float32 [temperature, top_p]
+        self.host_si = torch.zeros((4, g), dtype=torch.int64, pin_memory=pin)
+        self.host_sf = torch.zeros((2, g), dtype=torch.float32, pin_memory=pin)
+        self.dev_si = torch.zeros((4, g), dtype=torch.int64, device=device)
+        self.dev_sf = torch.zeros((2, g), dtype=torch.float32, device=device)
 
     # ------------------------------------------------------------------------------ memory
     def _num_pages(self) -> int:
@@ -145,44 +150,85 @@ class ModelRunner:
         return Batch(input_ids=d[0:rows], positions=d[g:g + rows], slots=d[2 * g:2 * g + rows], is_prefill=False,
                      block_tables=d[4 * g:].view(g, mp)[:rows], seq_lens=d[3 * g:3 * g + rows])
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each of ``seqs``; returns their logits [len(seqs), V]."""
+    def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
+        """One token for each of ``seqs``: forward and sampling (one graph replay where captured)."""
         b = len(seqs)
         if not self.use_graphs or b > self.max_graph_batch:
-            self._stage_decode(seqs, b)
-            with torch.inference_mode():
-                return self.model.forward(self._decode_batch(b), self.kv)
+            return self.sample(self.decode_logits(seqs), seqs)
+        specs = [s.request.spec for s in seqs]
+        mode = _mode(specs)
         bucket = next(x for x in self.buckets if x >= b)
-        if bucket not in self.graphs:
-            self.capture(bucket)
+        if (bucket, mode) not in self.graphs:
+            self.capture(bucket, mode)
         self._stage_decode(seqs, bucket)
-        graph, out = self.graphs[bucket]
+        if mode != "greedy":
+            self._stage_sampling(seqs, bucket)
+        graph, logits, res = self.graphs[(bucket, mode)]
         graph.replay()
-        return out[:b]
+        top_n = max(sp.top_logprobs for sp in specs)
+        packed = res[:, :b].cpu()
+        toks = [int(t) for t in packed[0].tolist()]
+        tops = self._tops(logits[:b], specs, top_n) if top_n else None
+        return toks, packed[1].tolist(), tops
 
-    def capture(self, bucket: int) -> None:
-        """Capture the decode forward of ``bucket`` rows (inputs: the scratch page, harmless)."""
+    def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The eager decode forward: logits [len(seqs), V] of each sequence's next token."""
+        self._stage_decode(seqs, len(seqs))
+        with torch.inference_mode():
+            return self.model.forward(self._decode_batch(len(seqs)), self.kv)
+
+    def _stage_sampling(self, seqs: list[Sequence], rows: int) -> None:
+        si, sf = self.host_si.numpy(), self.host_sf.numpy()
+        b = len(seqs)
+        for i, s in enumerate(seqs):
+            sp = s.request.spec
+            si[0, i], si[1, i], si[2, i], si[3, i] = sp.top_k, s.request.seed, s.index, s.num_output_tokens
+            sf[0, i], sf[1, i] = sp.temperature, sp.top_p
+        si[:, b:rows] = 0
+        sf[0, b:rows] = 0.0
+        sf[1, b:rows] = 1.0
+        self.dev_si.copy_(self.host_si, non_blocking=True)
+        self.dev_sf.copy_(self.host_sf, non_blocking=True)
+
+    def capture(self, bucket: int, mode: str = "greedy") -> None:
+        """Capture decode + sampling of ``bucket`` rows (inputs: the scratch page, harmless). ``mode``:
+        greedy, sample (temperature) or filter (temperature with top-k / top-p)."""
         t0 = time.perf_counter()
         self._stage_decode([], bucket)
         batch = self._decode_batch(bucket)
+        g = self._g
+        sb = SamplingBatch(self.dev_sf[0, :bucket], self.dev_si[0, :bucket], self.dev_sf[1, :bucket],
+                           self.dev_si[1, :bucket], self.dev_si[2, :bucket], self.dev_si[3, :bucket],
+                           mode != "greedy", mode == "filter", 0)
+        res = torch.zeros((2, g), dtype=torch.float64, device=self.device)
+
+        def step() -> torch.Tensor:
+            logits = self.model.forward(batch, self.kv)
+            tokens, lps, _ = sample(logits, sb)
+            res[0, :bucket] = tokens.double()
+            res[1, :bucket] = lps.double()
+            return logits
+
         with torch.inference_mode():
-            self.model.forward(batch, self.kv)  # warm-up: compiles kernels, allocates workspaces
+            step()  # warm-up: compiles kernels, allocates workspaces
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
-                out = self.model.forward(batch, self.kv)
+                logits = step()
         torch.cuda.synchronize(self.device)
         self.graph_pool = graph.pool()
-        self.graphs[bucket] = (graph, out)
+        self.graphs[(bucket, mode)] = (graph, logits, res)
         self.capture_s += time.perf_counter() - t0
 
-    def warmup(self, buckets: Optional[list[int]] = None) -> None:
-        """Capture the graphs of ``buckets`` (default all), largest first (they share one pool)."""
+    def warmup(self, buckets: Optional[list[int]] = None, modes: tuple[str, ...] = ("greedy",)) -> None:
+        """Capture the graphs of ``buckets`` (default all) x ``modes``, largest first (one shared pool)."""
         if not self.use_graphs:
             return
         for b in sorted(buckets or self.buckets, reverse=True):
-            if b not in self.graphs:
-                self.capture(next(x for x in self.buckets if x >= b))
+            bucket = next(x for x in self.buckets if x >= b)
+            for mode in modes:
+                if (bucket, mode) not in self.graphs:
+                    self.capture(bucket, mode)
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         if copies:
@@ -190,29 +236,42 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ sampling
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
-        """One token per sequence from its logits row; one device->host copy."""
+        """One token per sequence from its logits row (eager: prefill, and decode without graphs);
+        one device->host copy."""
         dev = logits.device
         specs = [s.request.spec for s in seqs]
-        any_sampled = any(sp.temperature > 0 for sp in specs)
-        any_filter = any_sampled and any(sp.temperature > 0 and (sp.top_k or sp.top_p < 1) for sp in specs)
+        mode = _mode(specs)
         top_n = max(sp.top_logprobs for sp in specs)
-        if any_sampled:
+        if mode != "greedy":
             ints = torch.tensor([[sp.top_k for sp in specs], [s.request.seed for s in seqs],
                                  [s.index for s in seqs], [s.num_output_tokens for s in seqs]], dtype=torch.int64)
             flts = torch.tensor([[sp.temperature for sp in specs], [sp.top_p for sp in specs]], dtype=torch.float32)
             ints, flts = ints.to(dev, non_blocking=True), flts.to(dev, non_blocking=True)
-            sb = SamplingBatch(flts[0], ints[0], flts[1], ints[1], ints[2], ints[3], True, any_filter, top_n)
+            sb = SamplingBatch(flts[0], ints[0], flts[1], ints[1], ints[2], ints[3], True, mode == "filter", 0)
         else:
             z = logits.new_zeros(0)
-            sb = SamplingBatch(z, z, z, z, z, z, False, False, top_n)
+            sb = SamplingBatch(z, z, z, z, z, z, False, False, 0)
         with torch.inference_mode():
-            tokens, lps, top = sample(logits, sb)
+            tokens, lps, _ = sample(logits, sb)
             packed = torch.stack([tokens.double(), lps.double()]).cpu()
         toks = [int(t) for t in packed[0].tolist()]
-        out_lps = packed[1].tolist()
-        tops = None
-        if top is not None:
-            ids, vals = top[0].cpu().tolist(), top[1].float().cpu().tolist()
-            tops = [{int(i): float(v) for i, v in zip(ids[r][: specs[r].top_logprobs], vals[r][: specs[r].top_logprobs])}
-                    for r in range(len(seqs))]
-        return toks, out_lps, tops
+        return toks, packed[1].tolist(), self._tops(logits, specs, top_n) if top_n else None
+
+    @staticmethod
+    def _tops(logits: torch.Tensor, specs: list[Any], top_n: int) -> list[dict[int, float]]:
+        """The ``top_logprobs`` most likely tokens of each row, under the raw distribution."""
+        with torch.inference_mode():
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            vals, ids = torch.topk(lp, top_n, dim=-1)
+            ids, vals = ids.cpu().tolist(), vals.cpu().tolist()
+        return [{int(i): float(v) for i, v in zip(ids[r][:sp.top_logprobs], vals[r][:sp.top_logprobs])}
+                for r, sp in enumerate(specs)]
+
+
+def _mode(specs: list[Any]) -> str:
+    """Which sampling path a batch needs: greedy, sample (temperature only) or filter (top-k / top-p)."""
+    if not any(sp.temperature > 0 for sp in specs):
+        return "greedy"
+    if any(sp.temperature > 0 and (sp.top_k or sp.top_p < 1) for sp in specs):
+        return "filter"
+    return "sample"

@@ -48,7 +48,7 @@ class SamplingBatch:
     position: torch.Tensor  # int64 [S]
     any_sampled: bool
     any_filter: bool
-    top_logprobs: int = 0  # alternatives per row (max over rows)
+    top_logprobs: int = 0  # alternatives per row (max over rows); the runner computes them apart
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:

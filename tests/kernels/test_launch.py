@@ -27,4 +27,4 @@ def test_direct_launch_matches_reference_across_shapes():
     launchers = [c["launch"] for c in g._configs.values()]
     assert launchers and all(isinstance(x, Launcher) for x in launchers)
     if DEVICE == "cuda":  # one compiled entry per specialization seen, and the direct path in use
-        assert all(x.direct for x in launchers)
+        assert all(x.direct for x in launchers), [x.why_not_direct for x in launchers]

@@ -40,7 +40,7 @@ def _forced_logits(e, ids, nxt):
     pre = e.runner.prefill([s])[0].float()
     s.token_ids.append(nxt)
     e.scheduler.blocks.append_slot(s)
-    dec = e.runner.decode([s])[0].float()
+    dec = e.runner.decode_logits([s])[0].float()
     e.scheduler.blocks.free_seq(s)
     return pre, dec
 
@@ -55,10 +55,11 @@ def test_gpu_path_matches_cpu_reference(scheme, group):
         ids = [rnd.randrange(SMALL.vocab) for _ in range(n)]
         pc, dc = _forced_logits(cpu, ids, 17)
         pg, dg = _forced_logits(gpu, ids, 17)
-        # fp8: one e4m3 step is 6%, and bf16 activations round differently from fp32 ones
+        # fp8: one e4m3 step is 6%, and bf16 activations round differently from fp32 ones; KV4: a
+        # key or value rounded differently moves its code by 1/15 of the row's range (decode reads KV4)
         tol = 0.1 if scheme == "fp8" else 3e-2
         assert _rel(pg, pc) < tol, (n, _rel(pg, pc))
-        assert _rel(dg, dc) < tol, (n, _rel(dg, dc))
+        assert _rel(dg, dc) < (0.1 if scheme != "dense" else tol), (n, _rel(dg, dc))
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)
@@ -81,7 +82,7 @@ def test_cuda_graphs_equal_eager(scheme, group):
 
 
 def test_flash_varlen_matches_per_sequence_sdpa():
-    from natix.engines.natix.model import Batch, _flash_varlen, _sdpa_causal
+    from natix.engines.natix.model import _flash_varlen, _sdpa_causal
 
     lens = [5, 70, 200]
     t = sum(lens)
@@ -89,10 +90,18 @@ def test_flash_varlen_matches_per_sequence_sdpa():
     k = torch.randn(t, 2, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     cu = torch.tensor([0, 5, 75, 275], dtype=torch.int32, device="cuda")
-    b = Batch(q, q, q, True, new_lens=lens, ctx_lens=[0, 0, 0], pages=[[], [], []], cu_seqlens=cu)
-    out = _flash_varlen(q, k, v, b, 0.125)
+    out = _flash_varlen(q, k, v, cu, cu, 200, 200, 0.125)
     assert out is not None, "PyTorch's flash varlen kernel is unavailable"
     ref = torch.cat([_sdpa_causal(q[s:s + n], k[s:s + n], v[s:s + n], 0.125) for s, n in zip([0, 5, 75], lens)])
+    assert _rel(out, ref) < 1e-2
+    # more keys than queries (a cached context before the new tokens): causal from the bottom right
+    ctx = [3, 0, 64]
+    kk = torch.randn(t + sum(ctx), 2, 64, device="cuda", dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+    cu_k = torch.tensor([0, 8, 78, 342], dtype=torch.int32, device="cuda")
+    out = _flash_varlen(q, kk, vv, cu, cu_k, 200, 264, 0.125)
+    ref = torch.cat([_sdpa_causal(q[s:s + n], kk[a:b], vv[a:b], 0.125)
+                     for s, n, a, b in zip([0, 5, 75], lens, [0, 8, 78], [8, 78, 342])])
     assert _rel(out, ref) < 1e-2
 
 

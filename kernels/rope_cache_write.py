@@ -1,0 +1,134 @@
+"""RoPE on q and k, and the KV-cache write, in one launch per step and layer.
+
+The same arithmetic as `natix.kernels.rope.rope_` followed by `natix.kernels.kv4_cache.kv4_write`
+(UINT4 cache) or `natix.kernels.paged_attention.paged_write` (16-bit cache): one program per token
+rotates its query and key heads in place (rounded to the tensors' dtype, as the separate kernels
+store them), then writes the rotated keys and the values at the token's slot (slot < 0: rope only).
+Rope's pairs ``(x[i], x[i + D/2])`` are exactly the two halves KV4 packs into one byte's nibbles,
+so the rotated halves go straight into the codes.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from .kv4_cache import KV4Cache, kv4_write_reference
+from .paged_attention import paged_write_reference
+from .rope import rope_reference
+
+
+def rope_cache_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                               cos_sin: torch.Tensor, slots: torch.Tensor, kv4: Optional[KV4Cache] = None,
+                               k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None) -> None:
+    rope_reference(q, k, positions, cos_sin)
+    if kv4 is not None:
+        kv4_write_reference(kv4, k, v, slots)
+    else:
+        paged_write_reference(k_cache, v_cache, k, v, slots)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rope_cache_write_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, c0, c1, c2, c3, c4, c5,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        HQ: tl.constexpr, HK: tl.constexpr, HP: tl.constexpr, HKP: tl.constexpr, HALF: tl.constexpr,
+        PAGE: tl.constexpr, KV4: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        d = tl.arange(0, HALF)
+        c = tl.load(cs_ptr + pos * (2 * HALF) + d)[None, :]
+        s = tl.load(cs_ptr + pos * (2 * HALF) + HALF + d)[None, :]
+        dt = q_ptr.dtype.element_ty
+        # queries: rotate in place
+        h = tl.arange(0, HP)
+        qb = q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :]
+        qok = (h < HQ)[:, None]
+        x1 = tl.load(qb, mask=qok, other=0.0).to(tl.float32)
+        x2 = tl.load(qb + HALF, mask=qok, other=0.0).to(tl.float32)
+        tl.store(qb, (x1 * c - x2 * s).to(dt), mask=qok)
+        tl.store(qb + HALF, (x2 * c + x1 * s).to(dt), mask=qok)
+        # keys: rotate in place (rounded to the tensor dtype, as the separate rope kernel stores them)
+        hk = tl.arange(0, HKP)
+        kok = (hk < HK)[:, None]
+        kb = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
+        x1 = tl.load(kb, mask=kok, other=0.0).to(tl.float32)
+        x2 = tl.load(kb + HALF, mask=kok, other=0.0).to(tl.float32)
+        k_lo = (x1 * c - x2 * s).to(dt)
+        k_hi = (x2 * c + x1 * s).to(dt)
+        tl.store(kb, k_lo, mask=kok)
+        tl.store(kb + HALF, k_hi, mask=kok)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            vb = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
+            v_lo = tl.load(vb, mask=kok, other=0.0)
+            v_hi = tl.load(vb + HALF, mask=kok, other=0.0)
+            row = ((slot // PAGE) * HK + hk) * PAGE + slot % PAGE  # [HKP]
+            if KV4:
+                # c0..c5 = k codes, v codes, k scale, k zero, v scale, v zero (kv4_cache's layout)
+                for which in tl.static_range(2):
+                    if which == 0:
+                        a, b, codes, sc, zr = k_lo.to(tl.float32), k_hi.to(tl.float32), c0, c2, c3
+                    else:
+                        a, b, codes, sc, zr = v_lo.to(tl.float32), v_hi.to(tl.float32), c1, c4, c5
+                    lo = tl.minimum(tl.min(a, axis=1), tl.min(b, axis=1))
+                    hi = tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1))
+                    s16 = ((hi - lo) / 15.0).to(tl.float16)
+                    z16 = lo.to(tl.float16)
+                    sf = s16.to(tl.float32)
+                    zf = z16.to(tl.float32)
+                    inv = tl.where(sf > 0, 1.0 / tl.where(sf > 0, sf, 1.0), 0.0)
+                    qa = tl.minimum(tl.maximum(tl.floor((a - zf[:, None]) * inv[:, None] + 0.5), 0.0), 15.0).to(tl.uint8)
+                    qb2 = tl.minimum(tl.maximum(tl.floor((b - zf[:, None]) * inv[:, None] + 0.5), 0.0), 15.0).to(tl.uint8)
+                    tl.store(codes + row[:, None] * HALF + d[None, :], qa | (qb2 << 4), mask=kok)
+                    tl.store(sc + row, s16, mask=hk < HK)
+                    tl.store(zr + row, z16, mask=hk < HK)
+            else:
+                # c0, c1 = k, v pages [P, H, page, 2 * HALF] in the cache dtype
+                o = row[:, None] * (2 * HALF) + d[None, :]
+                ct = c0.dtype.element_ty
+                tl.store(c0 + o, k_lo.to(ct), mask=kok)
+                tl.store(c0 + o + HALF, k_hi.to(ct), mask=kok)
+                tl.store(c1 + o, v_lo.to(ct), mask=kok)
+                tl.store(c1 + o + HALF, v_hi.to(ct), mask=kok)
+
+    return rope_cache_write_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(hq: int, hk: int, half: int, page: int, kv4: bool):
+    import triton
+
+    from .launch import Launcher
+
+    return Launcher(_kernel(), HQ=hq, HK=hk, HP=triton.next_power_of_2(hq), HKP=triton.next_power_of_2(hk),
+                    HALF=half, PAGE=page, KV4=kv4, num_warps=4)
+
+
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                     slots: torch.Tensor, kv4: Optional[KV4Cache] = None, k_cache: Optional[torch.Tensor] = None,
+                     v_cache: Optional[torch.Tensor] = None) -> None:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` in place by ``positions [T]`` (``cos_sin`` as in
+    `natix.kernels.rope`) and store k, ``v [T, Hkv, D]`` at ``slots [T]`` in ``kv4`` or in the 16-bit
+    ``k_cache`` / ``v_cache``. Shapes are the caller's to check (the engine checks them at load)."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        rope_cache_write_reference(q, k, v, positions, cos_sin, slots, kv4, k_cache, v_cache)
+        return
+    t = q.shape[0]
+    if t == 0:
+        return
+    if kv4 is not None:
+        tensors, page = kv4.tensors(), kv4.page_size
+    else:
+        tensors, page = (k_cache, v_cache, k_cache, k_cache, k_cache, k_cache), k_cache.shape[2]
+    _launcher(q.shape[1], k.shape[1], q.shape[2] // 2, page, kv4 is not None)(
+        (t,), q, k, v, positions, cos_sin, slots, *tensors, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1))
