@@ -259,22 +259,29 @@ def section_engine(out: Out, a: argparse.Namespace) -> None:
     for scheme, group in a.scheme_list:
         e = None
         try:
-            e = make_engine(scheme, group, max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.gen + 64,
+            e = make_engine(scheme, group, max_num_seqs=max(a.batches), max_model_len=max(1088, a.prompt_len + a.gen + 64),
                             max_num_batched_tokens=max(8192, max(a.batches) * a.prompt_len), kv_cache_memory_gb=a.kv_gb)
             t = time.perf_counter()
             e.runner.warmup(a.batches)
             warm = time.perf_counter() - t
             for b in a.batches:
-                prompts = prompts_of(b, a.prompt_len, e.runner.spec.vocab, seed=b)
                 spec = SamplingSpec(max_tokens=a.gen)
-                run_requests(e, prompts, spec.replace(max_tokens=2))  # warm the prefill path at this shape
+                vocab = e.runner.spec.vocab
+                # warm the prefill path at this shape; every run then has fresh prompts (no prefix-cache hits)
+                run_requests(e, prompts_of(b, a.prompt_len, vocab, seed=10**6 + b), spec.replace(max_tokens=2))
                 for rep in range(a.reps):
-                    r = run_requests(e, prompts, spec)
+                    r = run_requests(e, prompts_of(b, a.prompt_len, vocab, seed=1000 * b + rep), spec)
                     out(kind="engine", scheme=label(scheme, group), batch=b, prompt_len=a.prompt_len, gen=a.gen, rep=rep,
                         graphs=e.runner.use_graphs, load_s=round(e.load_s, 2), graph_warmup_s=round(warm, 2),
                         weight_gb=round(e.runner.weight_bytes / 2**30, 3), kv_gb=round(e.runner.kv.nbytes / 2**30, 3),
                         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV.type == "cuda" else None,
                         **r)
+            # prefix caching: the same 1024-token prompt twice; the second prefill computes its last page only
+            p = prompts_of(1, 1024, vocab, seed=5)
+            cold = run_requests(e, p, SamplingSpec(max_tokens=2))
+            warm = run_requests(e, p, SamplingSpec(max_tokens=2))
+            out(kind="prefix_cache", scheme=label(scheme, group), prompt_len=1024, ttft_ms_cold=cold["ttft_ms_p50"],
+                ttft_ms_warm=warm["ttft_ms_p50"], hit_tokens=e.scheduler.blocks.cache_hit_tokens)
         except Exception as ex:  # noqa: BLE001
             traceback.print_exc()
             out(kind="engine", scheme=label(scheme, group), error=f"{type(ex).__name__}: {ex}")
