@@ -11,8 +11,9 @@ arguments with the same properties it was compiled for, so each call computes th
 (per tensor: data pointer 16-byte aligned; per integer: equal to 1, divisible by 16, needs 64 bits)
 and a new key goes through the normal JIT path once. The launcher's argument layout (whether
 constexpr values follow the runtime arguments; it changed across Triton releases) is read off one
-normal launch, and anything unexpected (launch hooks set, a layout that does not match) makes the
-launcher fall back to the normal path for good. Run under ``TRITON_INTERPRET=1`` it always does.
+normal launch, and anything unexpected (launch hooks registered, e.g. by a profiler; a layout that
+does not match) makes the launcher fall back to the normal path for good. Launch metadata and hooks
+are passed as None, which the launcher skips. Under ``TRITON_INTERPRET=1`` it always falls back.
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ class Launcher:
         try:
             from triton import knobs
 
-            hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+            # Triton >= 3.4 keeps the hooks in (usually empty) HookChain objects
+            hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+            hooked = any(h is not None and getattr(h, "calls", True) for h in hooks)
         except (ImportError, AttributeError):
             hooked = False
         attr = "_run" if isinstance(getattr(type(kernel), "run", None), property) else "run"

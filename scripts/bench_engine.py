@@ -322,7 +322,7 @@ def section_maj(out: Out, a: argparse.Namespace) -> None:
         e = None
         try:
             e = make_engine(scheme, group, max_num_seqs=16, max_model_len=512 + 256 + 64, kv_cache_memory_gb=a.kv_gb)
-            e.runner.warmup([1, 8])
+            e.runner.warmup([1, 8], modes=("greedy", "sample"))
             prompt = prompts_of(1, 512, e.runner.spec.vocab, seed=3)
             run_requests(e, prompt, SamplingSpec(max_tokens=4))
             ps = e.runner.page_size
