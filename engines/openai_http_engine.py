@@ -136,9 +136,9 @@ def retrying(retries: int) -> Any:
     """tenacity policy: retry 429/503 and refused connections, exponential backoff with jitter
     (0.1 s doubling to 5 s), at least the server's ``Retry-After`` (capped at 30 s)."""
     import httpx
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
-    backoff = wait_exponential_jitter(initial=0.1, max=5.0)
+    backoff = wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.1)
 
     def retryable(e: BaseException) -> bool:
         return (isinstance(e, ServerError) and e.status in RETRYABLE_STATUS) or isinstance(e, httpx.ConnectError)

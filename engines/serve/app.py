@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from natix.engines.base import SamplingSpec
 from natix.engines.serve.loop import EngineLoop, LoopEngine, RequestFailed, Submission
-from natix.engines.serve.metrics import RequestTracker, ServerMetrics
+from natix.engines.serve.metrics import ServerMetrics
 from natix.engines.serve.prompts import Tokens
 from natix.engines.serve.protocol import (
     APIError,
@@ -105,8 +105,9 @@ def build_app(engine: StreamingEngine, tokenizer: Any, cfg: ServerConfig,
     """The natix-serve app over ``engine`` (any StreamingEngine; wrap batch engines in
     :class:`~natix.engines.serve.adapter.BatchingAdapter`). The engine loop starts with the app
     and stops with it; ``on_close`` (e.g. closing the engine) runs after."""
-    loop = EngineLoop(engine)
-    state = _State(loop, Tokens(tokenizer, cfg.max_model_len), ServerMetrics(cfg.model_name, loop.stats), cfg,
+    metrics = ServerMetrics(cfg.model_name, engine.stats)
+    loop = EngineLoop(engine, observer=metrics.observe)
+    state = _State(loop, Tokens(tokenizer, cfg.max_model_len), metrics, cfg,
                    ThreadPoolExecutor(max_workers=max(2, cfg.max_running), thread_name_prefix="natix-vote"))
     if on_close is not None:
         state.on_close.append(on_close)
@@ -369,10 +370,12 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-def _submit(state: _State, prompts: Sequence[Any], spec: SamplingSpec, call: _Call) -> Submission:
+def _submit(state: _State, prompts: Sequence[Any], ids: list[list[int]], spec: SamplingSpec, call: _Call) -> Submission:
     state.admit(len(prompts))
     try:
-        return Submission(state.loop, prompts, spec, call.id)
+        sub = Submission(state.loop, prompts, spec, call.id)
+        state.metrics.prompt_tokens.inc(sum(len(i) for i in ids))
+        return sub
     except RequestError as e:
         state.in_flight -= len(prompts)
         raise APIError(400, str(e), param="prompt" if call.kind == "completion" else "messages") from e
@@ -383,8 +386,7 @@ def _submit(state: _State, prompts: Sequence[Any], spec: SamplingSpec, call: _Ca
 
 async def _serve(state: _State, call: _Call, request: Request, prompts: Sequence[Any],
                  ids: list[list[int]], spec: SamplingSpec) -> Response:
-    sub = _submit(state, prompts, spec, call)
-    tracker = RequestTracker(state.metrics, call.t0, sum(len(i) for i in ids))
+    sub = _submit(state, prompts, ids, spec, call)
     released = False
 
     def release() -> None:
@@ -395,13 +397,12 @@ async def _serve(state: _State, call: _Call, request: Request, prompts: Sequence
             state.in_flight -= len(prompts)
 
     if call.req.stream:
-        return StreamingResponse(_stream(state, call, request, sub, tracker, ids, release),
+        return StreamingResponse(_stream(state, call, request, sub, ids, release),
                                  media_type="text/event-stream", background=BackgroundTask(release))
     samples: dict[tuple[int, int], _Sample] = {}
     try:
         async def collect() -> None:
             async for ds in sub:
-                tracker.on_deltas(ds, time.perf_counter(), spec.n)
                 for d in ds:
                     samples.setdefault((sub.index[d.request_id], d.index), _Sample()).add(d)
 
@@ -439,8 +440,8 @@ class _Disconnected(Exception):
     """The client hung up; nobody is left to answer."""
 
 
-async def _stream(state: _State, call: _Call, request: Request, sub: Submission, tracker: RequestTracker,
-                  ids: list[list[int]], release: Callable[[], None]) -> AsyncIterator[str]:
+async def _stream(state: _State, call: _Call, request: Request, sub: Submission, ids: list[list[int]],
+                  release: Callable[[], None]) -> AsyncIterator[str]:
     n = call.n
     started: set[int] = set()
     generated = 0
@@ -456,7 +457,6 @@ async def _stream(state: _State, call: _Call, request: Request, sub: Submission,
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline - time.perf_counter())):
                 async for ds in sub:
-                    tracker.on_deltas(ds, time.perf_counter(), n)
                     for d in ds:
                         index = sub.index[d.request_id] * n + d.index
                         generated += len(d.token_ids)
@@ -502,10 +502,7 @@ async def _vote(state: _State, call: _Call, request: Request, prompt: str, ids: 
     finally:
         state.in_flight -= 1
         state.metrics.tt_samples.inc(engine.samples)
-        state.metrics.generation_tokens.inc(engine.tokens)
     state.metrics.prompt_tokens.inc(len(ids))
-    state.metrics.e2e.observe(time.perf_counter() - call.t0)
-    state.metrics.finished("stop" if result.completion is None else result.completion.finish_reason)
     c = result.completion
     s = _Sample()
     if c is not None:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, ClassVar, Sequence
@@ -34,6 +35,7 @@ __all__ = ["EngineLoop", "Submission", "LoopEngine", "RequestFailed"]
 log = logging.getLogger("natix.serve")
 
 Sink = Callable[[list[RequestDelta]], None]
+Observer = Callable[[str, list[RequestDelta], float, int, float], None]
 
 
 class RequestFailed(RuntimeError):
@@ -46,13 +48,17 @@ class _Subscriber:
     n: int
     lps: bool
     open: set[int]  # sample indices not finished yet
+    submitted: float
 
 
 class EngineLoop:
-    """Steps ``engine`` in a background thread; see the module docstring."""
+    """Steps ``engine`` in a background thread; see the module docstring. ``observer(request_id,
+    deltas, submitted, n, now)`` sees every request's deltas first, in the loop thread (metrics:
+    it counts requests whose client has gone too)."""
 
-    def __init__(self, engine: StreamingEngine, *, idle_poll_s: float = 0.05) -> None:
+    def __init__(self, engine: StreamingEngine, *, observer: Observer | None = None, idle_poll_s: float = 0.05) -> None:
         self.engine = engine
+        self._observer = observer
         self._subs: dict[str, _Subscriber] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -85,7 +91,7 @@ class EngineLoop:
         rid = request_id or uuid.uuid4().hex
         with self._lock:  # registered before the loop thread can dispatch anything for it
             self.engine.add_request(prompt, spec, rid)
-            self._subs[rid] = _Subscriber(sink, spec.n, spec.logprobs, set(range(spec.n)))
+            self._subs[rid] = _Subscriber(sink, spec.n, spec.logprobs, set(range(spec.n)), time.perf_counter())
         self._wake.set()
         return rid
 
@@ -124,7 +130,15 @@ class EngineLoop:
                         sub.open.discard(d.index)
                 if not sub.open:
                     del self._subs[rid]
-            _call(sub.sink, ds)
+            self._deliver(rid, sub, ds)
+
+    def _deliver(self, rid: str, sub: _Subscriber, ds: list[RequestDelta]) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(rid, ds, sub.submitted, sub.n, time.perf_counter())
+            except Exception:  # noqa: BLE001 - metrics must not stop the loop
+                log.exception("the delta observer failed")
+        _call(sub.sink, ds)
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
@@ -136,8 +150,8 @@ class EngineLoop:
                 log.exception("abort of %s after a failed step failed", rid)
             lps = () if sub.lps else None
             done = Completion(text="", token_ids=(), token_logprobs=lps, finish_reason="error")
-            _call(sub.sink, [RequestDelta(rid, i, (), lps, "", "error", completion=done, error=error)
-                             for i in sorted(sub.open)])
+            self._deliver(rid, sub, [RequestDelta(rid, i, (), lps, "", "error", completion=done, error=error)
+                                     for i in sorted(sub.open)])
 
 
 def _call(sink: Sink, deltas: list[RequestDelta]) -> None:

@@ -9,8 +9,8 @@ moves over by renaming the prefix): ``num_requests_running``, ``num_requests_wai
 ``num_preemptions_total``. Beyond vLLM's: ``request_rejected_total{reason}`` (429 / 503 / 400
 answers) and ``test_time_samples_total`` (samples drawn for the ``natix`` extension).
 
-Latencies are measured where the client sees them, in the server: TTFT from the request's
-arrival to its first token leaving the engine; inter-token latency per token after the first
+Latencies are measured in the server, for every engine request (a client that hung up
+included): TTFT from the request's submission to its first token leaving the engine; inter-token latency per token after the first
 (a delta of k tokens that came t seconds after the previous one counts k tokens of t/k).
 With an engine behind the batching adapter (hf, vllm) a sample's tokens arrive all at once, so
 its TTFT is its whole generation time and it adds no inter-token samples: that is what a
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ServerMetrics", "RequestTracker"]
+__all__ = ["ServerMetrics"]
 
 PREFIX = "natix:"
 
@@ -72,6 +72,7 @@ class ServerMetrics:
         self.tt_samples = Counter(PREFIX + "test_time_samples", "Samples drawn for the natix extension.",
                                   **label).labels(m)
         self._model = m
+        self._live: dict[str, _Live] = {}
 
     def finished(self, reason: str) -> None:
         self._success.labels(self._model, reason).inc()
@@ -94,40 +95,39 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class RequestTracker:
-    """Feeds one HTTP request's deltas into the latency histograms and token counters.
-
-    ``t0``: the request's arrival (perf_counter). TTFT and end-to-end latency are observed per
-    engine request (prompt), inter-token latency per sample, finish reasons per sample (as
-    vLLM counts each of n samples).
-    """
-
-    def __init__(self, metrics: ServerMetrics, t0: float, prompt_tokens: int) -> None:
-        self.m, self.t0 = metrics, t0
-        metrics.prompt_tokens.inc(prompt_tokens)
-        self._first: set[str] = set()  # engine requests that produced a token
-        self._last: dict[tuple[str, int], float] = {}  # sample -> time of its previous delta
-        self._open: dict[str, int] = {}  # engine request -> samples not finished
-
-    def on_deltas(self, deltas: Any, now: float, n: int) -> None:
+    def observe(self, request_id: str, deltas: Any, submitted: float, n: int, now: float) -> None:
+        """One step's deltas for one engine request (called from the engine loop's thread, for
+        every request, whether or not a client is still reading it). TTFT and end-to-end
+        latency are per engine request from ``submitted``; inter-token latency per sample;
+        finish reasons per sample (as vLLM counts each of n samples)."""
+        st = self._live.setdefault(request_id, _Live(n))
         for d in deltas:
-            rid, k = d.request_id, len(d.token_ids)
-            self._open.setdefault(rid, n)
+            k = len(d.token_ids)
             if k:
-                self.m.generation_tokens.inc(k)
-                if rid not in self._first:
-                    self._first.add(rid)
-                    self.m.ttft.observe(now - self.t0)
-                prev = self._last.get((rid, d.index))
+                self.generation_tokens.inc(k)
+                if not st.first:
+                    st.first = True
+                    self.ttft.observe(now - submitted)
+                prev = st.last.get(d.index)
                 if prev is not None:
                     for _ in range(k):
-                        self.m.itl.observe((now - prev) / k)
-                self._last[(rid, d.index)] = now
+                        self.itl.observe((now - prev) / k)
+                st.last[d.index] = now
             if d.finished:
-                self.m.finished(d.finish_reason)
-                self._open[rid] -= 1
-                if self._open[rid] == 0:
-                    self.m.e2e.observe(now - self.t0)
+                self.finished(d.finish_reason)
+                st.open -= 1
+                if st.open == 0:
+                    del self._live[request_id]
+                    self.e2e.observe(now - submitted)
                     timing = d.completion.timing if d.completion is not None else None
                     if timing is not None and timing.queue_s is not None:
-                        self.m.queue.observe(timing.queue_s)
+                        self.queue.observe(timing.queue_s)
+
+
+class _Live:
+    """Per engine request in flight: first token seen, each sample's last delta time, samples open."""
+
+    def __init__(self, n: int) -> None:
+        self.first = False
+        self.last: dict[int, float] = {}
+        self.open = n
