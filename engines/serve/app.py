@@ -306,7 +306,7 @@ class _Call:
             return None
         as_ids = self.req.return_tokens_as_token_ids
         texts = self.tokens.token_texts(ids, as_ids)
-        pairs = [list(zip(self.tokens.token_texts(list(t), as_ids), t.values())) for t in tops] if tops else None
+        pairs = [list(zip(self.tokens.token_texts(list(t), as_ids, special=True), t.values())) for t in tops] if tops else None
         if self.kind == "completion":
             return completion_logprobs(texts, list(lps), [dict(p) for p in pairs] if pairs else None, offset)
         return chat_logprobs(texts, list(lps), pairs)

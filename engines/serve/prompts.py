@@ -67,8 +67,10 @@ class Tokens:
                            f"{self.max_model_len} tokens", param=param, code="context_length_exceeded")
         return ids
 
-    def token_texts(self, ids: Sequence[int], as_ids: bool) -> list[str]:
-        """One string per token: its decoded text, or ``token_id:<id>``."""
+    def token_texts(self, ids: Sequence[int], as_ids: bool, special: bool = False) -> list[str]:
+        """One string per token: its decoded text, or ``token_id:<id>``. Special tokens (the EOS
+        that ended a sample) decode to "" unless ``special`` (the alternatives in
+        ``top_logprobs``), so a sample's tokens join to its text as OpenAI's do."""
         if as_ids:
             return [f"token_id:{i}" for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        return [self.tokenizer.decode([i], skip_special_tokens=not special) for i in ids]
