@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 import click
 
-__all__ = ["serve_load", "RequestRecord", "summarize", "run_load"]
+__all__ = ["serve_load", "RequestRecord", "summarize", "run_load", "measure", "task_prompts", "http_sender",
+           "inprocess_sender", "append_row"]
 
 
 @dataclass
@@ -136,7 +137,7 @@ def run_load(send: Callable[[int], RequestRecord], n: int, *, concurrency: int |
     return records, time.perf_counter() - t0
 
 
-def _http_sender(endpoint: str, api_key: str | None, prompts: list[str], spec: Any, concurrency: int) -> tuple[Callable[[int], RequestRecord], Callable[[], None]]:
+def http_sender(endpoint: str, api_key: str | None, prompts: list[str], spec: Any, concurrency: int) -> tuple[Callable[[int], RequestRecord], Callable[[], None]]:
     import httpx
 
     from natix.engines.openai_http_engine import completion_body, stream_completion
@@ -163,7 +164,7 @@ def _http_sender(endpoint: str, api_key: str | None, prompts: list[str], spec: A
     return send, client.close
 
 
-def _inprocess_sender(loop: Any, tokenizer: Any, prompts: list[str], spec: Any) -> Callable[[int], RequestRecord]:
+def inprocess_sender(loop: Any, tokenizer: Any, prompts: list[str], spec: Any) -> Callable[[int], RequestRecord]:
     def send(i: int) -> RequestRecord:
         prompt = prompts[i % len(prompts)]
         inbox: queue.Queue = queue.Queue()
@@ -225,10 +226,8 @@ def serve_load(endpoint: str | None, api_key: str | None, in_process: bool, mode
                temperature: float, n_samples: int, seed: int, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
                slo_e2el_ms: float | None, label: str, out: str | None) -> None:
     """Load a server (or the in-process engine loop) and report TTFT/TPOT/ITL/E2EL, throughput, goodput."""
-    from natix.bench.env import environment
     from natix.bench.tasks import get_task
     from natix.engines.base import EngineConfig, SamplingSpec
-    from natix.engines.chat import apply_chat
     from natix.quant.models import load_tokenizer
 
     if bool(endpoint) == in_process:
@@ -244,7 +243,6 @@ def serve_load(endpoint: str | None, api_key: str | None, in_process: bool, mode
                             logprobs=False, seed=None)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    items = t.items("eval", min(n_requests, 200), seed=seed)
     closers: list[Callable[[], None]] = []
     info: dict[str, Any] = {}
     if in_process:
@@ -255,40 +253,60 @@ def serve_load(endpoint: str | None, api_key: str | None, in_process: bool, mode
         streaming, tokenizer, loaded, _ = load_engine(engine, cfg, window_s=batch_window_ms / 1e3)
         loop = EngineLoop(streaming).start()
         closers += [loaded.close, loop.stop]
-        prompts = [apply_chat(tokenizer, t.user_text(it), system=t.system) for it in items]
-        send = _inprocess_sender(loop, tokenizer, prompts, spec)
+        send = inprocess_sender(loop, tokenizer, task_prompts(t, tokenizer, n_requests, seed), spec)
         info = loaded.info() if hasattr(loaded, "info") else {}
     else:
-        tokenizer = load_tokenizer(model)
-        prompts = [apply_chat(tokenizer, t.user_text(it), system=t.system) for it in items]
+        prompts = task_prompts(t, load_tokenizer(model), n_requests, seed)
         try:
-            send, close = _http_sender(str(endpoint), api_key, prompts, spec, concurrency or n_requests)
+            send, close = http_sender(str(endpoint), api_key, prompts, spec, concurrency or n_requests)
         except Exception as e:  # noqa: BLE001 - say which endpoint did not answer
             raise click.ClickException(f"cannot reach {endpoint}: {e}") from e
         closers.append(close)
+    slo = {k: v for k, v in (("ttft", slo_ttft_ms), ("tpot", slo_tpot_ms), ("e2el", slo_e2el_ms)) if v is not None}
+    meta = {"mode": "inprocess" if in_process else "http", "endpoint": endpoint, "label": label, "task": task,
+            "model": model, "adapter": adapter, "engine": engine if in_process else None,
+            "temperature": temperature, "n": n_samples, "max_tokens": spec.max_tokens}
     try:
-        records, wall = run_load(send, n_requests, concurrency=concurrency, rate=rate, duration_s=duration_s, seed=seed)
+        row = measure(send, n_requests, concurrency=concurrency, rate=rate, duration_s=duration_s, seed=seed,
+                      slo_ms=slo, meta=meta, device=info.get("device"))
     finally:
         for close in reversed(closers):
             close()
-    slo = {k: v for k, v in (("ttft", slo_ttft_ms), ("tpot", slo_tpot_ms), ("e2el", slo_e2el_ms)) if v is not None}
-    row = {"mode": "inprocess" if in_process else "http", "endpoint": endpoint, "label": label, "task": task,
-           "model": model, "adapter": adapter, "engine": engine if in_process else None,
-           "requests": n_requests, "concurrency": concurrency, "rate": rate, "max_tokens": spec.max_tokens,
-           "temperature": temperature, "n": n_samples, **summarize(records, wall, slo),
-           "env": environment(info.get("device")), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-    click.echo(_render(row))
+        append_row(out, row)
+    click.echo(render(row))
 
 
-def _render(row: dict[str, Any]) -> str:
+def task_prompts(task: Any, tokenizer: Any, n: int, seed: int = 0) -> list[str]:
+    """Up to 200 held-out items of ``task``, chat-formatted as natix-bench formats them."""
+    from natix.engines.chat import apply_chat
+
+    return [apply_chat(tokenizer, task.user_text(it), system=task.system)
+            for it in task.items("eval", min(n, 200), seed=seed)]
+
+
+def measure(send: Callable[[int], RequestRecord], n: int, *, concurrency: int | None, rate: float | None,
+            duration_s: float, seed: int, slo_ms: dict[str, float], meta: dict[str, Any],
+            device: str | None = None) -> dict[str, Any]:
+    """One load run: ``meta`` + the load shape + :func:`summarize` + the environment."""
+    from natix.bench.env import environment
+
+    records, wall = run_load(send, n, concurrency=concurrency, rate=rate, duration_s=duration_s, seed=seed)
+    return {**meta, "requests": n, "concurrency": concurrency, "rate": rate, **summarize(records, wall, slo_ms),
+            "env": environment(device), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def render(row: dict[str, Any]) -> str:
     def f(x: Any) -> str:
         return "-" if x is None else f"{x:.1f}"
 
-    lines = [f"{row['mode']} {row['label']}: {row['completed']} ok, {row['failed']} failed in {row['duration_s']:.1f} s; "
+    lines = [f"{row['mode']} {row.get('label', '')}: {row['completed']} ok, {row['failed']} failed in {row['duration_s']:.1f} s; "
              f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.1f} output tok/s, "
              f"goodput {row['goodput']:.2f} req/s"]
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
