@@ -11,8 +11,9 @@ the tokens after the first. Prompts of one ``generate`` call go concurrently (up
 Token ids: the engine asks for vLLM's ``return_token_ids`` (natix-serve and vLLM answer with
 each choice's ids) and, with logprobs, ``return_tokens_as_token_ids`` (logprob tokens read
 ``token_id:<id>``). A server that gives neither (SGLang, llama.cpp) yields completions with
-their text and logprobs but no ids, unless ``cfg.extra["tokenizer"]`` names a local tokenizer
-(a model spec) to re-encode the text with (approximate: text need not re-encode to the same ids).
+their text and logprobs; their ids are then the text re-encoded by a local tokenizer
+(``cfg.extra["tokenizer"]``, else ``cfg.model`` when it names a model natix can load), which is
+approximate (text need not re-encode to the ids the server sampled), or empty without one.
 
 Robustness: ``429`` and ``503`` (a full queue, a draining server) and refused connections are
 retried with exponential backoff and jitter, honouring ``Retry-After`` (tenacity); other errors
@@ -211,6 +212,9 @@ class OpenAIHTTPEngine:
     def load(self, cfg: EngineConfig) -> None:
         import httpx
 
+        if cfg.adapter:
+            raise ValueError("openai-http generates with what the server loaded: give the adapter to the server "
+                             "(natix-serve --adapter), not to this engine")
         endpoint = cfg.extra.get("endpoint") or os.environ.get("OPENAI_BASE_URL")
         if not endpoint:
             raise ValueError("openai-http needs an endpoint: cfg.extra['endpoint'] or OPENAI_BASE_URL "
@@ -238,10 +242,6 @@ class OpenAIHTTPEngine:
             self.model = served[0]
         else:
             raise ValueError(f"{self.endpoint} serves {served}: say which with cfg.extra['served_model']")
-        if cfg.extra.get("tokenizer"):
-            from natix.quant.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(str(cfg.extra["tokenizer"]))
 
     def _models(self) -> list[str]:
         for attempt in retrying(self.retries):
@@ -250,6 +250,18 @@ class OpenAIHTTPEngine:
                 if r.status_code >= 400:
                     raise ServerError(r.status_code, _error_message(r.content), _retry_after(r.headers))
         return [m["id"] for m in r.json().get("data", [])]
+
+    def _fallback_tokenizer(self) -> Any:
+        """For servers that return no token ids (loaded on first need; None if none loads)."""
+        if self._tokenizer is None and self.cfg is not None:
+            from natix.quant.models import load_tokenizer
+
+            spec = str(self.cfg.extra.get("tokenizer") or self.cfg.model)
+            try:
+                self._tokenizer = load_tokenizer(spec)
+            except Exception:  # noqa: BLE001 - a served name, not a local model: no ids then
+                self._tokenizer = False
+        return self._tokenizer or None
 
     def close(self) -> None:
         if self.client is not None:
@@ -282,8 +294,8 @@ class OpenAIHTTPEngine:
         for i in range(spec.n):
             c = s.choices[i]
             ids = c.token_ids
-            if not c.ids_known and self._tokenizer is not None:
-                ids = self._tokenizer(c.text, add_special_tokens=False).input_ids
+            if not c.ids_known and (tok := self._fallback_tokenizer()) is not None:
+                ids = tok(c.text, add_special_tokens=False).input_ids
             out.append(Completion(
                 text=c.text, token_ids=tuple(ids),
                 token_logprobs=tuple(c.logprobs) if spec.logprobs else None,

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,10 +63,16 @@ def measure_all(a: argparse.Namespace) -> None:
     meta = {"task": task.name, "model": a.model, "adapter": a.adapter, "engine": a.engine, "tag": a.tag,
             "max_batch_size": a.max_batch_size, "torch_threads": a.threads, "temperature": 0.0, "n": 1, "max_tokens": spec.max_tokens}
 
-    def run(mode: str, send, c: int) -> None:
+    def run(mode: str, send, c: int, server_e2e=None) -> None:
         send(0)  # warm-up (first-call allocations), not measured
+        before = server_e2e() if server_e2e else None
         row = measure(send, requests_for(c), concurrency=c, rate=None, duration_s=1800, seed=0, slo_ms={},
                       meta={**meta, "mode": mode, "load_average": os.getloadavg()[0]}, device=a.device)
+        if before is not None:
+            # the server's own view of the same requests (submission to last token, in the engine
+            # loop): client E2EL minus this is what HTTP, JSON and SSE cost, with engine noise cancelled
+            after = server_e2e()
+            row["server_e2el_mean_ms"] = 1e3 * (after[0] - before[0]) / max(1, after[1] - before[1])
         append_row(a.jsonl, row)
         print(render(row), flush=True)
 
@@ -78,7 +83,7 @@ def measure_all(a: argparse.Namespace) -> None:
         for c in CONCURRENCY:
             send, close = http_sender(url + "/v1", None, prompts, spec, c)
             try:
-                run("http", send, c)
+                run("http", send, c, server_e2e=lambda: _server_e2e(url))
             finally:
                 close()
     finally:
@@ -96,6 +101,16 @@ def measure_all(a: argparse.Namespace) -> None:
     finally:
         loop.stop()
         loaded.close()
+
+
+def _server_e2e(url: str) -> tuple[float, float]:
+    """(sum, count) of natix:e2e_request_latency_seconds from the server's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {s.name: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples
+           if s.name.startswith("natix:e2e_request_latency_seconds_")}
+    return got["natix:e2e_request_latency_seconds_sum"], got["natix:e2e_request_latency_seconds_count"]
 
 
 def _f(x: float | None, nd: int = 0) -> str:
@@ -121,20 +136,25 @@ def render_md(rows: list[dict]) -> str:
                 f"| {_f(r['e2el_ms']['p50'])} / {_f(r['e2el_ms']['p90'])} / {_f(r['e2el_ms']['p99'])} "
                 f"| {_f(r.get('load_average'), 1)} |")
         out.append("")
-        out.append("HTTP overhead (HTTP minus in-process, same concurrency): mean end-to-end latency per request, and "
-                   "per output token.\n")
-        out.append("| conc. | E2EL mean in-process ms | E2EL mean HTTP ms | overhead ms/request | overhead ms/token "
-                   "| throughput HTTP / in-process |")
-        out.append("|---:|---:|---:|---:|---:|---:|")
+        out.append("HTTP overhead. *Same requests*: the client's mean E2EL minus the server's own mean for the same "
+                   "requests (`natix:e2e_request_latency_seconds`, submission to last token in the engine loop), so engine "
+                   "time and its noise cancel. *Separate runs*: HTTP run minus in-process run, which also carries "
+                   "run-to-run noise.\n")
+        out.append("| conc. | E2EL mean HTTP ms | server-side mean ms | overhead, same requests ms/req | ms/token "
+                   "| E2EL mean in-process ms | overhead, separate runs ms/req | ms/token | throughput HTTP / in-process |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         by = {(r["mode"], r["concurrency"]): r for r in sel}
         for c in sorted({r["concurrency"] for r in sel}):
             h, i = by.get(("http", c)), by.get(("inprocess", c))
             if not (h and i):
                 continue
+            tokens = h["total_output_tokens"] / max(1, h["completed"])
             d = h["e2el_ms"]["mean"] - i["e2el_ms"]["mean"]
-            per_tok = d / (h["total_output_tokens"] / max(1, h["completed"]))
-            out.append(f"| {c} | {i['e2el_ms']['mean']:.0f} | {h['e2el_ms']['mean']:.0f} | {d:+.0f} | {per_tok:+.2f} "
-                       f"| {h['output_throughput'] / i['output_throughput']:.2f} |")
+            srv = h.get("server_e2el_mean_ms")
+            same = None if srv is None else h["e2el_ms"]["mean"] - srv
+            out.append(f"| {c} | {h['e2el_ms']['mean']:.0f} | {_f(srv)} | {_f(same, 1)} | "
+                       f"{_f(None if same is None else same / tokens, 2)} | {i['e2el_ms']['mean']:.0f} | {d:+.0f} "
+                       f"| {d / tokens:+.2f} | {h['output_throughput'] / i['output_throughput']:.2f} |")
         out.append("")
     return "\n".join(out)
 

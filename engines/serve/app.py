@@ -182,7 +182,7 @@ def build_app(engine: StreamingEngine, tokenizer: Any, cfg: ServerConfig,
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        _check_model(cfg, req.model)
+        _check(cfg, req)
         prompts = _prompt_list(req.prompt)
         if len(prompts) > cfg.max_running:
             raise APIError(400, f"{len(prompts)} prompts in one request; at most {cfg.max_running}", param="prompt")
@@ -203,7 +203,7 @@ def build_app(engine: StreamingEngine, tokenizer: Any, cfg: ServerConfig,
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        _check_model(cfg, req.model)
+        _check(cfg, req)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         prompt = state.tokens.chat_prompt(req.messages)
@@ -228,6 +228,14 @@ def _lenient_json() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- request handling
+def _check(cfg: ServerConfig, req: Any) -> None:
+    """The model name, and no field natix-serve cannot honour."""
+    _check_model(cfg, req.model)
+    field_ = req.unsupported()
+    if field_ is not None:
+        raise APIError(400, f"{field_} is not supported by natix-serve", param=field_, code="unsupported")
+
+
 def _check_model(cfg: ServerConfig, model: str | None) -> None:
     if model is not None and model != cfg.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {cfg.model_name!r}",

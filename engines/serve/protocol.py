@@ -78,6 +78,33 @@ class _Sampling(_Request):
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
     natix: NatixOptions | None = None
+    # OpenAI fields natix-serve does not implement: refused (400 naming the field) when set to
+    # anything but their no-op default, rather than silently ignored
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something natix-serve cannot do, or None."""
+        if self.presence_penalty:
+            return "presence_penalty"
+        if self.frequency_penalty:
+            return "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
+        return None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -198,3 +198,15 @@ def test_top_logprobs_from_hf_and_through_the_worker_format(engine):
 
     back = completion_from_json(json.loads(json.dumps(completion_to_json(c))))
     assert back == c
+
+
+def test_serve_modules_import_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, natix.engines.serve.app, natix.engines.serve.cli, natix.engines.openai_http_engine, "
+            "natix.bench.serve_load, natix.bench.cli; "
+            "heavy = [m for m in ('torch', 'transformers', 'uvicorn', 'httpx', 'tenacity') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the server modules pulled in: {out.stdout.strip()}"

@@ -170,6 +170,9 @@ def test_api_key(tiny_server):
     ({"prompt": "x", "natix": {"strategy": "maj@4"}, "temperature": 0}, 400, "temperature"),
     ({"prompt": "x", "natix": {"strategy": "bo4:verifier", "task": "chain_sum"}}, 400, "natix.strategy"),
     ({"prompt": "x", "natix": {"strategy": "maj@64"}}, 400, "natix.strategy"),
+    ({"prompt": "x", "natix": {"strategy": "maj@4", "extractor": "regex:(a+)+$"}}, 400, "natix.extractor"),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"12": 5}}, 400, "logit_bias"),
 ])
 def test_bad_completion_requests(http, body, status, param):
     kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
@@ -188,6 +191,8 @@ def test_bad_completion_requests(http, body, status, param):
                    {"role": "user", "content": "c"}]}, "messages"),  # no chat template for multi-turn
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10**9}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
 ])
 def test_bad_chat_requests(http, body, param):
     r = http.post("/v1/chat/completions", json=body)
@@ -278,3 +283,23 @@ def test_serve_load_against_the_server(tiny_server, tiny_model_dir, tmp_path):
     for key in ("ttft_ms", "tpot_ms", "e2el_ms"):
         assert set(row[key]) >= {"mean", "p50", "p90", "p99"}
     assert row["output_throughput"] > 0 and row["request_throughput"] > 0 and "goodput" in row
+
+
+def test_natix_bench_run_measures_the_server_through_openai_http(tiny_server, tiny_model_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from natix.bench.cli import main
+    from natix.bench.runner import load_cells
+
+    monkeypatch.setenv("OPENAI_BASE_URL", tiny_server.v1)
+    monkeypatch.setenv("OPENAI_API_KEY", tiny_server.api_key)
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(main, ["run", "--engine", "openai-http", "--model", tiny_model_dir, "--variant", "base",
+                                    "--strategy", "greedy", "--strategy", "maj@2", "--items", "2", "--max-tokens", "8",
+                                    "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = load_cells(out)
+    assert sorted(r["strategy"] for r in rows) == ["greedy", "maj@2"]
+    for r in rows:
+        assert r["engine"] == "openai-http" and r["engine_info"]["endpoint"] == tiny_server.v1
+        assert r["draw"]["tokens"] > 0 and r["ttft_s_p50"] > 0
