@@ -123,7 +123,7 @@ def build_app(engine: StreamingEngine, tokenizer: Any, cfg: ServerConfig,
             for fn in state.on_close:
                 fn()
 
-    app = FastAPI(title="natix-serve", lifespan=lifespan, docs_url="/docs", redoc_url=None, **_lenient_json())
+    app = FastAPI(title="natix-serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.natix = state
     app.add_middleware(_AccessLog)
     _install_error_handlers(app, state)
@@ -217,14 +217,6 @@ def build_app(engine: StreamingEngine, tokenizer: Any, cfg: ServerConfig,
         return await _serve(state, call, request, [prompt], [ids], spec)
 
     return app
-
-
-def _lenient_json() -> dict[str, Any]:
-    """Parse JSON bodies whatever their Content-Type (``curl -d`` sends form-urlencoded), as
-    OpenAI's API does; FastAPI versions that know ``strict_content_type`` are strict by default."""
-    import inspect
-
-    return {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
 
 
 # ---------------------------------------------------------------------- request handling

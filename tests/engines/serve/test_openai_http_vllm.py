@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -41,10 +40,13 @@ def vllm_server(tiny_dir):
     import httpx
 
     port = _free_port()
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", tiny_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
-           "--enforce-eager", "--seed", "0", "--logprobs-mode", "raw_logprobs"]
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind")
+    # `vllm serve`'s own entry point: vllm-cpu 0.32's `vllm` script looks up the version of a
+    # distribution named "vllm" and fails (PackageNotFoundError); the module runs the same server
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_dir, "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
+           "--max-num-seqs", "16", "--enforce-eager", "--seed", "0", "--logprobs-mode", "raw_logprobs",
+           "--kv-cache-memory-bytes", str(256 << 20)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
