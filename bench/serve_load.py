@@ -137,23 +137,23 @@ def run_load(send: Callable[[int], RequestRecord], n: int, *, concurrency: int |
     return records, time.perf_counter() - t0
 
 
-def http_sender(endpoint: str, api_key: str | None, prompts: list[str], spec: Any, concurrency: int) -> tuple[Callable[[int], RequestRecord], Callable[[], None]]:
-    import httpx
+def http_sender(endpoint: str, api_key: str | None, prompts: list[str], spec: Any, concurrency: int,
+                model: str = "") -> tuple[Callable[[int], RequestRecord], Callable[[], None]]:
+    """``send(i)`` streams prompt ``i`` to ``endpoint`` through the openai-http engine's client
+    (the served model: ``model`` if the server lists it, else its only one); no retries, so a
+    429 counts as a failed request."""
+    from natix.engines.base import EngineConfig
+    from natix.engines.openai_http_engine import OpenAIHTTPEngine, completion_body, stream_completion
 
-    from natix.engines.openai_http_engine import completion_body, stream_completion
-
-    base = endpoint.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
-                          timeout=httpx.Timeout(600.0, connect=10.0),
-                          limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
-    model = client.get("/models").raise_for_status().json()["data"][0]["id"]
+    eng = OpenAIHTTPEngine()
+    eng.load(EngineConfig(model=model, max_batch_size=concurrency,
+                          extra={"endpoint": endpoint, "api_key": api_key, "retries": 0}))
 
     def send(i: int) -> RequestRecord:
-        body = completion_body(model, prompts[i % len(prompts)], spec)
+        body = completion_body(eng.model, prompts[i % len(prompts)], spec)
         t = time.perf_counter()
         try:
-            s = stream_completion(client, body, retries=0)
+            s = stream_completion(eng.client, body, retries=0)
         except Exception as e:  # noqa: BLE001 - a failed request is a data point
             return RequestRecord(False, t, time.perf_counter(), error=f"{type(e).__name__}: {e}"[:200])
         first = s.first if s.first is not None else s.end
@@ -161,7 +161,7 @@ def http_sender(endpoint: str, api_key: str | None, prompts: list[str], spec: An
                              prompt_tokens=int((s.usage or {}).get("prompt_tokens", 0)),
                              itl=[x for ch in s.choices.values() for x in _itl(ch.chunks)])
 
-    return send, client.close
+    return send, eng.close
 
 
 def inprocess_sender(loop: Any, tokenizer: Any, prompts: list[str], spec: Any) -> Callable[[int], RequestRecord]:
@@ -258,7 +258,7 @@ def serve_load(endpoint: str | None, api_key: str | None, in_process: bool, mode
     else:
         prompts = task_prompts(t, load_tokenizer(model), n_requests, seed)
         try:
-            send, close = http_sender(str(endpoint), api_key, prompts, spec, concurrency or n_requests)
+            send, close = http_sender(str(endpoint), api_key, prompts, spec, concurrency or n_requests, model)
         except Exception as e:  # noqa: BLE001 - say which endpoint did not answer
             raise click.ClickException(f"cannot reach {endpoint}: {e}") from e
         closers.append(close)

@@ -81,7 +81,7 @@ def measure_all(a: argparse.Namespace) -> None:
     proc, url = start_server(args, a.threads)
     try:
         for c in CONCURRENCY:
-            send, close = http_sender(url + "/v1", None, prompts, spec, c)
+            send, close = http_sender(url + "/v1", None, prompts, spec, c, a.model)
             try:
                 run("http", send, c, server_e2e=lambda: _server_e2e(url))
             finally:

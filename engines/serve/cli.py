@@ -2,7 +2,7 @@
 
     natix-serve --model smollm2-135m --adapter bench/data/adapters/smollm2-chain-sum-lora
     natix-serve --model fp8/ --engine vllm --python .venvs/vllm/bin/python --port 8001
-    natix-serve --model qoq/ --engine natix --set num_kv_blocks=4096
+    natix-serve --model qoq/ --engine natix --set KEY=VALUE   # capacity keys into cfg.extra
 
 An engine that implements the streaming interface (natix) is driven directly: requests join its
 continuous batch. Any other (hf, vllm, an engine in a worker under ``--python``) runs behind
