@@ -198,8 +198,7 @@ def _read_chunk(out: StreamedRequest, chunk: dict[str, Any], now: float) -> None
 
 @register_engine("openai-http")
 class OpenAIHTTPEngine:
-    """See the module docstring. Beyond the protocol: :meth:`info`, and ``last_requests`` (the
-    streamed answers of the last ``generate`` call, with per-chunk arrival times)."""
+    """See the module docstring. Beyond the protocol: :meth:`info`."""
 
     def __init__(self) -> None:
         self.client: Any = None
@@ -207,7 +206,6 @@ class OpenAIHTTPEngine:
         self.endpoint = ""
         self.cfg: EngineConfig | None = None
         self._tokenizer: Any = None
-        self.last_requests: list[StreamedRequest] = []
 
     def load(self, cfg: EngineConfig) -> None:
         import httpx
@@ -279,7 +277,6 @@ class OpenAIHTTPEngine:
         bodies = [completion_body(self.model, p, spec) for p in prompts]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(bodies)))) as pool:
             streamed = list(pool.map(lambda b: stream_completion(self.client, b, self.retries), bodies))
-        self.last_requests = streamed
         return [self._completions(s, spec) for s in streamed]
 
     def _completions(self, s: StreamedRequest, spec: SamplingSpec) -> list[Completion]:

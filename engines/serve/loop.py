@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, ClassVar, Sequence
 
 from natix.engines.base import Completion, EngineConfig, SamplingSpec
-from natix.engines.streaming import EngineStats, RequestDelta, StreamingEngine
+from natix.engines.streaming import RequestDelta, StreamingEngine
 
 __all__ = ["EngineLoop", "Submission", "LoopEngine", "RequestFailed"]
 
@@ -81,9 +81,6 @@ class EngineLoop:
     def in_flight(self) -> int:
         with self._lock:
             return len(self._subs)
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
 
     def submit(self, prompt: str | Sequence[int], spec: SamplingSpec, sink: Sink, request_id: str | None = None) -> str:
         """Add a request; ``sink`` gets its deltas (from the loop thread) until every sample has
