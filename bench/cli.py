@@ -89,5 +89,9 @@ def report(out: str) -> None:
     click.echo(str(write_report(Path(out), rows)))
 
 
+from natix.bench.serve_load import serve_load  # noqa: E402 - a light import (click only)
+
+main.add_command(serve_load)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -64,6 +64,12 @@ class Task:
     def verify(self, item: Item, text: str) -> float | None:
         return None
 
+    def item_from_text(self, text: str) -> Item | None:
+        """The item a free-form prompt poses (e.g. a question sent to natix-serve), so that
+        :meth:`verify` can score completions of it; None when the text poses none this task
+        recognises. Tasks whose verifier needs only the question override this."""
+        return None
+
     def reference_answer(self, item: Item) -> str:
         """A good completion for ``item`` (calibration data, training targets): the gold
         answer unless the task knows the worked solution."""
@@ -101,6 +107,7 @@ def available_tasks() -> list[str]:
 _STEP = re.compile(r"(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)")
 _FINAL = re.compile(r"answer is\s*(-?\d+)", re.IGNORECASE)
 _TERMS = re.compile(r"(-?\d+|[+-])")
+_PROBLEM = re.compile(r"arithmetic problem:\s*(-?\d+(?:\s+[+-]\s+\d+)+)\s*=")
 
 
 def chain_terms(expression: str) -> list[int]:
@@ -178,6 +185,15 @@ class ChainSum(Task):
 
     def reference_answer(self, item: Item) -> str:
         return worked_solution(item.meta["expression"])
+
+    def item_from_text(self, text: str) -> Item | None:
+        # the last problem in the text: a chat-formatted prompt may quote earlier turns
+        found = _PROBLEM.findall(text)
+        if not found:
+            return None
+        expr = " ".join(found[-1].split())
+        return Item(f"chain_sum/text/{expr}", f"{self._prefix}{expr} =",
+                    str(sum(chain_terms(expr))), {"expression": expr})
 
     def verify(self, item: Item, text: str) -> float:
         terms = chain_terms(item.meta["expression"])

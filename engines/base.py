@@ -64,12 +64,15 @@ class Timing:
 
     ``ttft_s``: time to the first generated token of the request. ``decode_s_per_token``: mean
     time per generated token after the first (per decode step of the batch the request ran in).
-    ``total_s``: from submission to the last token.
+    ``total_s``: from submission to the last token. ``queue_s``: time the request waited before
+    the engine started on it, where the engine knows (a server's batching window, a scheduler's
+    waiting queue); None where it does not.
     """
 
     ttft_s: float
     decode_s_per_token: float
     total_s: float
+    queue_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class Completion:
     ``token_logprobs[i]`` is the log-probability, under the sampling distribution's underlying
     model (temperature 1, before top-p/top-k), of ``token_ids[i]``. ``finish_reason`` is
     ``"stop"`` (EOS or a stop string) or ``"length"`` (hit ``max_tokens``).
+    ``top_logprobs[i]``: ``{token_id: logprob}`` of the ``spec.top_logprobs`` most likely tokens
+    at position i (same distribution as ``token_logprobs``); None when not asked for.
     """
 
     text: str
@@ -86,6 +91,7 @@ class Completion:
     token_logprobs: tuple[float, ...] | None
     finish_reason: str
     timing: Timing | None = None
+    top_logprobs: tuple[dict[int, float], ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -168,6 +174,7 @@ _BUILTIN_MODULES = {
     "hf": "natix.engines.hf_engine",
     "vllm": "natix.engines.vllm_engine",
     "natix": "natix.engines.natix.engine",
+    "openai-http": "natix.engines.openai_http_engine",
 }
 
 

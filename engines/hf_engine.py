@@ -54,6 +54,7 @@ class _Row:
     sample: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[dict[int, float]] = field(default_factory=list)  # per token, when spec.top_logprobs
     finish: str | None = None
 
 
@@ -171,6 +172,7 @@ class HFEngine:
                     token_logprobs=tuple(r.logprobs) if spec.logprobs else None,
                     finish_reason=r.finish,
                     timing=_request_timing(clocks[r.prompt]),
+                    top_logprobs=tuple(r.top) if spec.top_logprobs else None,
                 )
             )
         return out
@@ -275,6 +277,9 @@ class HFEngine:
                 logits = self._forward(feed, mask if use_mask else None, next_pos, cache)
                 next_pos = next_pos + 1
             tokens, logprobs = _sample(logits, spec, generator)
+            if spec.top_logprobs:
+                for r, top in zip(live, _top_logprobs(logits, spec.top_logprobs)):
+                    r.top.append(top)
             steps += 1
             end = time.perf_counter()  # .tolist() in _sample synchronised with the device
             if step == 0:
@@ -328,6 +333,15 @@ def _sample(logits: "torch.Tensor", spec: SamplingSpec, generator: Any) -> tuple
 
     tokens, logprobs = sample_next(logits, spec, generator)
     return tokens.tolist(), logprobs.tolist()
+
+
+def _top_logprobs(logits: "torch.Tensor", k: int) -> list[dict[int, float]]:
+    """Per row, ``{token_id: logprob}`` of the k most likely tokens under the raw model (the
+    distribution ``token_logprobs`` uses)."""
+    import torch
+
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 def _eos_ids(model: Any, tok: Any) -> set[int]:

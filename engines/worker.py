@@ -56,13 +56,15 @@ def completion_to_json(c: Completion) -> dict[str, Any]:
 
 def completion_from_json(d: dict[str, Any]) -> Completion:
     timing = Timing(**d["timing"]) if d.get("timing") else None
-    lps = d.get("token_logprobs")
+    lps, top = d.get("token_logprobs"), d.get("top_logprobs")
     return Completion(
         text=d["text"],
         token_ids=tuple(d["token_ids"]),
         token_logprobs=tuple(lps) if lps is not None else None,
         finish_reason=d["finish_reason"],
         timing=timing,
+        # JSON object keys are strings: turn the token ids back into ints
+        top_logprobs=tuple({int(k): v for k, v in t.items()} for t in top) if top is not None else None,
     )
 
 

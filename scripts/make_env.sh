@@ -49,7 +49,8 @@ PY
     # Freeze what vLLM chose so the natix extras below cannot move it.
     pins="$venv/vllm-pins.txt"
     "$vpy" -m pip freeze | grep -iE '^(torch|transformers|compressed-tensors|tokenizers|numpy)==' > "$pins"
-    "${pip[@]}" -c "$pins" safetensors click rich pyyaml gguf numpy pytest
+    # httpx + tenacity: the openai-http engine, tested here against `vllm serve`
+    "${pip[@]}" -c "$pins" safetensors click rich pyyaml gguf numpy pytest httpx tenacity
     # peft only exports artifacts with an adapter merged; optional, and never at the price of a
     # different transformers.
     "${pip[@]}" -c "$pins" peft || echo "peft not installed (it would change vLLM's pins)" >&2
