@@ -219,6 +219,11 @@ class NatixEngine:
             self.last_step = {}
             return deltas
         runner = self.runner
+        if prefill:
+            t = time.perf_counter()
+            for s in seqs:
+                if s.request.started is None:
+                    s.request.started = t
         self.last_step = {"prefill": prefill, "seqs": len(seqs),
                           "tokens": sum(len(s.token_ids) - s.num_cached_tokens for s in seqs) if prefill else len(seqs)}
         try:
@@ -359,7 +364,8 @@ class NatixEngine:
             s.sent_text = len(text)
             completion = Completion(text=text, token_ids=tuple(s.output_ids),
                                     token_logprobs=tuple(s.logprobs) if spec.logprobs else None,
-                                    finish_reason=s.finish_reason or "length", timing=self._timing(s))
+                                    finish_reason=s.finish_reason or "length", timing=self._timing(s),
+                                    top_logprobs=tuple(s.top_logprobs) if spec.top_logprobs else None)
         elif req.stream_text:
             hold = max((len(x) for x in spec.stop), default=1) - 1  # text that may still become a stop string
             upto = max(s.sent_text, len(s.text) - hold)
@@ -378,8 +384,9 @@ class NatixEngine:
         first = s.first_token_time if s.first_token_time is not None else (s.finish_time or arrival)
         end = s.finish_time if s.finish_time is not None else first
         n = s.num_output_tokens
+        started = s.request.started
         return Timing(ttft_s=first - arrival, decode_s_per_token=(end - first) / (n - 1) if n > 1 else 0.0,
-                      total_s=end - arrival)
+                      total_s=end - arrival, queue_s=started - arrival if started is not None else None)
 
     # ------------------------------------------------------------------------------ batch API
     def generate(self, prompts: Sequence[str], spec: SamplingSpec) -> list[list[Completion]]:

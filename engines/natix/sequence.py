@@ -76,6 +76,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     aborted: bool = False
+    started: Optional[float] = None  # when its first prefill was scheduled
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -207,3 +207,16 @@ def test_bad_options_and_architectures(tiny_arch_dirs, tmp_path):
     AutoTokenizer.from_pretrained(tiny_arch_dirs["llama"]).save_pretrained(d)
     with pytest.raises(EngineLoadError, match="Llama family"):
         e.load(EngineConfig(model=str(d)))
+
+
+def test_top_logprobs_match_hf(tiny_arch_dirs, natix_factory):
+    hf = create_engine("hf")
+    hf.load(EngineConfig(model=str(tiny_arch_dirs["llama"])))
+    spec = SamplingSpec(max_tokens=6, top_logprobs=3)
+    ref = hf.generate(PROMPTS[:2], spec)
+    hf.close()
+    got = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8).generate(PROMPTS[:2], spec)
+    for g, r in zip(got, ref):
+        assert g[0].top_logprobs is not None and len(g[0].top_logprobs) == g[0].num_tokens
+        for a, b in zip(g[0].top_logprobs, r[0].top_logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
