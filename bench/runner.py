@@ -16,7 +16,7 @@ written, so a run that fails early leaves them as they were.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +140,6 @@ def preflight(m: Matrix, out: Path, *, inputs: Sequence[tuple[str, str | Path | 
         raise BenchError(f"--out {out} already holds files and is not a natix-bench output directory (no "
                          f"{MATRIX_FILE} of a previous run); give a new or empty directory")
     load_cells(out)  # a cells file we cannot resume from fails now, naming the line
-    check_writable_dir(out, what="--out")
     for v in m.variants:  # fail on a missing or broken adapter before any model loads
         if v.adapter_path():
             read_adapter(v.adapter_path())
@@ -150,8 +149,9 @@ def preflight(m: Matrix, out: Path, *, inputs: Sequence[tuple[str, str | Path | 
         python = m.python_for(e)
         if python is None:
             check_device(m.device)  # a worker's interpreter may see other devices than this one
-        elif not (Path(python).is_file() and os.access(python, os.X_OK)):
+        elif shutil.which(python) is None:  # a path, or a name on PATH
             raise BenchError(f"interpreter {python} for engine {e!r} is not an executable file")
+    check_writable_dir(out, what="--out")  # last: its probe file touches the directory's mtime
 
 
 @dataclass

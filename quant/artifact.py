@@ -88,13 +88,14 @@ def atomic_dir(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact should be shareable
         yield tmp
         _shareable(tmp)
-        owned.release()
+        owned.release()  # no owner file in the artifact
         _commit(tmp, dest, force=force)
     except BaseException:
-        owned.release()
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+    finally:
+        owned.done()
 
 
 def _shareable(tmp: Path) -> None:
@@ -123,19 +124,19 @@ def _commit(tmp: Path, dest: Path, *, force: bool) -> None:
         _refuse_existing(dest)
     if dest.is_dir() and not dest.is_symlink():
         # Park the old one under a temp name so there is never a moment with neither; if we die
-        # between the renames, the next sweep puts it back (restore_to).
+        # between the renames, the SIGTERM handler or the next sweep puts it back (restore_to).
         parked = make_owned_dir(dest.parent, f"{_OLD_PREFIX}{dest.name}-", restore_to=dest.name)
         old = parked.path
-        os.rename(dest, old / "old")
         try:
-            os.rename(tmp, dest)
-        except BaseException:
-            os.rename(old / "old", dest)  # put it back
-            parked.release()
+            os.rename(dest, old / "old")
+            try:
+                os.rename(tmp, dest)
+            except BaseException:
+                os.rename(old / "old", dest)  # put it back
+                raise
+        finally:
             shutil.rmtree(old, ignore_errors=True)
-            raise
-        parked.release()
-        shutil.rmtree(old, ignore_errors=True)
+            parked.done()
     else:  # a file or symlink in the way: --force means replace it
         dest.unlink()
         os.rename(tmp, dest)

@@ -7,8 +7,8 @@ cleanup, and the click parameter types that validate values before any work star
   bad directory) or an ``OSError`` (the file it names): ``Error: <one line>``, exit status 1;
 - a click usage error (unknown option, a value of the wrong type or out of range): one line
   ``Error: <problem> (see '<command> -h')``, exit status 2;
-- SIGTERM / SIGHUP: raised in the main thread as :class:`Terminated`, so every ``finally`` and
-  temp-directory cleanup runs, then exit status 128 + signal number;
+- SIGTERM / SIGHUP: the process's temporary directories are removed and it exits with status
+  128 + signal number (:func:`terminate_on_signals`);
 - anything else is a bug in natix: one line that says so, exit status 1.
 
 ``--debug`` (before or after the command name) lets every exception through with its traceback.
@@ -17,8 +17,10 @@ cleanup, and the click parameter types that validate values before any work star
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,30 +28,32 @@ from typing import Any
 import click
 
 from natix.quant.errors import UserError
+from natix.quant.tempdirs import remove_owned
 from natix.quant.validate import check_text
 
 _DEBUG_KEY = "natix.debug"
 
 
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: unwinds like ``KeyboardInterrupt`` (not an ``Exception``, so
-    no ``except Exception`` swallows it) so that temporary files are removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 @contextmanager
 def terminate_on_signals() -> Iterator[None]:
-    """Turn the first SIGTERM/SIGHUP into :class:`Terminated`; later ones are ignored while the
-    cleanup it starts runs. The previous handlers are back afterwards (main thread only)."""
+    """On SIGTERM or SIGHUP: remove this process's temporary directories (parked old outputs go
+    back first; :func:`natix.quant.tempdirs.remove_owned`), say so, and exit with 128 + the signal
+    number. The handler exits itself rather than raising: an exception raised from a signal
+    handler lands wherever the interpreter happens to be, and inside a ``__del__`` it is printed
+    and dropped, so the run would go on (measured: a SIGTERM during export, then exit status 0).
+    The previous handlers are back afterwards (main thread only)."""
     signums = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
     def handler(signum: int, _frame: Any) -> None:
         for s in signums:
             signal.signal(s, signal.SIG_IGN)
-        raise Terminated(signum)
+        remove_owned()
+        try:
+            sys.stdout.flush()
+            click.echo(f"Error: terminated by {signal.Signals(signum).name}; temporary files removed", err=True)
+            sys.stderr.flush()
+        finally:
+            os._exit(128 + signum)
 
     try:
         previous = {s: signal.signal(s, handler) for s in signums}
@@ -84,10 +88,6 @@ def _as_click_error(e: BaseException, ctx: click.Context) -> BaseException | Non
         return OneLineUsageError(e.format_message(), e.ctx or ctx)
     if isinstance(e, click.ClickException):
         return None
-    if isinstance(e, Terminated):
-        name = signal.Signals(e.signum).name
-        click.echo(f"Error: terminated by {name}; temporary files removed", err=True)
-        return click.exceptions.Exit(128 + e.signum)
     if isinstance(e, UserError):
         return click.ClickException(one_line(str(e)))
     if isinstance(e, OSError):
@@ -223,5 +223,5 @@ def progress_console() -> Any:
 
 
 __all__ = ["DEVICE", "POSITIVE_INT", "TEXT", "Device", "FiniteFloat", "NatixCommand", "NatixGroup",
-           "OneLineUsageError", "PathArg", "Terminated", "check_text", "debug_enabled", "is_device", "one_line",
+           "OneLineUsageError", "PathArg", "check_text", "debug_enabled", "is_device", "one_line",
            "progress_console"]

@@ -217,15 +217,14 @@ def materialize(src: BaseSource) -> Path:
                              f"{e.strerror or e}") from e
     try:
         _convert_gguf(src, owned.path / "m")
-        owned.release()
         try:
             os.rename(owned.path / "m", target)
         except OSError:  # another process won the race: theirs is as good as ours
             if not (target / "config.json").is_file():
                 raise
-    finally:  # on success and on any failure, SIGTERM included (the CLIs raise on it)
-        owned.release()
+    finally:  # on success and on any failure (on SIGTERM the CLIs' handler removes it)
         shutil.rmtree(owned.path, ignore_errors=True)
+        owned.done()
     return target
 
 

@@ -14,6 +14,8 @@ count as stale once nothing in them has changed for :data:`LEGACY_STALE_S` secon
 :func:`sweep_stale` runs before natix creates a temporary directory in the same place and logs (on
 the ``natix`` logger, which the CLIs print) what it removed. A stale parked old output whose
 destination is missing (a ``--force`` killed between its two renames) is put back, not removed.
+On SIGTERM the CLIs call :func:`remove_owned`, which does the same for this process's own
+directories before it exits.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ class OwnedDir:
     """A temporary directory and the open, locked owner file that keeps it ours."""
 
     path: Path
+    restore_to: str | None
     _fd: int | None
 
     def release(self) -> None:
-        """Remove the owner file and drop the lock (before renaming the directory into place)."""
+        """Remove the owner file and drop the lock (before renaming the directory into place).
+        The directory stays on this process's list for :func:`remove_owned` until :meth:`done`."""
         if self._fd is None:
             return
         try:
@@ -54,20 +58,53 @@ class OwnedDir:
         os.close(self._fd)
         self._fd = None
 
+    def done(self) -> None:
+        """The directory is gone (renamed into place or removed): forget it."""
+        self.release()
+        _LIVE.pop(self.path, None)
 
-def make_owned_dir(parent: Path, prefix: str, **record: Any) -> OwnedDir:
-    """``mkdtemp(prefix=prefix, dir=parent)`` plus a locked owner file; ``record`` is stored in it
-    (``restore_to``: the name the directory's ``old`` entry goes back to if its owner dies)."""
+
+#: this process's temporary directories, oldest first, for :func:`remove_owned`
+_LIVE: dict[Path, OwnedDir] = {}
+
+
+def make_owned_dir(parent: Path, prefix: str, *, restore_to: str | None = None, **record: Any) -> OwnedDir:
+    """``mkdtemp(prefix=prefix, dir=parent)`` plus a locked owner file holding ``record``;
+    ``restore_to``: the name the directory's ``old`` entry goes back to if its owner dies."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    owned = _LIVE[path] = OwnedDir(path, restore_to, None)
     try:
-        fd = os.open(path / OWNER_FILE, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}).encode())
+        owned._fd = os.open(path / OWNER_FILE, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        fcntl.flock(owned._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(owned._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "restore_to": restore_to,
+                                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}).encode())
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
+        owned.done()
         raise
-    return OwnedDir(path, fd)
+    return owned
+
+
+def _restore(path: Path, restore_to: Any) -> str | None:
+    """Put a parked old output (``path/old``) back at ``restore_to`` if nothing took its place."""
+    target = path.parent / restore_to if isinstance(restore_to, str) else None
+    if target is not None and (path / "old").exists() and not os.path.lexists(target):
+        os.rename(path / "old", target)
+        return f"restored {target} from {path.name}, parked there by an interrupted --force run"
+    return None
+
+
+def remove_owned() -> None:
+    """Remove every temporary directory this process still has, newest first, putting parked old
+    outputs back first: what a SIGTERM handler does before the process exits
+    (:func:`natix.quant.cli_base.terminate_on_signals`)."""
+    for owned in reversed(list(_LIVE.values())):
+        try:
+            _restore(owned.path, owned.restore_to)
+        except OSError:
+            pass
+        shutil.rmtree(owned.path, ignore_errors=True)
+        _LIVE.pop(owned.path, None)
 
 
 def _size(path: Path) -> int:
@@ -130,11 +167,9 @@ def sweep_stale(parent: Path, prefixes: tuple[str, ...]) -> list[str]:
         if not gone:
             continue
         who = f"pid {record['pid']}, no longer running" if "pid" in record else "no owner record, unchanged for over an hour"
-        restore_to = record.get("restore_to")
-        if isinstance(restore_to, str) and (path / "old").exists() and not (parent / restore_to).exists():
-            os.rename(path / "old", parent / restore_to)
-            messages.append(f"restored {parent / restore_to} from {path.name}, parked there by an interrupted "
-                            f"--force run ({who})")
+        restored = _restore(path, record.get("restore_to"))
+        if restored:
+            messages.append(f"{restored} ({who})")
         size = _size(path)
         shutil.rmtree(path, ignore_errors=True)
         messages.append(f"removed stale temporary directory {path} ({size / 1e6:.1f} MB) left by an interrupted "
