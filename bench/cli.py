@@ -18,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from natix.quant.cli_base import DEVICE, POSITIVE_INT, TEXT, FiniteFloat, NatixGroup, PathArg
+from natix.quant.cli_base import DEVICE, POSITIVE_INT, TEXT, FiniteFloat, NatixGroup, PathArg, debug_enabled, one_line
+from natix.quant.errors import UserError
 
 
 def _variants(values: tuple[str, ...]) -> list[dict[str, str | None]] | None:
@@ -76,9 +77,9 @@ def run(matrix_file: str | None, out: str | None, fresh: bool, no_progress: bool
                           log=lambda s: click.echo(s, err=True), fresh=fresh,
                           inputs=[("matrix file", matrix_file)])
     except (ValueError, FileNotFoundError) as e:  # what engines raise for a request they cannot serve
-        if isinstance(e, click.ClickException):
+        if isinstance(e, UserError) or debug_enabled():
             raise
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(one_line(str(e))) from e
     path = write_report(out_dir, rows)
     click.echo(f"report: {path}  (cells: {out_dir / CELLS_FILE})")
 

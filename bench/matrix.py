@@ -139,7 +139,7 @@ class Matrix:
             raise BenchError(f"top_p must be in (0, 1], got {self.top_p}")
         _int("top_k", self.top_k, 0)
         _int("seed", self.seed, 0)
-        from natix.quant.cli_base import is_device
+        from natix.quant.validate import is_device
 
         if not is_device(self.device):
             raise BenchError(f"device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")

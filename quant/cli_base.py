@@ -16,6 +16,7 @@ cleanup, and the click parameter types that validate values before any work star
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -29,7 +30,7 @@ import click
 
 from natix.quant.errors import UserError
 from natix.quant.tempdirs import remove_owned
-from natix.quant.validate import check_text
+from natix.quant.validate import check_text, is_device
 
 _DEBUG_KEY = "natix.debug"
 
@@ -100,6 +101,25 @@ def _as_click_error(e: BaseException, ctx: click.Context) -> BaseException | Non
     return None
 
 
+class _Note(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
+@contextmanager
+def _notes_on_stderr() -> Iterator[None]:
+    """Show the ``natix`` logger's warnings (e.g. stale temporaries removed) as ``note:`` lines."""
+    log = logging.getLogger("natix")
+    handler, propagate = _Note(logging.WARNING), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         ctx.meta[_DEBUG_KEY] = True
@@ -137,7 +157,7 @@ class NatixGroup(click.Group):
             raise OneLineUsageError(e.format_message(), e.ctx) from e
 
     def invoke(self, ctx: click.Context) -> Any:
-        with terminate_on_signals():
+        with terminate_on_signals(), _notes_on_stderr():
             try:
                 return super().invoke(ctx)
             except BaseException as e:
@@ -191,9 +211,6 @@ class PathArg(click.Path):
         return super().convert(value, param, ctx)
 
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
 class Device(click.ParamType):
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists is checked before use:
     :func:`natix.quant.validate.check_device`)."""
@@ -201,13 +218,9 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        if not is_device(value):
             self.fail(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps", param, ctx)
         return value
-
-
-def is_device(value: Any) -> bool:
-    return isinstance(value, str) and _DEVICE.fullmatch(value) is not None
 
 
 TEXT = Text()
@@ -223,5 +236,4 @@ def progress_console() -> Any:
 
 
 __all__ = ["DEVICE", "POSITIVE_INT", "TEXT", "Device", "FiniteFloat", "NatixCommand", "NatixGroup",
-           "OneLineUsageError", "PathArg", "check_text", "debug_enabled", "is_device", "one_line",
-           "progress_console"]
+           "OneLineUsageError", "PathArg", "debug_enabled", "one_line", "progress_console"]

@@ -139,9 +139,11 @@ def check_inputs(base: str, out: str | Path, *, adapter: str | None = None, forc
                  calib: str | None = None) -> tuple["BaseSource", "AdapterFiles | None"]:
     """The checks merge and export run before any slow work: ``out`` is text, overlaps no input
     (base, its model cache, adapter, calibration file; :func:`natix.quant.validate.check_no_overlap`)
-    and does not exist unless ``force``; the base exists and is not quantized; the adapter's files
-    read. Returns the resolved base and the adapter's files."""
+    and does not exist unless ``force`` (and then only as a natix output or an empty directory:
+    ``--force`` never replaces a directory natix did not write); the base exists and is not
+    quantized; the adapter's files read. Returns the resolved base and the adapter's files."""
     from natix.quant.adapters import read_adapter
+    from natix.quant.artifact import MANIFEST_NAME
     from natix.quant.calib import source_file
     from natix.quant.errors import ArtifactError
     from natix.quant.models import check_unquantized, resolve_base
@@ -151,8 +153,13 @@ def check_inputs(base: str, out: str | Path, *, adapter: str | None = None, forc
     src = resolve_base(base)
     inputs = [*src.inputs(), ("adapter", adapter), ("calibration file", source_file(calib) if calib else None)]
     check_no_overlap(out, inputs)
-    if out.exists() and not force:
-        raise ArtifactError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not (out.is_dir() and not out.is_symlink() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
+            raise ArtifactError(f"output {out} already exists and is not a natix output (no {MANIFEST_NAME}) or an "
+                                "empty directory; natix will not replace it, --force or not: remove it yourself or "
+                                "choose another output")
+        if not force:
+            raise ArtifactError(f"output {out} already exists; pass --force to replace it")
     check_unquantized(src)
     return src, read_adapter(adapter) if adapter else None
 

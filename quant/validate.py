@@ -10,9 +10,11 @@ resolving symlinks and ``..``.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from natix.quant.errors import UserError
 
@@ -72,9 +74,19 @@ def check_writable_dir(directory: str | Path, *, what: str) -> None:
     os.unlink(probe)
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def is_device(value: Any) -> bool:
+    """Whether ``value`` names a device natix runs on: auto, cpu, cuda, cuda:N or mps."""
+    return isinstance(value, str) and _DEVICE.fullmatch(value) is not None
+
+
 def check_device(device: str, *, flag: str = "--device") -> None:
-    """Raise :class:`UserError` if ``device`` (a name :class:`natix.quant.cli_base.Device`
-    accepts) is not present on this machine. Imports torch only for cuda/mps."""
+    """Raise :class:`UserError` if ``device`` (see :func:`is_device`) is not present on this
+    machine. Imports torch only for cuda/mps."""
+    if not is_device(device):
+        raise UserError(f"{flag} {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if device in ("auto", "cpu"):
         return
     import torch

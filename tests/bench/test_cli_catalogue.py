@@ -6,7 +6,6 @@ delete or overwrite them before checking anything)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +15,7 @@ import pytest
 from natix.bench.cli import main
 from natix.bench.matrix import Matrix, Variant
 
-_CAT = importlib.util.spec_from_file_location("_quant_catalogue",
-                                              Path(__file__).resolve().parents[1] / "quant" / "test_cli_catalogue.py")
-cat = importlib.util.module_from_spec(_CAT)
-_CAT.loader.exec_module(cat)
+BAD_UTF8 = "out-\udcff"  # how Python hands click a shell argument holding the byte 0xff (tests/conftest.py)
 
 YAML = {
     "items-text": "items: two\n",
@@ -35,7 +31,7 @@ YAML = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, bench_model):
+def world(tmp_path_factory, bench_model, cli_checks):
     root = tmp_path_factory.mktemp("bench-world")
     shutil.copytree(bench_model, root / "model")
     shutil.copytree(Path(__file__).resolve().parents[2] / "bench" / "data" / "adapters" / "smollm2-chain-sum-lora",
@@ -62,9 +58,9 @@ def world(tmp_path_factory, bench_model):
     (root / "mydocs").mkdir()
     (root / "mydocs" / "matrix.json").write_text("my own notes, not a natix matrix\n")
     (root / "mydocs" / "report.md").write_text("# my report\n")
-    ro_ok = cat.immutable(root / "ro")
+    ro_ok = cli_checks.make_unwritable(root / "ro")
     yield root, ro_ok
-    cat.subprocess.run(["chattr", "-i", str(root / "ro")], capture_output=True)
+    cli_checks.release_unwritable(root / "ro")
 
 
 RUN = ["run", "--model", "{w}/model", "--variant", "base", "--items", "2", "--no-progress"]
@@ -100,7 +96,7 @@ CASES = [
     ("out-matrix-is-input", ["run", "--matrix", "{w}/prev/matrix.json", "--model", "{w}/model", "--out", "{w}/prev"], 1,
      "is the matrix file"),
     ("out-torn-middle-line", RUN + ["--out", "{w}/torn"], 1, "cells.jsonl:2 is not valid JSON"),
-    ("out-not-utf8", RUN + ["--out", "{w}/" + cat.BAD_UTF8], 2, "not valid UTF-8"),
+    ("out-not-utf8", RUN + ["--out", "{w}/" + BAD_UTF8], 2, "not valid UTF-8"),
     ("out-read-only", RUN + ["--out", "{w}/ro/o"], 1, "is not writable"),
     ("report-torn-middle-line", ["report", "{w}/torn"], 1, "cells.jsonl:2 is not valid JSON"),
     ("report-not-rows", ["report", "{w}/notrows"], 1, "is not a natix-bench cell row"),
@@ -110,20 +106,20 @@ CASES = [
 
 
 @pytest.mark.parametrize(("args", "code", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_and_changes_nothing(world, monkeypatch, tmp_path, args, code, needle):
+def test_bad_input_is_refused_and_changes_nothing(world, cli_checks, monkeypatch, tmp_path, args, code, needle):
     root, ro_ok = world
     if "{w}/ro/" in " ".join(args) and not ro_ok:
         pytest.skip("cannot make a read-only directory here")
     monkeypatch.setenv("NATIX_CACHE", str(tmp_path / "cache"))
-    before = cat.snapshot(root)
-    cat.check_refused(cat.run_case(main, args, root), code, needle)
-    assert cat.snapshot(root) == before
+    before = cli_checks.snapshot(root)
+    cli_checks.check_refused(cli_checks.run_case(main, args, root), code, needle)
+    assert cli_checks.snapshot(root) == before
 
 
-def test_no_cuda_device_is_a_clear_error(world):
+def test_no_cuda_device_is_a_clear_error(world, cli_checks):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     root, _ = world
-    cat.check_refused(cat.run_case(main, RUN + ["--device", "cuda", "--out", "{w}/o"], root), 1,
-                      "no CUDA device is available")
+    cli_checks.check_refused(cli_checks.run_case(main, RUN + ["--device", "cuda", "--out", "{w}/o"], root), 1,
+                             "no CUDA device is available")

@@ -8,43 +8,20 @@ snapshotting every file's bytes, mode and mtime before and after).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from natix.quant.cli import main
 
-BAD_UTF8 = "out-\udcff"  # how Python hands a shell argument holding the byte 0xff to click
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_mtime_ns, digest)
-    return out
-
-
-def immutable(path: Path) -> bool:
-    """Make ``path`` a directory nothing can be created in, root included (chattr +i), or skip."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return True
-    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+BAD_UTF8 = "out-\udcff"  # how Python hands click a shell argument holding the byte 0xff (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny):
+def world(tmp_path_factory, tiny, cli_checks):
     """Inputs of every kind, good and bad, in one tree that no failing command may touch."""
     from natix.quant.export import export
     from natix.quant.fp8_config import Fp8Config
@@ -83,10 +60,9 @@ def world(tmp_path_factory, tiny):
     st.write_bytes(st.read_bytes()[:1000])
     (root / "existing").mkdir()
     (root / "existing" / "mine.txt").write_text("keep me")
-    ro_ok = immutable(root / "ro")
+    ro_ok = cli_checks.make_unwritable(root / "ro")
     yield root, ro_ok
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(root / "ro")], capture_output=True)
+    cli_checks.release_unwritable(root / "ro")
 
 
 def _poison(path: Path) -> None:
@@ -98,8 +74,7 @@ def _poison(path: Path) -> None:
     save_file(sd, str(path))
 
 
-W = "{w}"  # placeholder for the world directory in the argument lists below
-
+# "{w}" in an argument stands for the world directory
 CASES = [
     # merge ------------------------------------------------------------------------------------------
     ("merge-out-is-adapter", ["merge", "--base", "{w}/base", "--adapter", "{w}/adapter", "--out", "{w}/adapter",
@@ -110,8 +85,10 @@ CASES = [
                                     "{w}/nest", "--force"], 1, "contains the adapter"),
     ("merge-out-inside-adapter", ["merge", "--base", "{w}/base", "--adapter", "{w}/adapter", "--out",
                                   "{w}/adapter/merged"], 1, "inside the adapter directory"),
-    ("merge-out-exists", ["merge", "--base", "{w}/base", "--adapter", "{w}/adapter", "--out", "{w}/existing"], 1,
+    ("merge-out-exists", ["merge", "--base", "{w}/base", "--adapter", "{w}/adapter", "--out", "{w}/fp8"], 1,
      "already exists; pass --force"),
+    ("merge-force-user-dir", ["merge", "--base", "{w}/base", "--adapter", "{w}/adapter", "--out", "{w}/existing",
+                              "--force"], 1, "is not a natix output"),
     ("merge-nan-adapter", ["merge", "--base", "{w}/base", "--adapter", "{w}/nan-adapter", "--out", "{w}/o"], 1,
      "NaN or infinite values"),
     ("merge-quantized-base", ["merge", "--base", "{w}/fp8", "--adapter", "{w}/adapter", "--out", "{w}/o"], 1,
@@ -138,6 +115,8 @@ CASES = [
      "contains the calibration file"),
     ("export-out-is-base", ["export", "--base", "{w}/base", "--scheme", "fp8", "--out", "{w}/base", "--force"], 1,
      "is the base model"),
+    ("export-force-user-file", ["export", "--base", "{w}/base", "--scheme", "fp8", "--out", "{w}/text.txt",
+                                "--force"], 1, "is not a natix output"),
     ("export-quantized-base", ["export", "--base", "{w}/fp8", "--scheme", "fp8", "--out", "{w}/o"], 1,
      "already a quantized natix artifact"),
     ("export-nan-adapter", ["export", "--base", "{w}/base", "--adapter", "{w}/nan-adapter", "--scheme", "fp8",
@@ -204,36 +183,20 @@ CASES = [
 ]
 
 
-def run_case(cli, args: list[str], root: Path):
-    argv = [a.replace(W, str(root)) for a in args]
-    return CliRunner().invoke(cli, argv)
-
-
-def check_refused(res, code: int, needle: str) -> None:
-    """Exit ``code``, one stderr line holding ``needle``, no traceback, no internal error."""
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert res.exit_code == code, (res.exit_code, res.output)
-    assert "Traceback" not in res.output and "internal error" not in res.output, res.output
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
-    assert needle in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(("args", "code", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_and_changes_nothing(world, monkeypatch, tmp_path, args, code, needle):
+def test_bad_input_is_refused_and_changes_nothing(world, cli_checks, monkeypatch, tmp_path, args, code, needle):
     root, ro_ok = world
     if "{w}/ro/" in " ".join(args) and not ro_ok:
         pytest.skip("cannot make a read-only directory here")
     if "--device" in args and "cuda" in args:
         pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has CUDA")
     monkeypatch.setenv("NATIX_CACHE", str(tmp_path / "cache"))
-    before = snapshot(root)
-    res = run_case(main, args, root)
-    check_refused(res, code, needle)
-    assert snapshot(root) == before
+    before = cli_checks.snapshot(root)
+    cli_checks.check_refused(cli_checks.run_case(main, args, root), code, needle)
+    assert cli_checks.snapshot(root) == before
 
 
-def test_eval_validates_task_before_perplexity(world, monkeypatch):
+def test_eval_validates_task_before_perplexity(world, cli_checks, monkeypatch):
     """A bad --task must fail before perplexity runs (it used to, after minutes of it)."""
     import natix.quant.evaluate as ev
 
@@ -243,35 +206,36 @@ def test_eval_validates_task_before_perplexity(world, monkeypatch):
         raise AssertionError("perplexity ran before the task was checked")
 
     monkeypatch.setattr(ev, "perplexity", never)
-    res = run_case(main, ["eval", "{w}/fp8", "--ppl", "{w}/text.txt", "--task", "chain_sum", "--strategy", "bo8:nope"],
-                   root)
-    check_refused(res, 1, "unknown scorer 'nope'")
+    res = cli_checks.run_case(main, ["eval", "{w}/fp8", "--ppl", "{w}/text.txt", "--task", "chain_sum", "--strategy",
+                                     "bo8:nope"], root)
+    cli_checks.check_refused(res, 1, "unknown scorer 'nope'")
 
 
-def test_no_cuda_device_is_a_clear_error(world):
+def test_no_cuda_device_is_a_clear_error(world, cli_checks):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     root, _ = world
-    check_refused(run_case(main, ["eval", "{w}/fp8", "--device", "cuda"], root), 1, "no CUDA device is available")
+    cli_checks.check_refused(cli_checks.run_case(main, ["eval", "{w}/fp8", "--device", "cuda"], root), 1,
+                             "no CUDA device is available")
 
 
-def test_debug_shows_the_traceback(world):
+def test_debug_shows_the_traceback(world, cli_checks):
     from natix.quant.errors import ArtifactError
 
     root, _ = world
     for argv in (["--debug", "inspect", "{w}/random"], ["inspect", "{w}/random", "--debug"]):
-        res = run_case(main, argv, root)
+        res = cli_checks.run_case(main, argv, root)
         assert res.exit_code == 1 and isinstance(res.exception, ArtifactError), (argv, res.exception)
 
 
-def test_a_bug_is_reported_as_one(world, monkeypatch):
+def test_a_bug_is_reported_as_one(world, cli_checks, monkeypatch):
     import natix.quant.loader as loader
 
     def broken(path):
         raise KeyError("oops")
 
     monkeypatch.setattr(loader, "describe_artifact", broken)
-    res = run_case(main, ["inspect", "{w}/fp8"], world[0])
+    res = cli_checks.run_case(main, ["inspect", "{w}/fp8"], world[0])
     assert res.exit_code == 1 and "internal error" in res.stderr and "--debug" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

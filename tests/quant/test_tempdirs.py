@@ -63,7 +63,7 @@ def test_parked_old_output_is_restored_when_its_destination_is_missing(tmp_path)
 
 def test_remove_owned_restores_then_removes(tmp_path):
     (tmp_path / "out").mkdir()
-    building = make_owned_dir(tmp_path, ".natix-tmp-out-")
+    make_owned_dir(tmp_path, ".natix-tmp-out-")  # the output being built
     parked = make_owned_dir(tmp_path, ".natix-old-out-", restore_to="out")
     os.rename(tmp_path / "out", parked.path / "old")  # killed between the two renames of --force
     remove_owned()
