@@ -221,8 +221,7 @@ def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_wi
     label = label or Path(model).name
     # everything that can be wrong is found before any model loads (the task and strategies too)
     scheme, text, matrix = check_eval(model, adapter=adapter, ppl=ppl, task=task, strategies=strategies or ("greedy",),
-                                      items=items, temperature=temperature, device=device, dtype=dtype,
-                                      label=label, jsonl=jsonl)
+                                      items=items, temperature=temperature, device=device, dtype=dtype, jsonl=jsonl)
     row: dict[str, object] = {"label": label, "model": model, "adapter": adapter, "dtype": dtype, "scheme": scheme,
                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if text is not None:

@@ -66,7 +66,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
 
 
 def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, strategies: Sequence[str],
-               items: int, temperature: float, device: str, dtype: str, label: str,
+               items: int, temperature: float, device: str, dtype: str,
                jsonl: Path | None) -> tuple[str, str | None, Any]:
     """Everything ``natix-quant eval`` can check before a model loads: the model (a quantized
     artifact's checkpoint is verified against its manifest) and adapter, the perplexity text, the
@@ -105,14 +105,12 @@ def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, s
     return scheme or "none", text, matrix
 
 
-def task_accuracy(matrix: Any, *, out: Path | None = None, log: Any = None) -> list[dict[str, Any]]:
+def task_accuracy(matrix: Any) -> list[dict[str, Any]]:
     """Cells (one per strategy) of a one-variant benchmark ``matrix`` (:func:`check_eval` builds it)."""
     from natix.bench.runner import run_matrix
 
-    if out is None:
-        with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
-            return run_matrix(matrix, Path(tmp), progress=False, log=log or (lambda _s: None))
-    return run_matrix(matrix, out, progress=False, log=log or (lambda _s: None))
+    with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
+        return run_matrix(matrix, Path(tmp), progress=False, log=lambda _s: None)
 
 
 def summarize_cells(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
