@@ -51,6 +51,8 @@ def terminate_on_signals() -> Iterator[None]:
         remove_owned()
         try:
             sys.stdout.flush()
+            if sys.stderr.isatty():  # a rich status line may be showing, with the cursor hidden
+                sys.stderr.write("\x1b[?25h\n")
             click.echo(f"Error: terminated by {signal.Signals(signum).name}; temporary files removed", err=True)
             sys.stderr.flush()
         finally:
