@@ -120,8 +120,8 @@ def render(rows: Iterable[dict[str, Any]], title: str = "natix-bench report") ->
 
 
 def write_report(out: Path, rows: Iterable[dict[str, Any]], title: str | None = None) -> Path:
+    from natix.quant.artifact import write_text_atomic
+
     path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render(rows, title or f"natix-bench: {out.name}"))
-    tmp.replace(path)
+    write_text_atomic(path, render(rows, title or f"natix-bench: {out.name}"))
     return path

@@ -178,6 +178,29 @@ def read_adapter(adapter_dir: str | Path) -> AdapterFiles:
     return AdapterFiles(path, peft_type, config, weights, _read_shapes(weights))
 
 
+def check_finite(files: AdapterFiles) -> None:
+    """Raise :class:`AdapterError` naming the first tensor of the adapter that holds NaN or inf
+    (a diverged training run): merging it would poison the base weights. Adapters are small, so
+    this reads every tensor."""
+    import torch
+
+    try:
+        if files.weights_file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(files.weights_file), framework="pt") as f:
+                tensors = ((k, f.get_tensor(k)) for k in f.keys())
+                bad = next((k for k, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        else:
+            sd = torch.load(files.weights_file, map_location="cpu", weights_only=True)
+            bad = next((k for k, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    except Exception as e:  # corrupt past the header: name the file
+        raise AdapterError(f"adapter weights {files.weights_file} are corrupt or unreadable: {e}") from e
+    if bad is not None:
+        raise AdapterError(f"adapter weights {files.weights_file} hold NaN or infinite values (tensor {bad}); "
+                           "merging them would destroy the base weights")
+
+
 def _dims(module: Any) -> tuple[int, int, str, str] | None:
     """(in, out, in_name, out_name) of a base layer in peft's convention, or None if not a 2-D layer."""
     import torch.nn as nn
@@ -386,11 +409,13 @@ def merge_adapter(
         tolerance: maximum ‖merged−unmerged‖/‖unmerged‖.
 
     Raises:
-        AdapterError: missing/corrupt files, unsupported type, or an adapter for another base.
+        AdapterError: missing/corrupt files, unsupported type, an adapter for another base, or
+            NaN/inf in the adapter or the merged weights.
         MergeParityError: the merged logits differ by more than ``tolerance``.
     """
     files = read_adapter(adapter_dir)
     validate_adapter(model, files)
+    check_finite(files)
 
     from peft import PeftModel
 
@@ -408,7 +433,10 @@ def merge_adapter(
         before = _logits(peft_model, probe) if check else None
         if shared is not None:
             _untie(peft_model, shared)
-        merged = peft_model.merge_and_unload(safe_merge=True)
+        try:
+            merged = peft_model.merge_and_unload(safe_merge=True)
+        except ValueError as e:  # safe_merge found NaN/inf in a merged weight (finite inputs that overflow)
+            raise AdapterError(f"merging adapter {files.path} gives non-finite weights: {e}") from e
     error = None
     if before is not None:
         after = _logits(merged, probe)

@@ -11,9 +11,11 @@ Sources (``--calib``):
   perplexity is never measured on text the quantizer calibrated on;
 - ``FILE.jsonl``: one JSON object per line with ``text`` (raw text), ``messages`` (a chat, run
   through the tokenizer's chat template) or ``prompt`` + ``completion``;
-- ``FILE.txt``: plain text, tokenized and cut into ``max_length`` windows.
+- ``FILE.txt``: plain text, tokenized and cut into ``max_length`` windows (from the first
+  ``4 * samples`` windows' worth of characters: a huge file is never tokenized whole).
 
-Every sample is a list of token ids of at most ``max_length``. Bad input (missing, unreadable or
+Every sample is a list of token ids of at most ``max_length``; only as much of each row's text as
+can hold ``max_length`` tokens is tokenized (:func:`max_token_chars`), whatever the row's size. Bad input (missing, unreadable or
 empty file, a line that is not JSON or has none of the keys) raises :class:`CalibrationError`
 naming the file and line.
 """
@@ -45,6 +47,23 @@ def _pydoc_topics(half: int) -> list[str]:
 def heldout_text() -> str:
     """The held-out half of the ``pydoc`` corpus (~230 kB): never used for calibration."""
     return "\n\n".join(_pydoc_topics(1))
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token covers (the longest vocabulary entry, at least
+    16), so that ``n * max_token_chars`` characters of text always hold ``n`` tokens or more."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return 64
+    return max(16, max((len(t) for t in vocab), default=0))
+
+
+def _ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """The first ``max_length`` token ids of ``text``, tokenizing only a prefix long enough to hold
+    them: a 69 MB one-line sample must cost what a 512-token one does, not 20 minutes and 10 GB."""
+    text = text[: max_length * max_token_chars(tokenizer)]
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
 
 
 def _windows(tokenizer: Any, text: str, max_length: int) -> list[list[int]]:
@@ -90,6 +109,13 @@ def _jsonl_texts(path: Path, tokenizer: Any) -> list[str]:
     return out
 
 
+def source_file(source: str) -> Path | None:
+    """The file a ``--calib`` value names (None for a task name or ``pydoc``)."""
+    from natix.bench.tasks import available_tasks
+
+    return None if source == BUILTIN_TEXT or source in available_tasks() else Path(source)
+
+
 def check_source(source: str) -> None:
     """Cheap validation before any model is loaded: a known name or a readable, non-empty file."""
     from natix.bench.tasks import available_tasks
@@ -111,31 +137,39 @@ def check_source(source: str) -> None:
         raise CalibrationError(f"calibration file {p} is empty")
 
 
+def check_sizes(samples: int, max_length: int) -> None:
+    """``--calib-samples`` and ``--calib-max-length`` make sense (checked even when a scheme
+    needs no calibration, so a wrong value is never silently accepted)."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
+        raise CalibrationError(f"calib samples must be a positive integer, got {samples!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise CalibrationError(f"calib max_length must be an integer >= 2, got {max_length!r}")
+
+
 def load_calibration(source: str, tokenizer: Any, *, samples: int = 128, max_length: int = 512,
                      seed: int = 0) -> list[list[int]]:
     """Up to ``samples`` token-id lists of at most ``max_length`` tokens from ``source``
     (see the module docstring), shuffled with ``seed`` where the source is longer than needed."""
-    if samples <= 0:
-        raise CalibrationError(f"calib samples must be positive, got {samples}")
-    if max_length < 2:
-        raise CalibrationError(f"calib max_length must be >= 2, got {max_length}")
+    check_sizes(samples, max_length)
     check_source(source)
     from natix.bench.tasks import available_tasks
 
     if source in available_tasks():
-        texts = _task_samples(source, tokenizer, samples, seed)
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+        ids = [_ids(tokenizer, t, max_length) for t in _task_samples(source, tokenizer, samples, seed)]
     elif source == BUILTIN_TEXT:
         ids = _windows(tokenizer, "\n\n".join(_pydoc_topics(0)), max_length)
     elif source.endswith(".txt"):
+        # windows come from the start of the file: read what 4x the samples can use, so a large
+        # file is sampled from a good stretch of text without being tokenized whole
+        budget = 4 * samples * max_length * max_token_chars(tokenizer)
         try:
-            text = Path(source).read_text(encoding="utf-8")
+            with open(source, encoding="utf-8") as f:
+                text = f.read(budget)
         except (OSError, UnicodeDecodeError) as e:
             raise CalibrationError(f"cannot read calibration file {source}: {e}") from e
         ids = _windows(tokenizer, text, max_length)
     else:
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
-               for t in _jsonl_texts(Path(source), tokenizer)]
+        ids = [_ids(tokenizer, t, max_length) for t in _jsonl_texts(Path(source), tokenizer)]
     ids = [x for x in ids if len(x) > 1]
     if not ids:
         raise CalibrationError(f"calibration source {source!r} gave no sample of 2 or more tokens")

@@ -1,133 +1,91 @@
 """``natix-quant``: command-line entry to natix.quant (a click group: ``merge``, ``export``, ``inspect``, ``eval``).
 
-Thin by design: argument parsing, progress display and error reporting live here, the work in
-:mod:`natix.quant.adapters`, :mod:`natix.quant.models` and :mod:`natix.quant.artifact`. torch,
+Thin by design: argument parsing and progress display live here, the work in
+:mod:`natix.quant.export`, :mod:`natix.quant.loader` and :mod:`natix.quant.evaluate`. torch,
 transformers and peft are imported inside the commands so ``natix-quant --help`` is instant.
-Every expected failure becomes one line on stderr and a non-zero exit, with nothing written.
+Every value is checked before any slow work (flag types here; inputs, outputs and their overlap in
+:func:`natix.quant.export.check_inputs` and :func:`natix.quant.evaluate.check_eval`), and every
+expected failure is one line on stderr, exit status 1 (2 for usage), with nothing written;
+``--debug`` shows the traceback (:mod:`natix.quant.cli_base`).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from natix.quant.errors import QuantError
+from natix.quant.cli_base import (
+    DEVICE,
+    POSITIVE_INT,
+    TEXT,
+    FiniteFloat,
+    NatixGroup,
+    OneLineUsageError,
+    PathArg,
+    progress_console,
+)
 
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def _console():  # rich is imported lazily: only commands that do work need it
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn our known failures into a one-line ``click.ClickException`` (exit status 1)."""
-    from natix.quant.models import ModelLoadError
-
-    try:
-        yield
-    except (QuantError, ModelLoadError) as e:
-        raise click.ClickException(re.sub(r"\s+", " ", str(e)).strip()) from e
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=NatixGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="natix", prog_name="natix-quant")
 def main() -> None:
     """Merge PEFT adapters into base models, quantize and export them."""
 
 
 @main.command()
-@click.option("--base", "base", required=True, metavar="B",
+@click.option("--base", "base", required=True, metavar="B", type=TEXT,
               help="Base model: HF directory, .gguf file, or embedded name (smollm2-135m).")
-@click.option("--adapter", "adapter", required=True, metavar="A",
+@click.option("--adapter", "adapter", required=True, metavar="A", type=TEXT,
               help="PEFT adapter directory (adapter_config.json + adapter weights).")
-@click.option("--out", "out", required=True, metavar="DIR", type=click.Path(path_type=Path),
-              help="Output directory for the merged model (must not exist unless --force).")
+@click.option("--out", "out", required=True, metavar="DIR", type=PathArg(path_type=Path),
+              help="Output directory for the merged model (must not exist unless --force; never an input).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="dtype of the saved weights; the merge itself always runs in fp32.")
-@click.option("--tolerance", type=float, default=None,
+@click.option("--tolerance", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Max relative logit error merged vs unmerged (default 1e-4).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new one is complete).")
 def merge(base: str, adapter: str, out: Path, dtype: str, tolerance: float | None, force: bool) -> None:
     """Merge adapter A into base B and write a standalone model to DIR, atomically."""
     from rich.markup import escape
+    from transformers.utils import logging as hf_logging
 
-    from natix.quant.adapters import FP32_REL_TOL, read_adapter
+    from natix.quant.export import merge as run_merge
 
-    console = _console()
-    with _user_errors():
-        if out.exists() and not force:
-            raise click.ClickException(f"output {out} already exists; pass --force to replace it")
-        files = read_adapter(adapter)  # fail on bad adapter files before the slow base load
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # rich's status line is the progress display here
-        with console.status(f"loading base {base}"):
-            from natix.quant.models import load_base
-
-            model, tokenizer = load_base(base, dtype="fp32")
-        with console.status(f"merging {files.peft_type} adapter {adapter}"):
-            from natix.quant.adapters import merge_adapter
-
-            merged, report = merge_adapter(
-                model, adapter, tolerance=FP32_REL_TOL if tolerance is None else tolerance)
-        for w in report.peft_warnings:
-            console.print(f"[yellow]warning:[/yellow] {escape(w)}")
-        with console.status(f"writing {out}"):
-            _write_merged(merged, tokenizer, out, base=base, adapter=adapter, dtype=dtype,
-                          report=report, force=force)
+    console = progress_console()
+    hf_logging.disable_progress_bar()  # rich's status line is the progress display here
+    with console.status("checking inputs") as st:
+        report = run_merge(base, adapter, out, dtype=dtype, tolerance=tolerance, force=force,
+                           status=lambda m: st.update(escape(m)))
+    for w in report.peft_warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
     err = "unchecked" if report.parity_error is None else f"{report.parity_error:.2e}"
     console.print(f"[green]merged[/green] {report.adapter_type} ({len(report.targets)} modules, "
                   f"parity {err} ≤ {report.tolerance:.0e}) -> {escape(str(out))} ({dtype})")
 
 
-def _write_merged(model, tokenizer, out: Path, *, base: str, adapter: str, dtype: str, report, force: bool) -> None:
-    """Cast, save model + tokenizer + manifest into a temp dir, then move it to ``out``."""
-    from natix.quant.artifact import Manifest, SourceRef, atomic_dir, write_manifest
-    from natix.quant.models import _dtype, resolve_base, tree_sha256
-
-    src = resolve_base(base)
-    base_file = src.path / src.gguf_file if src.gguf_file else src.path
-    manifest = Manifest(
-        scheme="merged",
-        base=SourceRef(spec=base, sha256=tree_sha256(base_file)),
-        adapter=SourceRef(spec=str(Path(adapter).resolve()), sha256=tree_sha256(Path(adapter)), type=report.adapter_type),
-        dtype=dtype,
-        details={"merge": report.to_dict()},
-    )
-    model = model.to(_dtype(dtype))
-    with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, manifest)
-
-
 @main.command()
-@click.option("--base", "base", required=True, metavar="B",
+@click.option("--base", "base", required=True, metavar="B", type=TEXT,
               help="Base model: HF directory, .gguf file, or embedded name (smollm2-135m).")
-@click.option("--adapter", "adapter", default=None, metavar="A",
+@click.option("--adapter", "adapter", default=None, metavar="A", type=TEXT,
               help="Optional PEFT adapter directory, merged (parity-checked) before quantizing.")
-@click.option("--scheme", "scheme", required=True, metavar="S", help="Quantization scheme: fp8, gptq, w4a8kv4.")
-@click.option("--out", "out", required=True, metavar="DIR", type=click.Path(path_type=Path),
-              help="Output artifact directory (must not exist unless --force).")
+@click.option("--scheme", "scheme", required=True, metavar="S", type=TEXT, help="Quantization scheme: fp8, gptq, w4a8kv4.")
+@click.option("--out", "out", required=True, metavar="DIR", type=PathArg(path_type=Path),
+              help="Output artifact directory (must not exist unless --force; never an input).")
 @click.option("--group-size", type=int, default=None,
-              help="Weight group size: 128 or -1 (per output channel). gptq, w4a8kv4.")
+              help="Weight group size: 128 or -1 (per output channel); gptq: -1 or a power of two 16..1024.")
 @click.option("--act-order", type=click.Choice(["group", "weight"]), default=None,
               help="GPTQ activation order (gptq): 'group' permutes groups (g_idx), 'weight' keeps them contiguous.")
 @click.option("--kv", "kv", type=click.Choice(["none", "fp8", "int4"]), default=None,
               help="KV-cache quantization: fp8 (fp8, gptq; vLLM), int4 (w4a8kv4, the default there), none.")
-@click.option("--calib", default="pydoc", show_default=True, metavar="TASK|FILE",
+@click.option("--calib", default="pydoc", show_default=True, metavar="TASK|FILE", type=TEXT,
               help="Calibration data: a task name (chain_sum), 'pydoc', or a .jsonl/.txt file.")
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration samples.")
-@click.option("--calib-max-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+@click.option("--calib-samples", type=POSITIVE_INT, default=128, show_default=True, help="Calibration samples.")
+@click.option("--calib-max-length", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per calibration sample.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", type=TEXT,
               help="Any other scheme setting (e.g. --set rotate=false); repeatable. See inspect for the fields.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
               help="dtype of the tensors left unquantized (embeddings, norms, lm_head, biases).")
@@ -139,29 +97,35 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
     """Quantize base B (+ adapter A) with scheme S and write a servable artifact to DIR, atomically."""
     from rich.markup import escape
 
+    from natix.quant.export import grouped
     from natix.quant.schemes import make_config, parse_override
 
-    console = _console()
-    with _user_errors():
-        fields: dict[str, object] = dict(parse_override(o) for o in overrides)
-        for key, value in (("group_size", group_size), ("actorder", act_order), ("kv_cache", kv)):
-            if value is not None:
-                fields[key] = value
-        flags = {"group_size": "--group-size", "actorder": "--act-order", "kv_cache": "--kv"}
-        cfg = make_config(scheme, fields, flags)  # unknown scheme/setting: fails before anything is loaded
-        from natix.quant.export import export as run_export
+    console = progress_console()
+    fields: dict[str, object] = dict(parse_override(o) for o in overrides)
+    for key, value in (("group_size", group_size), ("actorder", act_order), ("kv_cache", kv)):
+        if value is not None:
+            fields[key] = value
+    flags = {"group_size": "--group-size", "actorder": "--act-order", "kv_cache": "--kv"}
+    cfg = make_config(scheme, fields, flags)  # unknown scheme/setting: fails before anything is loaded
+    ctx = click.get_current_context()
+    unused = [f"--{p.replace('_', '-')}" for p in ("calib", "calib_samples", "calib_max_length")
+              if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+    if unused and not cfg.needs_calibration():
+        console.print(f"[yellow]note:[/yellow] {scheme} with these settings needs no calibration: "
+                      f"{', '.join(unused)} checked but not used")
+    from transformers.utils import logging as hf_logging
 
-        from transformers.utils import logging as hf_logging
+    from natix.quant.export import export as run_export
 
-        hf_logging.disable_progress_bar()
-        with console.status("starting") as st:
-            def progress(i: int, n: int, name: str) -> None:
-                st.update(f"quantizing {i}/{n} {escape(name)}")
+    hf_logging.disable_progress_bar()
+    with console.status("checking inputs") as st:
+        def progress(i: int, n: int, name: str) -> None:
+            st.update(f"quantizing {i}/{n} {escape(name)}")
 
-            res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force, calib=calib,
-                             calib_samples=calib_samples, calib_max_length=calib_max_length, seed=seed,
-                             status=lambda m: st.update(escape(m)), progress=progress)
-    fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if _grouped(cfg) else []
+        res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force, calib=calib,
+                         calib_samples=calib_samples, calib_max_length=calib_max_length, seed=seed,
+                         status=lambda m: st.update(escape(m)), progress=progress)
+    fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if grouped(cfg) else []
     console.print(f"[green]exported[/green] {scheme}: {len(res.quantized)} linear layers quantized, "
                   f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
                   f"({res.bytes_written / 2**20:.1f} MiB)")
@@ -171,12 +135,8 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
                       f"{cfg.group_fallback!r}; see the manifest's details.layers)")
 
 
-def _grouped(cfg: object) -> bool:
-    return isinstance(getattr(cfg, "group_size", None), int) and cfg.group_size > 0 and hasattr(cfg, "group_fallback")
-
-
 @main.command()
-@click.argument("artifact", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("artifact", metavar="DIR", type=PathArg(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON instead of tables.")
 def inspect(artifact: Path, as_json: bool) -> None:
     """Describe a quantized artifact: scheme, bits per weight, files, engines, manifest."""
@@ -184,8 +144,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
     from natix.quant.loader import describe_artifact
 
-    with _user_errors():
-        info = describe_artifact(artifact)
+    info = describe_artifact(artifact)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -227,21 +186,26 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
 
 @main.command("eval")
-@click.argument("model", metavar="DIR")
-@click.option("--adapter", default=None, metavar="A", help="PEFT adapter merged at load (unquantized baselines).")
-@click.option("--ppl", "ppl", default="pydoc", show_default=True, metavar="FILE|pydoc|none",
+@click.argument("model", metavar="DIR", type=TEXT)
+@click.option("--adapter", default=None, metavar="A", type=TEXT,
+              help="PEFT adapter merged at load (unquantized baselines).")
+@click.option("--ppl", "ppl", default="pydoc", show_default=True, metavar="FILE|pydoc|none", type=TEXT,
               help="Held-out text for perplexity ('none' to skip).")
-@click.option("--ppl-max-length", type=int, default=512, show_default=True, help="Tokens per perplexity window.")
-@click.option("--ppl-windows", type=int, default=None, help="Evaluate only the first N windows.")
-@click.option("--task", default=None, help="Task for accuracy (e.g. chain_sum); omitted: perplexity only.")
-@click.option("--strategy", "strategies", multiple=True, help="greedy, maj@8, bo8:verifier, ...; repeatable (default greedy).")
-@click.option("--items", type=int, default=40, show_default=True, help="Evaluation items.")
-@click.option("--temperature", type=float, default=0.7, show_default=True, help="Temperature of sampled strategies.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--dtype", default="auto", show_default=True, help="dtype of unquantized tensors: auto, fp32, bf16, fp16.")
-@click.option("--jsonl", "jsonl", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--ppl-max-length", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per perplexity window.")
+@click.option("--ppl-windows", type=POSITIVE_INT, default=None, help="Evaluate only the first N windows.")
+@click.option("--task", default=None, type=TEXT, help="Task for accuracy (e.g. chain_sum); omitted: perplexity only.")
+@click.option("--strategy", "strategies", multiple=True, type=TEXT,
+              help="greedy, maj@8, bo8:verifier, ...; repeatable (default greedy; needs --task).")
+@click.option("--items", type=POSITIVE_INT, default=40, show_default=True, help="Evaluation items.")
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=0.7, show_default=True,
+              help="Temperature of sampled strategies (> 0).")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", type=click.Choice(("auto",) + DTYPES), default="auto", show_default=True,
+              help="dtype of unquantized tensors.")
+@click.option("--jsonl", "jsonl", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Append the result as one JSON line (with the environment) to this file.")
-@click.option("--label", default=None, help="Name of this row in the JSONL (default: DIR's name).")
+@click.option("--label", default=None, type=TEXT, help="Name of this row in the JSONL (default: DIR's name).")
 def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_windows: int | None, task: str | None,
           strategies: tuple[str, ...], items: int, temperature: float, device: str, dtype: str,
           jsonl: Path | None, label: str | None) -> None:
@@ -249,52 +213,50 @@ def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_wi
     import json
     import time
 
-    from natix.quant.evaluate import perplexity, read_text, summarize_cells, task_accuracy
+    from natix.quant.evaluate import check_eval, perplexity, summarize_cells, task_accuracy
 
-    console = _console()
+    if strategies and not task:
+        raise OneLineUsageError("--strategy needs --task (strategies are scored on a task's items)")
+    console = progress_console()
     label = label or Path(model).name
-    row: dict[str, object] = {"label": label, "model": model, "adapter": adapter, "dtype": dtype,
+    # everything that can be wrong is found before any model loads (the task and strategies too)
+    scheme, text, matrix = check_eval(model, adapter=adapter, ppl=ppl, task=task, strategies=strategies or ("greedy",),
+                                      items=items, temperature=temperature, device=device, dtype=dtype, jsonl=jsonl)
+    row: dict[str, object] = {"label": label, "model": model, "adapter": adapter, "dtype": dtype, "scheme": scheme,
                               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with _user_errors():
-        from natix.quant.loader import quantized_scheme
+    if text is not None:
+        from transformers.utils import logging as hf_logging
 
-        row["scheme"] = quantized_scheme(model) or "none"
-        if ppl != "none":
-            text = read_text(ppl)
-            from transformers.utils import logging as hf_logging
+        from natix.engines.hf_engine import resolve_device
+        from natix.quant.models import load_base
 
-            from natix.engines.hf_engine import resolve_device
-            from natix.quant.models import load_base
+        hf_logging.disable_progress_bar()
+        with console.status(f"perplexity of {label} on {ppl}"):
+            m, tok = load_base(model, dtype=dtype, device=resolve_device(device))
+            if adapter:
+                from natix.quant.adapters import merge_adapter
 
-            hf_logging.disable_progress_bar()
-            with console.status(f"perplexity of {label} on {ppl}"):
-                dev = resolve_device(device)
-                m, tok = load_base(model, dtype=dtype, device=dev)
-                if adapter:
-                    from natix.quant.adapters import merge_adapter
-
-                    m, _ = merge_adapter(m, adapter)
-                row["perplexity"] = {"text": ppl, **perplexity(m, tok, text, max_length=ppl_max_length,
-                                                               max_windows=ppl_windows)}
-                del m
-            console.print(f"{label}: perplexity {row['perplexity']['ppl']:.3f} "  # type: ignore[index]
-                          f"({row['perplexity']['tokens']} tokens of {ppl})")  # type: ignore[index]
-        if task:
-            with console.status(f"{task} accuracy of {label}"):
-                cells = task_accuracy(model, adapter=adapter, task=task, strategies=strategies or ("greedy",),
-                                      items=items, temperature=temperature, device=device, dtype=dtype, label=label)
-            row["task"] = {"name": task, "strategies": summarize_cells(cells)}
-            row["env"] = cells[0]["env"] if cells else None
-            for s, r in row["task"]["strategies"].items():  # type: ignore[index]
-                lo, hi = r["ci95"]
-                console.print(f"{label}: {task} {s}: {r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] ({r['items']} items)")
-    if "env" not in row or row["env"] is None:
+                m, _ = merge_adapter(m, adapter)
+            row["perplexity"] = {"text": ppl, **perplexity(m, tok, text, max_length=ppl_max_length,
+                                                           max_windows=ppl_windows)}
+            del m
+        console.print(f"{label}: perplexity {row['perplexity']['ppl']:.3f} "  # type: ignore[index]
+                      f"({row['perplexity']['tokens']} tokens of {ppl})")  # type: ignore[index]
+    if matrix is not None:
+        with console.status(f"{task} accuracy of {label}"):
+            cells = task_accuracy(matrix)
+        row["task"] = {"name": task, "strategies": summarize_cells(cells)}
+        row["env"] = cells[0]["env"] if cells else None
+        for s, r in row["task"]["strategies"].items():  # type: ignore[index]
+            lo, hi = r["ci95"]
+            console.print(f"{label}: {task} {s}: {r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] ({r['items']} items)")
+    if row.get("env") is None:
         from natix.bench.env import environment
 
         row["env"] = environment()
     if jsonl is not None:
         jsonl.parent.mkdir(parents=True, exist_ok=True)
-        with open(jsonl, "a") as f:
+        with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 

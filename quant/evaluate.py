@@ -65,21 +65,52 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
             "max_length": max_length, "kv_cache": getattr(model, "natix_kv_cache", "none")}
 
 
-def task_accuracy(model_spec: str, *, adapter: str | None = None, task: str = "chain_sum",
-                  strategies: Sequence[str] = ("greedy",), items: int = 40, temperature: float = 0.7,
-                  device: str = "auto", dtype: str = "auto", seed: int = 0, out: Path | None = None,
-                  label: str = "model", log: Any = None) -> list[dict[str, Any]]:
-    """Cells (one per strategy) of a one-variant benchmark matrix on ``model_spec``."""
+def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, strategies: Sequence[str],
+               items: int, temperature: float, device: str, dtype: str,
+               jsonl: Path | None) -> tuple[str, str | None, Any]:
+    """Everything ``natix-quant eval`` can check before a model loads: the model (a quantized
+    artifact's checkpoint is verified against its manifest) and adapter, the perplexity text, the
+    task and strategies (as the benchmark matrix they become), the device, and ``jsonl`` (writable,
+    not one of the inputs). Returns (scheme or "none", the text or None, the matrix or None)."""
     from natix.bench.matrix import Matrix, Variant
+    from natix.quant.adapters import read_adapter
+    from natix.quant.calib import BUILTIN_TEXT
+    from natix.quant.checkpoint import verify_checkpoint
+    from natix.quant.loader import artifact_config, quantized_scheme
+    from natix.quant.models import resolve_base
+    from natix.quant.validate import check_device, check_no_overlap, check_writable_dir
+
+    scheme = quantized_scheme(model)
+    if scheme:
+        manifest, cfg = artifact_config(model)
+        verify_checkpoint(Path(model), manifest, cfg)
+        if adapter:
+            raise QuantError(f"{model} is a quantized {scheme} artifact: an adapter cannot be merged into it at "
+                             "load; merge it at export (natix-quant export --adapter)")
+    else:
+        resolve_base(model)
+    if adapter:
+        read_adapter(adapter)
+    text = None if ppl == "none" else read_text(ppl)
+    matrix = None
+    if task:
+        matrix = Matrix(name="eval", task=task, items=items, model=model, variants=(Variant("model", adapter),),
+                        strategies=tuple(strategies), temperatures=(temperature,), device=device, dtype=dtype)
+    check_device(device)
+    if jsonl is not None:
+        ppl_file = None if ppl in ("none", BUILTIN_TEXT) else ppl
+        check_no_overlap(jsonl, [("model", model), ("adapter", adapter), ("perplexity text", ppl_file)],
+                         flag="--jsonl")
+        check_writable_dir(jsonl.parent, what="--jsonl")
+    return scheme or "none", text, matrix
+
+
+def task_accuracy(matrix: Any) -> list[dict[str, Any]]:
+    """Cells (one per strategy) of a one-variant benchmark ``matrix`` (:func:`check_eval` builds it)."""
     from natix.bench.runner import run_matrix
 
-    m = Matrix(name=f"eval-{label}", task=task, items=items, model=model_spec,
-               variants=(Variant(label, adapter),), strategies=tuple(strategies), temperatures=(temperature,),
-               seed=seed, device=device, dtype=dtype)
-    if out is None:
-        with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
-            return run_matrix(m, Path(tmp), progress=False, log=log or (lambda _s: None))
-    return run_matrix(m, out, progress=False, log=log or (lambda _s: None))
+    with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
+        return run_matrix(matrix, Path(tmp), progress=False, log=lambda _s: None)
 
 
 def summarize_cells(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

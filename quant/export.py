@@ -1,8 +1,11 @@
 """Export: base (+ merged adapter) -> quantized artifact directory, written atomically.
 
-Pipeline: check the inputs cheaply (scheme, --out, base path, adapter files, calibration source)
--> load the base in the artifact's storage dtype (bf16 by default) -> merge the adapter
-(:func:`natix.quant.adapters.merge_adapter`: fp32, parity-checked, cast back) ->
+Pipeline: check the inputs cheaply (:func:`check_inputs`: --out neither overlaps an input nor
+exists without --force, base path and not already quantized, adapter files, calibration source)
+-> create the output's temporary directory (so an unwritable --out fails now) -> load the base in
+the artifact's storage dtype (bf16 by default) -> merge the adapter
+(:func:`natix.quant.adapters.merge_adapter`: fp32, parity-checked, cast back) -> check the group
+size fits some layer ->
 ``cfg.prepare_model`` (whole-model transforms, e.g. QoQ rotation) -> quantize:
 
 - schemes that need calibration (GPTQ, smoothing, KV scales): :func:`natix.quant.calibrate.quantize_sequential`,
@@ -12,7 +15,8 @@ Pipeline: check the inputs cheaply (scheme, --out, base path, adapter files, cal
 
 -> write ``model.safetensors`` + ``config.json`` (with the scheme's ``quantization_config``) +
 generation config + tokenizer + ``natix_manifest.json`` (per-layer ``layer_meta``, calibration,
-transforms) inside :func:`natix.quant.artifact.atomic_dir`.
+transforms) into that directory, renamed into place once complete (:func:`natix.quant.artifact.atomic_dir`).
+:func:`merge` is the same pipeline without quantization (``natix-quant merge``).
 
 Peak memory: the model in its storage dtype, plus one decoder layer in fp32 with its calibration
 activations and Hessians; merging an adapter upcasts the whole model to fp32 for the duration of
@@ -33,6 +37,9 @@ from natix.quant.schemes import QuantConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
+
+    from natix.quant.adapters import AdapterFiles, MergeReport
+    from natix.quant.models import BaseSource
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -118,16 +125,92 @@ def _layer_record(mod: "nn.Module") -> dict[str, Any]:
     return {**mod.layer_meta(), "shape": [int(mod.out_features), int(mod.in_features)]}
 
 
-def _source_refs(base: str, adapter: str | None, adapter_type: str | None):
+def _source_refs(src: "BaseSource", adapter: str | None, adapter_type: str | None):
     from natix.quant.artifact import SourceRef
-    from natix.quant.models import resolve_base, tree_sha256
+    from natix.quant.models import tree_sha256
 
-    src = resolve_base(base)
-    base_file = src.path / src.gguf_file if src.gguf_file else src.path
-    base_ref = SourceRef(spec=base, sha256=tree_sha256(base_file))
+    base_ref = SourceRef(spec=src.spec, sha256=tree_sha256(src.file))
     adapter_ref = (SourceRef(spec=str(Path(adapter).resolve()), sha256=tree_sha256(Path(adapter)), type=adapter_type)
                    if adapter else None)
     return base_ref, adapter_ref
+
+
+def check_inputs(base: str, out: str | Path, *, adapter: str | None = None, force: bool = False,
+                 calib: str | None = None) -> tuple["BaseSource", "AdapterFiles | None"]:
+    """The checks merge and export run before any slow work: ``out`` is text, overlaps no input
+    (base, its model cache, adapter, calibration file; :func:`natix.quant.validate.check_no_overlap`)
+    and does not exist unless ``force`` (and then only as a natix output or an empty directory:
+    ``--force`` never replaces a directory natix did not write); the base exists and is not
+    quantized; the adapter's files read. Returns the resolved base and the adapter's files."""
+    from natix.quant.adapters import read_adapter
+    from natix.quant.artifact import MANIFEST_NAME
+    from natix.quant.calib import source_file
+    from natix.quant.errors import ArtifactError
+    from natix.quant.models import check_unquantized, resolve_base
+    from natix.quant.validate import check_no_overlap, check_text
+
+    out = Path(check_text(str(out), "--out"))
+    src = resolve_base(base)
+    inputs = [*src.inputs(), ("adapter", adapter), ("calibration file", source_file(calib) if calib else None)]
+    check_no_overlap(out, inputs)
+    if out.exists() or out.is_symlink():
+        if not (out.is_dir() and not out.is_symlink() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))):
+            raise ArtifactError(f"output {out} already exists and is not a natix output (no {MANIFEST_NAME}) or an "
+                                "empty directory; natix will not replace it, --force or not: remove it yourself or "
+                                "choose another output")
+        if not force:
+            raise ArtifactError(f"output {out} already exists; pass --force to replace it")
+    check_unquantized(src)
+    return src, read_adapter(adapter) if adapter else None
+
+
+def grouped(cfg: QuantConfig) -> bool:
+    """Whether ``cfg`` quantizes in groups of ``cfg.group_size`` with a per-channel fallback."""
+    g = getattr(cfg, "group_size", None)
+    return isinstance(g, int) and not isinstance(g, bool) and g > 0 and hasattr(cfg, "group_fallback")
+
+
+def _check_groups(model: "nn.Module", cfg: QuantConfig) -> None:
+    """Refuse a group size that divides no layer's input width: every layer would silently fall
+    back to per channel (``--group-size 100000`` is a typo, not a per-channel request)."""
+    from torch import nn
+
+    if not grouped(cfg) or cfg.group_fallback != "channel":
+        return
+    widths = sorted({m.in_features for n, m in model.named_modules() if type(m) is nn.Linear and not cfg.skips(n)})
+    if widths and not any(k % cfg.group_size == 0 for k in widths):
+        from natix.quant.errors import QuantError
+
+        raise QuantError(f"{cfg.scheme}: group size {cfg.group_size} divides the input width of none of the layers "
+                         f"to quantize ({', '.join(map(str, widths))}), so every layer would be quantized per "
+                         "output channel; pass --group-size -1 if that is what you want")
+
+
+def merge(base: str, adapter: str, out: str | Path, *, dtype: str = "fp32", tolerance: float | None = None,
+          force: bool = False, status: Callable[[str], None] | None = None) -> "MergeReport":
+    """Merge ``adapter`` into ``base`` (fp32, parity-checked) and write a standalone model in
+    ``dtype`` with a ``merged`` manifest to ``out``, atomically. Every check runs before the base
+    loads (:func:`check_inputs`)."""
+    from natix.quant.adapters import FP32_REL_TOL, merge_adapter
+    from natix.quant.artifact import Manifest, atomic_dir, write_manifest
+    from natix.quant.models import _dtype, load_base
+
+    say = status or (lambda _msg: None)
+    torch_dtype = _dtype(dtype)
+    src, files = check_inputs(base, out, adapter=adapter, force=force)
+    with atomic_dir(out, force=force) as tmp:  # made now: an unwritable --out fails before the work
+        say(f"loading base {base}")
+        model, tokenizer = load_base(base, dtype="fp32")
+        say(f"merging {files.peft_type} adapter {adapter}")
+        merged, report = merge_adapter(model, adapter, tolerance=FP32_REL_TOL if tolerance is None else tolerance)
+        base_ref, adapter_ref = _source_refs(src, adapter, report.adapter_type)
+        manifest = Manifest(scheme="merged", base=base_ref, adapter=adapter_ref, dtype=dtype,
+                            details={"merge": report.to_dict()})
+        say(f"writing {out}")
+        merged.to(torch_dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, manifest)
+    return report
 
 
 def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None = None, dtype: str = "bf16",
@@ -136,26 +219,28 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
            progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
     """Quantize ``base`` (+ ``adapter``) with ``cfg`` and write the artifact to ``out``.
 
-    ``calib`` (a task name, ``pydoc``, or a .jsonl/.txt file; see :mod:`natix.quant.calib`),
-    ``calib_samples`` and ``calib_max_length`` matter only for schemes that need calibration.
+    ``calib`` (a task name, ``pydoc``, or a .jsonl/.txt file; see :mod:`natix.quant.calib`) matters
+    only for schemes that need calibration; ``calib_samples`` and ``calib_max_length`` are checked
+    whatever the scheme.
 
-    Raises (before writing anything): :class:`~natix.quant.errors.ArtifactError` if ``out``
-    exists and not ``force``; :class:`~natix.quant.calib.CalibrationError` for a bad calibration
-    source; :class:`~natix.quant.models.ModelLoadError` for a bad base;
-    :class:`~natix.quant.errors.AdapterError` / ``MergeParityError`` for a bad adapter.
+    Raises before any slow work (:func:`check_inputs`): :class:`~natix.quant.errors.ArtifactError`
+    if ``out`` exists and not ``force``, or cannot be written; :class:`~natix.quant.errors.UserError`
+    if ``out`` overlaps an input; :class:`~natix.quant.calib.CalibrationError` for a bad calibration
+    source; :class:`~natix.quant.models.ModelLoadError` for a bad or already quantized base;
+    :class:`~natix.quant.errors.AdapterError` for a bad adapter. After the base loads:
+    ``QuantError`` for a group size that fits no layer, ``AdapterError`` / ``MergeParityError``
+    for an adapter that does not merge. Whatever fails, nothing is left at ``out`` or beside it.
     """
-    from natix.quant.adapters import merge_adapter, read_adapter
+    from natix.quant.adapters import merge_adapter
     from natix.quant.artifact import Manifest, atomic_dir, library_versions, write_manifest
-    from natix.quant.errors import ArtifactError
-    from natix.quant.models import _dtype, load_base, resolve_base
+    from natix.quant.calib import check_sizes
+    from natix.quant.models import _dtype, load_base
 
     say = status or (lambda _msg: None)
     out = Path(out)
-    if out.exists() and not force:
-        raise ArtifactError(f"output {out} already exists; pass --force to replace it")
     torch_dtype = _dtype(dtype)
-    resolve_base(base)  # a missing base fails here, before any slow work
-    files = read_adapter(adapter) if adapter else None
+    check_sizes(calib_samples, calib_max_length)
+    src, files = check_inputs(base, out, adapter=adapter, force=force, calib=calib)
     calibrated = cfg.needs_calibration()
     if calibrated:
         from natix.quant.calib import check_source
@@ -163,54 +248,56 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
         check_source(calib)
     cfg.hf_quantization_config()  # a missing library fails before the model load
 
-    say(f"loading base {base}")
-    model, tokenizer = load_base(base, dtype=dtype)
-    merge = None
-    if adapter:
-        say(f"merging {files.peft_type} adapter {adapter}")
-        model, merge = merge_adapter(model, adapter)
-    transforms: dict[str, Any] = {}
-    cfg.prepare_model(model, transforms)
-    calib_info: dict[str, Any] | None = None
-    if calibrated:
-        from natix.quant.calib import load_calibration
-        from natix.quant.calibrate import quantize_sequential
+    with atomic_dir(out, force=force) as tmp:  # made now: an unwritable --out fails before the work
+        say(f"loading base {base}")
+        model, tokenizer = load_base(base, dtype=dtype)
+        merge = None
+        if adapter:
+            say(f"merging {files.peft_type} adapter {adapter}")
+            model, merge = merge_adapter(model, adapter)
+        _check_groups(model, cfg)
+        transforms: dict[str, Any] = {}
+        cfg.prepare_model(model, transforms)
+        calib_info: dict[str, Any] | None = None
+        if calibrated:
+            from natix.quant.calib import load_calibration
+            from natix.quant.calibrate import quantize_sequential
 
-        say(f"reading calibration data ({calib})")
-        samples = load_calibration(calib, tokenizer, samples=calib_samples, max_length=calib_max_length, seed=seed)
-        calib_info = {"source": calib, "samples": len(samples), "max_length": calib_max_length, "seed": seed,
-                      "tokens": sum(len(x) for x in samples)}
-        say(f"quantizing ({cfg.scheme}, {len(samples)} calibration samples, layer by layer)")
-        quantized, skipped = quantize_sequential(model, cfg, samples, progress=progress, report=transforms)
-    else:
-        say(f"quantizing ({cfg.scheme})")
-        quantized, skipped = quantize_model(model, cfg, progress)
-    model.to(torch_dtype)  # quantized modules keep their storage dtypes (see Fp8Linear._apply)
+            say(f"reading calibration data ({calib})")
+            samples = load_calibration(calib, tokenizer, samples=calib_samples, max_length=calib_max_length,
+                                       seed=seed)
+            calib_info = {"source": calib, "samples": len(samples), "max_length": calib_max_length, "seed": seed,
+                          "tokens": sum(len(x) for x in samples)}
+            say(f"quantizing ({cfg.scheme}, {len(samples)} calibration samples, layer by layer)")
+            quantized, skipped = quantize_sequential(model, cfg, samples, progress=progress, report=transforms)
+        else:
+            say(f"quantizing ({cfg.scheme})")
+            quantized, skipped = quantize_model(model, cfg, progress)
+        model.to(torch_dtype)  # quantized modules keep their storage dtypes (see Fp8Linear._apply)
 
-    layers = {n: _layer_record(model.get_submodule(n)) for n in quantized}
-    hf_qc = cfg.hf_quantization_config(layers)
-    base_ref, adapter_ref = _source_refs(base, adapter, files.peft_type if files else None)
-    details: dict[str, Any] = {
-        "quant_config": cfg.to_dict(),
-        "format": hf_qc.get("quant_method"),
-        "quantized_modules": len(quantized),
-        "skipped_modules": skipped,
-        "layers": layers,
-        "libraries": library_versions(("compressed-tensors",)),
-    }
-    if calib_info is not None:
-        details["calibration"] = calib_info
-    if transforms:
-        details["transforms"] = transforms
-    if merge is not None:
-        details["merge"] = merge.to_dict()
-    manifest = Manifest(scheme=cfg.scheme, base=base_ref, adapter=adapter_ref, dtype=dtype, details=details)
+        layers = {n: _layer_record(model.get_submodule(n)) for n in quantized}
+        hf_qc = cfg.hf_quantization_config(layers)
+        base_ref, adapter_ref = _source_refs(src, adapter, files.peft_type if files else None)
+        details: dict[str, Any] = {
+            "quant_config": cfg.to_dict(),
+            "format": hf_qc.get("quant_method"),
+            "quantized_modules": len(quantized),
+            "skipped_modules": skipped,
+            "layers": layers,
+            "libraries": library_versions(("compressed-tensors",)),
+        }
+        if calib_info is not None:
+            details["calibration"] = calib_info
+        if transforms:
+            details["transforms"] = transforms
+        if merge is not None:
+            details["merge"] = merge.to_dict()
+        manifest = Manifest(scheme=cfg.scheme, base=base_ref, adapter=adapter_ref, dtype=dtype, details=details)
 
-    config = model.config.to_dict()
-    config["dtype"] = str(torch_dtype).removeprefix("torch.")
-    config["quantization_config"] = hf_qc
-    say(f"writing {out}")
-    with atomic_dir(out, force=force) as tmp:
+        config = model.config.to_dict()
+        config["dtype"] = str(torch_dtype).removeprefix("torch.")
+        config["quantization_config"] = hf_qc
+        say(f"writing {out}")
         save_sharded(unique_state_dict(model), tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:

@@ -91,6 +91,10 @@ class Fp8Config(QuantConfig):
 
         return Fp8Linear(in_features, out_features, bias=bias, dtype=dtype)
 
+    def tensor_layout(self, out_features: int, in_features: int, meta: dict[str, Any]
+                      ) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {"weight": ("F8_E4M3", (out_features, in_features)), "weight_scale": ("F32", (out_features, 1))}
+
     def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         try:
             from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme

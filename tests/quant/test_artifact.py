@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,40 @@ def test_atomic_dir_force_replaces_a_file(tmp_path):
     with atomic_dir(dest, force=True) as tmp:
         (tmp / "x").write_text("1")
     assert dest.is_dir()
+
+
+def test_atomic_dir_gives_files_the_usual_modes(tmp_path):
+    """safetensors writes its files 0600; the artifact's files are 0644 like the rest (umask 022)."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_atomic_dir_failure_removes_the_parents_it_made(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "a" / "b" / "out"):
+            raise RuntimeError
+    assert _entries(tmp_path) == []
+
+
+def test_atomic_dir_sweeps_a_killed_runs_temp_dir(tmp_path):
+    code = ("import os; from natix.quant.artifact import atomic_dir;"
+            f"c = atomic_dir({str(tmp_path / 'out')!r}); t = c.__enter__(); (t / 'x').write_text('half'); os._exit(9)")
+    subprocess.run([sys.executable, "-c", code])
+    (debris,) = [p for p in tmp_path.iterdir() if p.name.startswith(".natix-tmp-out-")]
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert _entries(tmp_path) == ["out"] and _entries(tmp_path / "out") == ["a"]
 
 
 def test_manifest_round_trip(tmp_path):

@@ -89,7 +89,7 @@ def test_group_fallback_and_error(base_dirs, calib_file, tmp_path):
     (["--scheme", "w4a8kv4", "--set", "rotat=false"], "does not take rotat"),
     (["--scheme", "w4a8kv4", "--calib", "nope.jsonl"], "does not exist"),
     (["--scheme", "w4a8kv4", "--calib", "EMPTY"], "is empty"),
-    (["--scheme", "w4a8kv4", "--calib-samples", "0"], "must be positive"),
+    (["--scheme", "w4a8kv4", "--calib-samples", "0"], "0 is not in the range x>=1"),
 ])
 def test_bad_input_writes_nothing(base_dirs, tmp_path, args, msg):
     empty = tmp_path / "empty.jsonl"
