@@ -8,6 +8,7 @@ import their frameworks inside ``load()``; importing this module costs nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
@@ -35,6 +36,8 @@ class SamplingSpec:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"SamplingSpec.n must be >= 1, got {self.n}")
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise ValueError(f"SamplingSpec.temperature and top_p must be finite, got {self.temperature}, {self.top_p}")
         if self.temperature < 0:
             raise ValueError(f"SamplingSpec.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -206,10 +206,14 @@ def inspect(artifact: Path, as_json: bool) -> None:
 @click.option("--jsonl", "jsonl", type=PathArg(dir_okay=False, path_type=Path), default=None,
               help="Append the result as one JSON line (with the environment) to this file.")
 @click.option("--label", default=None, type=TEXT, help="Name of this row in the JSONL (default: DIR's name).")
+@click.option("--engine", default="hf", show_default=True, type=TEXT,
+              help="Engine for task accuracy: hf (the reference path) or natix (natix's engine and kernels); "
+                   "perplexity always runs through the reference path.")
 def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_windows: int | None, task: str | None,
           strategies: tuple[str, ...], items: int, temperature: float, device: str, dtype: str,
-          jsonl: Path | None, label: str | None) -> None:
-    """Perplexity and task accuracy of artifact (or model) DIR through natix's reference path."""
+          jsonl: Path | None, label: str | None, engine: str) -> None:
+    """Perplexity and task accuracy of artifact (or model) DIR (perplexity through natix's reference
+    path; accuracy through --engine)."""
     import json
     import time
 
@@ -221,9 +225,10 @@ def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_wi
     label = label or Path(model).name
     # everything that can be wrong is found before any model loads (the task and strategies too)
     scheme, text, matrix = check_eval(model, adapter=adapter, ppl=ppl, task=task, strategies=strategies or ("greedy",),
-                                      items=items, temperature=temperature, device=device, dtype=dtype, jsonl=jsonl)
+                                      items=items, temperature=temperature, device=device, dtype=dtype, jsonl=jsonl,
+                                      engine=engine)
     row: dict[str, object] = {"label": label, "model": model, "adapter": adapter, "dtype": dtype, "scheme": scheme,
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                              "engine": engine, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if text is not None:
         from transformers.utils import logging as hf_logging
 

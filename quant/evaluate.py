@@ -6,8 +6,8 @@ quantization the artifact declares (``model.natix_kv_cache``: int4 / fp8 caches 
 keys and values, so attention reads them as a served model would). The default text is the held-out
 half of the ``pydoc`` corpus (:func:`natix.quant.calib.heldout_text`), never used for calibration.
 
-Task accuracy runs the benchmark runner (:func:`natix.bench.runner.run_matrix`) with the hf engine on
-the task's evaluation split, so the numbers, intervals and environment records are the same as
+Task accuracy runs the benchmark runner (:func:`natix.bench.runner.run_matrix`) with the hf engine (or
+``--engine natix``, natix's own engine) on the task's evaluation split, so the numbers, intervals and environment records are the same as
 ``natix-bench run``'s.
 """
 
@@ -67,7 +67,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
 
 def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, strategies: Sequence[str],
                items: int, temperature: float, device: str, dtype: str,
-               jsonl: Path | None) -> tuple[str, str | None, Any]:
+               jsonl: Path | None, engine: str = "hf") -> tuple[str, str | None, Any]:
     """Everything ``natix-quant eval`` can check before a model loads: the model (a quantized
     artifact's checkpoint is verified against its manifest) and adapter, the perplexity text, the
     task and strategies (as the benchmark matrix they become), the device, and ``jsonl`` (writable,
@@ -80,6 +80,11 @@ def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, s
     from natix.quant.models import resolve_base
     from natix.quant.validate import check_device, check_no_overlap, check_writable_dir
 
+    from natix.engines.base import available_engines
+
+    if engine not in ("hf", "natix"):
+        raise QuantError(f"--engine must be hf or natix for eval (in-process engines of this environment), got "
+                         f"{engine!r}; all engines: {', '.join(available_engines())}")
     scheme = quantized_scheme(model)
     if scheme:
         manifest, cfg = artifact_config(model)
@@ -95,7 +100,8 @@ def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, s
     matrix = None
     if task:
         matrix = Matrix(name="eval", task=task, items=items, model=model, variants=(Variant("model", adapter),),
-                        strategies=tuple(strategies), temperatures=(temperature,), device=device, dtype=dtype)
+                        strategies=tuple(strategies), temperatures=(temperature,), device=device, dtype=dtype,
+                        engines=(engine,))
     check_device(device)
     if jsonl is not None:
         ppl_file = None if ppl in ("none", BUILTIN_TEXT) else ppl

@@ -127,3 +127,13 @@ def test_natix_bench_and_eval_run_on_the_natix_engine(artifacts, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "b" / "cells.jsonl").read_text().splitlines()]
     assert {row["strategy"] for row in rows} == {"greedy", "maj@2"}
     assert all(row["engine"] == "natix" and row["engine_info"]["kv_cache"] == "int4" for row in rows)
+    from natix.quant.cli import main as quant
+
+    out = tmp_path / "eval.jsonl"
+    r = CliRunner().invoke(quant, ["eval", artifacts["fp8"], "--engine", "natix", "--ppl", "none", "--task", "chain_sum",
+                                   "--items", "2", "--jsonl", str(out)])
+    assert r.exit_code == 0, r.output
+    row = json.loads(out.read_text())
+    assert row["engine"] == "natix" and "greedy" in row["task"]["strategies"]
+    r = CliRunner().invoke(quant, ["eval", artifacts["fp8"], "--engine", "nope", "--ppl", "none"])
+    assert r.exit_code != 0 and "--engine" in r.output
