@@ -28,7 +28,7 @@ class W4A8Gemm:
     """
 
     def __init__(self, weight: W4A8Weight, bias: Optional[torch.Tensor] = None,
-                 out_dtype: torch.dtype = torch.bfloat16) -> None:
+                 out_dtype: torch.dtype = torch.bfloat16, gemv: bool = True) -> None:
         weight.validate()
         if weight.k % 4:
             raise ValueError(f"K={weight.k}: the kernel reads weight rows as int32 words (K % 4 == 0)")
@@ -41,6 +41,11 @@ class W4A8Gemm:
         self.triton = dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
         self._configs: dict[int, dict] = {}
         self._wi: Optional[torch.Tensor] = None
+        from .w4a8_gemv import can_implement_gemv
+
+        #: one row (batch-1 decode) goes to the CUDA-core GEMV (`natix.kernels.w4a8_gemv`)
+        self.gemv = gemv and can_implement_gemv(weight)[0]
+        self._gemv_cfg: Optional[dict] = None
         w = weight
         dummy = w.scale
         # argument tuple of the kernel after (x_q, x_scale, x_sum): weight tensors and bias
@@ -73,6 +78,8 @@ class W4A8Gemm:
         out = torch.empty((m, self.n), dtype=self.out_dtype, device=x_q.device)
         if m == 0:
             return out
+        if m == 1 and self.gemv:
+            return self._gemv(x_q, x_scale, x_sum, out)
         cfg = self._config(m)
         bm, bnh, split = cfg["BM"], cfg["BNH"], cfg["SPLIT_K"]
         tiles = -(-m // bm) * -(-(self.n // 2) // bnh)
@@ -80,6 +87,27 @@ class W4A8Gemm:
         qw, ws, gs, gz, wz, b = self._wargs
         cfg["launch"]((tiles, split), x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b, out,
                       part, _counters(x_q.device, tiles), m, self.n, self.k, x_q.stride(0), out.stride(0))
+        return out
+
+    def _gemv(self, x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor],
+              out: torch.Tensor) -> torch.Tensor:
+        cfg = self._gemv_cfg
+        if cfg is None:
+            from .launch import Launcher
+            from .w4a8_gemv import _kernel as gemv_kernel
+            from .w4a8_gemv import gemv_config
+
+            cfg = gemv_config(self.n, self.k, self.grouped, x_q.device)
+            cfg["blocks"] = -(-(self.n // 2) // cfg["BNH"])
+            cfg["launch"] = Launcher(gemv_kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None,
+                                     RAW_OUT=self.out_dtype == torch.int32, BNH=cfg["BNH"], BK=cfg["BK"],
+                                     SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            self._gemv_cfg = cfg
+        split = cfg["SPLIT_K"]
+        part = torch.empty((split, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
+        qw, ws, gs, gz, wz, b = self._wargs
+        cfg["launch"]((cfg["blocks"], split), x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b,
+                      out, part, _counters(x_q.device, cfg["blocks"]), self.n, self.k)
         return out
 
     def reference(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:

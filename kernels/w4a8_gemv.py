@@ -1,0 +1,156 @@
+"""W4A8 GEMV: one token (M = 1) against a packed W4A8 weight, on CUDA cores, exact in int32.
+
+The batch-1 decode step multiplies one INT8 activation row by every weight of the model: the work
+is reading the packed weights once (N x K / 2 bytes), and an MMA tile of 16 rows does 15 rows of
+nothing. This kernel streams the weights as int32 words (4 K-consecutive bytes = 8 codes: rows j
+and j + N/2, see `natix.kernels.packing`) and multiplies each byte's nibbles by the activation
+byte of the same k on CUDA cores, accumulating elementwise in int32 registers and reducing once:
+
+- per channel: ``acc[n] = sum_k x[k] * q4[n, k]``; the zero point is subtracted in the epilogue
+  (``- z[n] * sum_k x[k]``) exactly as the GEMM does;
+- g128: within a 128-wide group the level-1 scale and zero are constant, so
+  ``sum_k x (q4 s1 - sz) = s1 * sum_k x q4 - sz * sum_k x`` per group: no per-element dequantization.
+
+Split-K over ``SPLIT_K`` programs per column block; the last to finish (atomic ticket, as in
+`natix.kernels.w4a8_gemm`) sums the int32 partials and runs the float epilogue, so one launch.
+Same inputs, outputs and numbers as the GEMM (`w4a8_gemm_reference` is the reference of both).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .packing import GROUP_SIZE, W4A8Weight
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def w4a8_gemv_kernel(
+        x_ptr, xs_ptr, xsum_ptr, qw_ptr, ws_ptr, gs_ptr, gz_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+        N, K,
+        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_OUT: tl.constexpr, BNH: tl.constexpr, BK: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        NH = N // 2
+        offs_j = pid_n * BNH + tl.arange(0, BNH)
+        j_ok = offs_j < NH
+        BK4: tl.constexpr = BK // 4
+        offs_i = tl.arange(0, BK4)
+        k_iters = tl.cdiv(K, BK)
+        per = tl.cdiv(k_iters, SPLIT_K)
+        it0 = pid_k * per
+        it1 = tl.minimum(it0 + per, k_iters)
+        w_ptrs = qw_ptr.to(tl.pointer_type(tl.int32)) + offs_j[:, None] * (K // 4) + offs_i[None, :]
+        x_ptrs = x_ptr + 4 * offs_i
+        if GROUPED:
+            acc_lo = tl.zeros([BNH], dtype=tl.int32)
+            acc_hi = tl.zeros([BNH], dtype=tl.int32)
+        else:
+            acc_lo2 = tl.zeros([BNH, BK4], dtype=tl.int32)
+            acc_hi2 = tl.zeros([BNH, BK4], dtype=tl.int32)
+        for it in range(it0, it1):
+            kb = it * BK
+            k_ok = (kb + 4 * offs_i) < K
+            wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None] & k_ok[None, :], other=0)
+            p_lo = tl.zeros([BNH, BK4], dtype=tl.int32)
+            p_hi = tl.zeros([BNH, BK4], dtype=tl.int32)
+            xs_blk = tl.zeros([BK4], dtype=tl.int32)
+            for b in tl.static_range(4):
+                xb = tl.load(x_ptrs + kb + b, mask=k_ok, other=0).to(tl.int32)
+                p_lo += ((wq >> (8 * b)) & 0xF) * xb[None, :]
+                p_hi += ((wq >> (8 * b + 4)) & 0xF) * xb[None, :]
+                if GROUPED:
+                    xs_blk += xb
+            if GROUPED:
+                # BK == 128 == the group: one (s1, sz) per row and block
+                g = kb // 128
+                s_lo = tl.load(gs_ptr + g * N + offs_j, mask=j_ok, other=0).to(tl.int32)
+                z_lo = tl.load(gz_ptr + g * N + offs_j, mask=j_ok, other=0).to(tl.int32)
+                s_hi = tl.load(gs_ptr + g * N + offs_j + NH, mask=j_ok, other=0).to(tl.int32)
+                z_hi = tl.load(gz_ptr + g * N + offs_j + NH, mask=j_ok, other=0).to(tl.int32)
+                xsum_blk = tl.sum(xs_blk, axis=0)
+                acc_lo += s_lo * tl.sum(p_lo, axis=1) - z_lo * xsum_blk
+                acc_hi += s_hi * tl.sum(p_hi, axis=1) - z_hi * xsum_blk
+            else:
+                acc_lo2 += p_lo
+                acc_hi2 += p_hi
+        if not GROUPED:
+            acc_lo = tl.sum(acc_lo2, axis=1)
+            acc_hi = tl.sum(acc_hi2, axis=1)
+        n_lo = offs_j
+        n_hi = offs_j + NH
+        do_epilogue = True
+        if SPLIT_K > 1:
+            tl.store(part_ptr + pid_k * N + n_lo, acc_lo, mask=j_ok)
+            tl.store(part_ptr + pid_k * N + n_hi, acc_hi, mask=j_ok)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            do_epilogue = ticket == SPLIT_K - 1
+            if do_epilogue:
+                acc_lo = tl.zeros([BNH], dtype=tl.int32)
+                acc_hi = tl.zeros([BNH], dtype=tl.int32)
+                for s in tl.static_range(SPLIT_K):
+                    acc_lo += tl.load(part_ptr + s * N + n_lo, mask=j_ok, other=0, cache_modifier=".cg")
+                    acc_hi += tl.load(part_ptr + s * N + n_hi, mask=j_ok, other=0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        if do_epilogue:
+            if not GROUPED:
+                xsum = tl.load(xsum_ptr)
+                acc_lo -= tl.load(wz_ptr + n_lo, mask=j_ok, other=0).to(tl.int32) * xsum
+                acc_hi -= tl.load(wz_ptr + n_hi, mask=j_ok, other=0).to(tl.int32) * xsum
+            if RAW_OUT:
+                tl.store(out_ptr + n_lo, acc_lo, mask=j_ok)
+                tl.store(out_ptr + n_hi, acc_hi, mask=j_ok)
+            else:
+                xs = tl.load(xs_ptr)
+                y_lo = acc_lo.to(tl.float32) * xs * tl.load(ws_ptr + n_lo, mask=j_ok, other=0.0)
+                y_hi = acc_hi.to(tl.float32) * xs * tl.load(ws_ptr + n_hi, mask=j_ok, other=0.0)
+                if HAS_BIAS:
+                    y_lo += tl.load(bias_ptr + n_lo, mask=j_ok, other=0.0).to(tl.float32)
+                    y_hi += tl.load(bias_ptr + n_hi, mask=j_ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + n_lo, y_lo.to(out_ptr.dtype.element_ty), mask=j_ok)
+                tl.store(out_ptr + n_hi, y_hi.to(out_ptr.dtype.element_ty), mask=j_ok)
+
+    return w4a8_gemv_kernel
+
+
+def default_gemv_config(n: int, k: int, num_sms: int = 132) -> dict:
+    """Enough programs to keep every SM streaming: column blocks x K splits >= ~4 per SM."""
+    bnh, bk = 32, 128
+    blocks = -(-(n // 2) // bnh)
+    k_iters = -(-k // bk)
+    split = 1
+    while blocks * split < 4 * num_sms and k_iters // (split * 2) >= 2:
+        split *= 2
+    return dict(BNH=bnh, BK=bk, SPLIT_K=split, num_warps=4, num_stages=4)
+
+
+def gemv_config(n: int, k: int, grouped: bool, device: torch.device) -> dict:
+    """The tuned entry for (device, variant, N, K) in configs/w4a8_gemv.json, else the heuristic."""
+    import json
+    from pathlib import Path
+
+    from .w4a8_gemm import device_key
+
+    path = Path(__file__).with_name("configs") / "w4a8_gemv.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    cfg = table.get(device_key(device), {}).get("g128" if grouped else "channel", {}).get(f"{n},{k}")
+    if cfg:
+        return dict(cfg)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return default_gemv_config(n, k, sms)
+
+
+def can_implement_gemv(w: W4A8Weight) -> tuple[bool, str]:
+    if w.group_scale is not None and w.k % GROUP_SIZE:
+        return False, f"g128 needs K % 128 == 0, got {w.k}"
+    if w.k % 4:
+        return False, f"K={w.k}: weight rows are read as int32 words"
+    return True, "ok"
