@@ -14,10 +14,12 @@ byte of the same k on CUDA cores, accumulating elementwise in int32 registers an
 Split-K over ``SPLIT_K`` programs per column block; the last to finish (atomic ticket, as in
 `natix.kernels.w4a8_gemm`) sums the int32 partials and runs the float epilogue, so one launch.
 Same inputs, outputs and numbers as the GEMM (`w4a8_gemm_reference` is the reference of both).
+`natix.kernels.w4a8_launch.W4A8Gemm` runs it for one row where :func:`gemv_config` has a measured win.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -121,19 +123,11 @@ def _kernel():
     return w4a8_gemv_kernel
 
 
-def default_gemv_config(n: int, k: int, num_sms: int = 132) -> dict:
-    """Enough programs to keep every SM streaming: column blocks x K splits >= ~4 per SM."""
-    bnh, bk = 32, 128
-    blocks = -(-(n // 2) // bnh)
-    k_iters = -(-k // bk)
-    split = 1
-    while blocks * split < 4 * num_sms and k_iters // (split * 2) >= 2:
-        split *= 2
-    return dict(BNH=bnh, BK=bk, SPLIT_K=split, num_warps=4, num_stages=4)
-
-
-def gemv_config(n: int, k: int, grouped: bool, device: torch.device) -> dict:
-    """The tuned entry for (device, variant, N, K) in configs/w4a8_gemv.json, else the heuristic."""
+def gemv_config(n: int, k: int, grouped: bool, device: torch.device) -> Optional[dict]:
+    """The tuned entry for (device, variant, N, K) in configs/w4a8_gemv.json, or None. The table
+    only holds shapes where the GEMV measured faster than the tensor-core GEMM at M = 1
+    (scripts/tune_gemv.py; on the H200: g128 on three of the four Llama-3-8B shapes, 3-11%, and no
+    per-channel shape, where the GEMM's int8 MMAs won by 9-31%), so elsewhere the GEMM runs."""
     import json
     from pathlib import Path
 
@@ -142,10 +136,7 @@ def gemv_config(n: int, k: int, grouped: bool, device: torch.device) -> dict:
     path = Path(__file__).with_name("configs") / "w4a8_gemv.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     cfg = table.get(device_key(device), {}).get("g128" if grouped else "channel", {}).get(f"{n},{k}")
-    if cfg:
-        return dict(cfg)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return default_gemv_config(n, k, sms)
+    return dict(cfg) if cfg else None
 
 
 def can_implement_gemv(w: W4A8Weight) -> tuple[bool, str]:

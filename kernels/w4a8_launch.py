@@ -41,11 +41,13 @@ class W4A8Gemm:
         self.triton = dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
         self._configs: dict[int, dict] = {}
         self._wi: Optional[torch.Tensor] = None
-        from .w4a8_gemv import can_implement_gemv
+        from .w4a8_gemv import can_implement_gemv, gemv_config
 
-        #: one row (batch-1 decode) goes to the CUDA-core GEMV (`natix.kernels.w4a8_gemv`)
-        self.gemv = gemv and can_implement_gemv(weight)[0]
+        #: one row (batch-1 decode) goes to the CUDA-core GEMV (`natix.kernels.w4a8_gemv`) where it measured faster
         self._gemv_cfg: Optional[dict] = None
+        if gemv and self.triton and can_implement_gemv(weight)[0]:
+            self._gemv_cfg = gemv_config(self.n, self.k, self.grouped, dev)
+        self.gemv = self._gemv_cfg is not None
         w = weight
         dummy = w.scale
         # argument tuple of the kernel after (x_q, x_scale, x_sum): weight tensors and bias
@@ -92,17 +94,15 @@ class W4A8Gemm:
     def _gemv(self, x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor],
               out: torch.Tensor) -> torch.Tensor:
         cfg = self._gemv_cfg
-        if cfg is None:
+        assert cfg is not None
+        if "launch" not in cfg:
             from .launch import Launcher
             from .w4a8_gemv import _kernel as gemv_kernel
-            from .w4a8_gemv import gemv_config
 
-            cfg = gemv_config(self.n, self.k, self.grouped, x_q.device)
             cfg["blocks"] = -(-(self.n // 2) // cfg["BNH"])
             cfg["launch"] = Launcher(gemv_kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None,
                                      RAW_OUT=self.out_dtype == torch.int32, BNH=cfg["BNH"], BK=cfg["BK"],
                                      SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            self._gemv_cfg = cfg
         split = cfg["SPLIT_K"]
         part = torch.empty((split, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
         qw, ws, gs, gz, wz, b = self._wargs
