@@ -165,11 +165,52 @@ def section_host(out: Out) -> None:
         "kv4_decode_attention_triton direct (engine)": lambda: kv4_decode_attention_triton(q, cache, bt, lens, 0.088,
                                                                                               max_len=4096),
     }
+    from natix.kernels.launch import Launcher
+
+    @__import__("functools").lru_cache(maxsize=None)
+    def empty_kernel():
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def nop(x_ptr, n):
+            pass
+
+        return nop
+
+    nop = Launcher(empty_kernel())
+    e = torch.empty(4, device=DEV)
+    cases["empty Triton kernel, natix Launcher (the floor of a direct launch)"] = lambda: nop((1,), e, 4)
+    cases["empty Triton kernel, JIT launch"] = lambda: empty_kernel()[(1,)](e, 4)
+    cases["torch.empty(4) on CUDA"] = lambda: torch.empty(4, device=DEV)
     for name, fn in cases.items():
         try:
             out(kind="host_cost", op=name, host_us=round(host_us(fn), 2), gpu_us=round(gpu_us(fn), 2))
         except Exception as e:  # noqa: BLE001
             out(kind="host_cost", op=name, error=f"{type(e).__name__}: {e}")
+    # decode attention: split count vs batch and context (what the engine's graph buckets choose from)
+    from natix.kernels.paged_attention import paged_decode_attention
+
+    for b, t in ((1, 256), (1, 1024), (1, 4096), (64, 256), (64, 1024), (64, 4096)):
+        pages = b * (t // 64) + 1
+        c = KV4Cache.empty(pages, 8, 64, 128, DEV)
+        for tt in c.tensors():
+            tt.copy_(torch.randint(0, 255, tt.shape, device=DEV).to(tt.dtype) if tt.dtype == torch.uint8
+                     else torch.rand(tt.shape, device=DEV).to(tt.dtype))
+        kc = torch.randn(pages, 8, 64, 128, device=DEV, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        btab = torch.arange(1, pages, dtype=torch.int32, device=DEV).view(b, t // 64)
+        sl = torch.full((b,), t, dtype=torch.int32, device=DEV)
+        qq = torch.randn(b, 32, 128, device=DEV, dtype=torch.bfloat16)
+        for sp in (1, 2, 4, 8, 16, 32):
+            if t // sp < 64:
+                continue
+            try:
+                kv4 = gpu_us(lambda: kv4_decode_attention_triton(qq, c, btab, sl, 0.088, num_splits=sp))
+                bf = gpu_us(lambda: paged_decode_attention(qq, kc, vc, btab, sl, 0.088, num_splits=sp, check=False))
+                out(kind="decode_splits", batch=b, ctx=t, splits=sp, kv4_us=round(kv4, 2), bf16_us=round(bf, 2))
+            except Exception as e:  # noqa: BLE001
+                out(kind="decode_splits", batch=b, ctx=t, splits=sp, error=f"{type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -262,7 +303,7 @@ def section_engine(out: Out, a: argparse.Namespace) -> None:
             e = make_engine(scheme, group, max_num_seqs=max(a.batches), max_model_len=max(1088, a.prompt_len + a.gen + 64),
                             max_num_batched_tokens=max(8192, max(a.batches) * a.prompt_len), kv_cache_memory_gb=a.kv_gb)
             t = time.perf_counter()
-            e.runner.warmup(a.batches)
+            e.runner.warmup(a.batches, contexts=[a.prompt_len + a.gen])
             warm = time.perf_counter() - t
             for b in a.batches:
                 spec = SamplingSpec(max_tokens=a.gen)
@@ -303,7 +344,7 @@ def section_qserve(out: Out, a: argparse.Namespace) -> None:
             b = max(1, min(a.qserve_max_seqs, cap // per_seq))
             prompts = prompts_of(b, 1024, e.runner.spec.vocab, seed=7)
             run_requests(e, prompts[:2], SamplingSpec(max_tokens=4))
-            e.runner.warmup([b])
+            e.runner.warmup([b], contexts=[1024 + a.qserve_gen])
             r = run_requests(e, prompts, SamplingSpec(max_tokens=a.qserve_gen))
             out(kind="qserve", scheme=label(scheme, group), prompt_len=1024, gen=a.qserve_gen,
                 kv_cache_gb=round(e.runner.kv.nbytes / 2**30, 3), kv_capacity_tokens=cap, concurrency_target=b, **r)
@@ -322,7 +363,7 @@ def section_maj(out: Out, a: argparse.Namespace) -> None:
         e = None
         try:
             e = make_engine(scheme, group, max_num_seqs=16, max_model_len=512 + 256 + 64, kv_cache_memory_gb=a.kv_gb)
-            e.runner.warmup([1, 8], modes=("greedy", "sample"))
+            e.runner.warmup([1, 8], modes=("greedy", "sample"), contexts=[768])
             prompt = prompts_of(1, 512, e.runner.spec.vocab, seed=3)
             run_requests(e, prompt, SamplingSpec(max_tokens=4))
             ps = e.runner.page_size
@@ -353,7 +394,7 @@ def section_profile(out: Out, a: argparse.Namespace) -> None:
             e = make_engine(scheme, group, max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.gen + 64,
                             max_num_batched_tokens=max(8192, max(a.batches) * a.prompt_len), kv_cache_memory_gb=a.kv_gb)
             for b in a.batches:
-                e.runner.warmup([b])
+                e.runner.warmup([b], contexts=[a.prompt_len + 40])
                 prompts = prompts_of(b, a.prompt_len, e.runner.spec.vocab, seed=b)
                 for p in prompts:
                     e.add_request(p, SamplingSpec(max_tokens=40))

@@ -143,7 +143,7 @@ class NatixEngine:
             "page_size": r.page_size, "kv_capacity_tokens": r.kv.capacity_tokens, "kv_cache_bytes": r.kv.nbytes,
             "weight_bytes": r.weight_bytes, "max_model_len": self.max_model_len, "max_num_seqs": o.max_num_seqs,
             "max_num_batched_tokens": o.max_num_batched_tokens, "prefill_attention": o.prefill_attention,
-            "cuda_graphs": r.use_graphs, "graphs_captured": [f"{b}:{m}" for b, m in sorted(r.graphs)], "graph_capture_s": round(r.capture_s, 3),
+            "cuda_graphs": r.use_graphs, "graphs_captured": [f"{b}:{m}:{c}" for b, m, c in sorted(r.graphs)], "graph_capture_s": round(r.capture_s, 3),
             "prefix_caching": o.enable_prefix_caching, "preemptions": self.scheduler.preemptions,
             "prefix_cache_hit_tokens": self.scheduler.blocks.cache_hit_tokens, **self._load_info,
         }

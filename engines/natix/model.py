@@ -51,6 +51,7 @@ class Batch:
     ctx_lens: Optional[list[int]] = None
     pages: Optional[list[list[int]]] = None
     cu_seqlens: Optional[torch.Tensor] = None
+    max_len: int = 0  # decode: an upper bound of seq_lens (sizes the attention's split count)
 
 
 class DecoderModel:
@@ -122,14 +123,14 @@ class DecoderModel:
                 from natix.kernels.kv4_decode_attention import kv4_decode_attention_triton
 
                 return kv4_decode_attention_triton(q, c, batch.block_tables, batch.seq_lens, self.sm_scale,
-                                                   max_len=self.max_model_len)
+                                                   max_len=batch.max_len or self.max_model_len)
             from natix.kernels.kv4_decode_attention import kv4_decode_attention_reference
 
             return kv4_decode_attention_reference(q, c, batch.block_tables, batch.seq_lens, self.sm_scale)
         from natix.kernels.paged_attention import paged_decode_attention
 
         return paged_decode_attention(q, c[0], c[1], batch.block_tables, batch.seq_lens, self.sm_scale,
-                                      max_len=self.max_model_len, check=False)
+                                      max_len=batch.max_len or self.max_model_len, check=False)
 
     def _prefill_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            batch: Batch) -> torch.Tensor:

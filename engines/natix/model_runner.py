@@ -4,8 +4,9 @@ in CUDA graphs, and samples.
 KV cache size: ``num_kv_pages``, else ``kv_cache_memory_gb``, else (CUDA) ``gpu_memory_utilization``
 of the card minus what the weights took and an activation reserve for the largest prefill; on CPU
 0.5 GB. Decode graphs: one per batch bucket (1, 2, 4, 8, 16, then steps of 16 to 64, 32 to 256 and
-64 beyond), captured the first time a step needs the bucket (or all at once by :meth:`warmup`),
-sharing one memory pool; a step of B sequences replays the smallest bucket >= B with the rows past
+64 beyond), sampling mode and context class (:func:`context_buckets`: the attention's split count
+is fixed in a graph, and short contexts want fewer splits), captured the first time a step needs
+one (or all at once by :meth:`warmup`), sharing one memory pool; a step of B sequences replays the smallest bucket >= B with the rows past
 B padded (they write to the scratch page and their logits are dropped). Inputs go to the device in
 one copy from a pinned host buffer; outputs come back in one copy (the step's only sync).
 """
@@ -23,6 +24,16 @@ from natix.engines.natix.sampler import SamplingBatch, sample
 from natix.engines.natix.sequence import Sequence
 from natix.engines.natix.spec import EngineLoadError, EngineOptions
 from natix.engines.natix.weights import ModelWeights
+
+
+def context_buckets(max_model_len: int) -> list[int]:
+    """Context-length classes of captured decode graphs (256, 1024, 4096, ... up to max_model_len):
+    the attention's split count is baked into a graph, and a short context wants fewer splits."""
+    out, c = [], 256
+    while c < max_model_len:
+        out.append(c)
+        c *= 4
+    return out + [max_model_len]
 
 
 def graph_buckets(max_seqs: int) -> list[int]:
@@ -49,7 +60,8 @@ class ModelRunner:
         self.use_graphs = options.cuda_graphs and device.type == "cuda"
         self.max_graph_batch = options.max_num_seqs
         self.buckets = graph_buckets(self.max_graph_batch)
-        self.graphs: dict[tuple[int, str], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, str, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self.ctx_buckets = context_buckets(max_model_len)
         self.graph_pool: Any = None
         self.capture_s = 0.0
         g = self.max_graph_batch if self.use_graphs else options.max_num_seqs
@@ -144,11 +156,11 @@ class ModelRunner:
             bt[b:rows] = SCRATCH_PAGE
         self.dev_in.copy_(self.host_in, non_blocking=True)
 
-    def _decode_batch(self, rows: int) -> Batch:
+    def _decode_batch(self, rows: int, max_len: int) -> Batch:
         g, mp = self._g, self.max_pages
         d = self.dev_in
         return Batch(input_ids=d[0:rows], positions=d[g:g + rows], slots=d[2 * g:2 * g + rows], is_prefill=False,
-                     block_tables=d[4 * g:].view(g, mp)[:rows], seq_lens=d[3 * g:3 * g + rows])
+                     block_tables=d[4 * g:].view(g, mp)[:rows], seq_lens=d[3 * g:3 * g + rows], max_len=max_len)
 
     def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
         """One token for each of ``seqs``: forward and sampling (one graph replay where captured)."""
@@ -158,12 +170,14 @@ class ModelRunner:
         specs = [s.request.spec for s in seqs]
         mode = _mode(specs)
         bucket = next(x for x in self.buckets if x >= b)
-        if (bucket, mode) not in self.graphs:
-            self.capture(bucket, mode)
+        ctx = max(len(s.token_ids) for s in seqs)
+        cb = next(c for c in self.ctx_buckets if c >= ctx)
+        if (bucket, mode, cb) not in self.graphs:
+            self.capture(bucket, mode, cb)
         self._stage_decode(seqs, bucket)
         if mode != "greedy":
             self._stage_sampling(seqs, bucket)
-        graph, logits, res = self.graphs[(bucket, mode)]
+        graph, logits, res = self.graphs[(bucket, mode, cb)]
         graph.replay()
         top_n = max(sp.top_logprobs for sp in specs)
         packed = res[:, :b].cpu()
@@ -175,7 +189,7 @@ class ModelRunner:
         """The eager decode forward: logits [len(seqs), V] of each sequence's next token."""
         self._stage_decode(seqs, len(seqs))
         with torch.inference_mode():
-            return self.model.forward(self._decode_batch(len(seqs)), self.kv)
+            return self.model.forward(self._decode_batch(len(seqs), max(len(s.token_ids) for s in seqs)), self.kv)
 
     def _stage_sampling(self, seqs: list[Sequence], rows: int) -> None:
         si, sf = self.host_si.numpy(), self.host_sf.numpy()
@@ -190,12 +204,13 @@ class ModelRunner:
         self.dev_si.copy_(self.host_si, non_blocking=True)
         self.dev_sf.copy_(self.host_sf, non_blocking=True)
 
-    def capture(self, bucket: int, mode: str = "greedy") -> None:
-        """Capture decode + sampling of ``bucket`` rows (inputs: the scratch page, harmless). ``mode``:
-        greedy, sample (temperature) or filter (temperature with top-k / top-p)."""
+    def capture(self, bucket: int, mode: str = "greedy", ctx: Optional[int] = None) -> None:
+        """Capture decode + sampling of ``bucket`` rows for contexts up to ``ctx`` tokens (inputs: the
+        scratch page, harmless). ``mode``: greedy, sample (temperature) or filter (top-k / top-p)."""
         t0 = time.perf_counter()
+        ctx = ctx or self.max_model_len
         self._stage_decode([], bucket)
-        batch = self._decode_batch(bucket)
+        batch = self._decode_batch(bucket, ctx)
         g = self._g
         sb = SamplingBatch(self.dev_sf[0, :bucket], self.dev_si[0, :bucket], self.dev_sf[1, :bucket],
                            self.dev_si[1, :bucket], self.dev_si[2, :bucket], self.dev_si[3, :bucket],
@@ -217,18 +232,22 @@ class ModelRunner:
                 logits = step()
         torch.cuda.synchronize(self.device)
         self.graph_pool = graph.pool()
-        self.graphs[(bucket, mode)] = (graph, logits, res)
+        self.graphs[(bucket, mode, ctx)] = (graph, logits, res)
         self.capture_s += time.perf_counter() - t0
 
-    def warmup(self, buckets: Optional[list[int]] = None, modes: tuple[str, ...] = ("greedy",)) -> None:
-        """Capture the graphs of ``buckets`` (default all) x ``modes``, largest first (one shared pool)."""
+    def warmup(self, buckets: Optional[list[int]] = None, modes: tuple[str, ...] = ("greedy",),
+               contexts: Optional[list[int]] = None) -> None:
+        """Capture the graphs of ``buckets`` (default all) x ``modes`` x ``contexts`` (default: every
+        context class), largest first (they share one memory pool)."""
         if not self.use_graphs:
             return
+        ctxs = sorted({next(c for c in self.ctx_buckets if c >= x) for x in (contexts or self.ctx_buckets)}, reverse=True)
         for b in sorted(buckets or self.buckets, reverse=True):
             bucket = next(x for x in self.buckets if x >= b)
             for mode in modes:
-                if (bucket, mode) not in self.graphs:
-                    self.capture(bucket, mode)
+                for cb in ctxs:
+                    if (bucket, mode, cb) not in self.graphs:
+                        self.capture(bucket, mode, cb)
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         if copies:
