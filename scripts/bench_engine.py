@@ -188,6 +188,25 @@ def section_host(out: Out) -> None:
             out(kind="host_cost", op=name, host_us=round(host_us(fn), 2), gpu_us=round(gpu_us(fn), 2))
         except Exception as e:  # noqa: BLE001
             out(kind="host_cost", op=name, error=f"{type(e).__name__}: {e}")
+    # warps of the one-program-per-row kernels at M = 1 (they are latency-bound there)
+    from natix.kernels.activation import _kernel as silu_k
+    from natix.kernels.fused_norm import _kernel as norm_k
+
+    q8 = torch.empty(1, 14336, dtype=torch.int8, device=DEV)
+    f1 = torch.empty(1, device=DEV)
+    i1 = torch.empty(1, dtype=torch.int32, device=DEV)
+    hh = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    q4 = torch.empty(1, 4096, dtype=torch.int8, device=DEV)
+    for w in (4, 8, 16, 32):
+        try:
+            us = gpu_us(lambda: silu_k()[(1,)](gu, q8, q8, f1, i1, 14336, gu.stride(0), q8.stride(0), QUANT=True,
+                                                BLOCK=16384, num_warps=w))
+            out(kind="warps", op="silu_mul quant M=1 I=14336", num_warps=w, gpu_us=round(us, 2))
+            us = gpu_us(lambda: norm_k()[(1,)](hh, x, norm_w, q4, q4, f1, i1, 4096, hh.stride(0), x.stride(0),
+                                                q4.stride(0), 1e-5, HAS_DELTA=True, QUANT=True, BLOCK=4096, num_warps=w))
+            out(kind="warps", op="add_rmsnorm quant M=1 H=4096", num_warps=w, gpu_us=round(us, 2))
+        except Exception as e:  # noqa: BLE001
+            out(kind="warps", num_warps=w, error=f"{type(e).__name__}: {e}")
     # decode attention: split count vs batch and context (what the engine's graph buckets choose from)
     from natix.kernels.paged_attention import paged_decode_attention
 

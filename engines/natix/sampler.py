@@ -54,10 +54,11 @@ class SamplingBatch:
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """``logits [S, V]`` -> (tokens int64 [S], their raw logprobs float32 [S], top alternatives
     (ids [S, k], logprobs [S, k]) or None)."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    best, tokens = logits.max(dim=-1)
+    from natix.kernels.argmax_lse import argmax_lse
+
+    tokens, best, lse = argmax_lse(logits)  # one read of the logits, in float32
     if b.any_sampled:
+        logits = logits.float()
         t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
         scaled = logits / t[:, None]
         order = None
