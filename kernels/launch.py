@@ -8,7 +8,8 @@ kernel's launcher, function handle and metadata, and calls the launcher directly
 
 Correctness rests on reproducing Triton's specialization: a compiled kernel is only valid for
 arguments with the same properties it was compiled for, so each call computes the key Triton uses
-(per tensor: data pointer 16-byte aligned; per integer: equal to 1, divisible by 16, needs 64 bits)
+(per tensor: element type and whether the pointer is 16-byte aligned; per integer: equal to 1,
+divisible by 16, needs 64 bits)
 and a new key goes through the normal JIT path once. The launcher's argument layout (whether
 constexpr values follow the runtime arguments; it changed across Triton releases) is read off one
 normal launch, and anything unexpected (launch hooks registered, e.g. by a profiler; a layout that
@@ -26,8 +27,8 @@ import torch
 def _key(args: tuple) -> tuple:
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append(a.data_ptr() & 15 == 0)
+        if isinstance(a, torch.Tensor):  # a kernel is compiled for its pointers' element types too
+            out.append((a.dtype, a.data_ptr() & 15 == 0))
         elif type(a) is int:
             out.append((a == 1, a & 15 == 0, -2**31 <= a < 2**31))
         else:
@@ -43,10 +44,10 @@ class Launcher:
     def __init__(self, jit_fn: Any, **kwargs: Any) -> None:
         self.fn = jit_fn
         self.kwargs = kwargs
-        self.direct = os.environ.get("TRITON_INTERPRET") != "1"
+        self.direct = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("NATIX_DIRECT_LAUNCH", "1") != "0"
         self._compiled: dict[tuple, tuple[Callable, Any, Any, tuple]] = {}
         self._device: Optional[int] = None
-        self.why_not_direct = "" if self.direct else "TRITON_INTERPRET=1"
+        self.why_not_direct = "" if self.direct else "TRITON_INTERPRET=1 or NATIX_DIRECT_LAUNCH=0"
 
     def __call__(self, grid: tuple, *args: Any) -> None:
         if not self.direct:

@@ -13,9 +13,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def test_key_follows_triton_specialization():
     t = torch.zeros(8, device=DEVICE)
-    assert _key((t, 1, 16, 17, 2**40)) == (True, (True, False, True), (False, True, True), (False, False, True),
-                                            (False, True, False))
-    assert _key((t[1:],))[0] is False  # a 4-byte offset view is not 16-byte aligned
+    assert _key((t, 1, 16, 17, 2**40)) == ((torch.float32, True), (True, False, True), (False, True, True),
+                                            (False, False, True), (False, True, False))
+    assert _key((t[1:],))[0] == (torch.float32, False)  # a 4-byte offset view is not 16-byte aligned
+    assert _key((t.half(),))[0] == (torch.float16, True)  # another dtype: another compiled kernel
 
 
 def test_direct_launch_matches_reference_across_shapes():
