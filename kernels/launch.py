@@ -64,9 +64,18 @@ class Launcher:
         run(g[0], g[1], g[2], stream, function, meta, None, None, None, *args, *extra)
 
     def _learn(self, key: tuple, grid: tuple, args: tuple) -> None:
-        """Launch through the JIT (compiling if needed), then once more while recording what it hands
-        the C launcher, to learn the argument layout; both launches compute the same thing."""
-        kernel = self.fn[grid](*args, **self.kwargs)
+        """Compile without launching (``warmup``), then launch once through the JIT while recording
+        what it hands the C launcher, to learn the argument layout. Exactly one launch: kernels that
+        update their inputs in place (a residual add, RoPE) must not run twice."""
+        try:
+            kernel = self.fn.warmup(*args, grid=grid, **self.kwargs)
+        except (AttributeError, TypeError):
+            kernel = None
+        if kernel is None:
+            self.direct = False
+            self.why_not_direct = "JITFunction.warmup is unavailable"
+            self.fn[grid](*args, **self.kwargs)
+            return
         try:
             from triton import knobs
 
@@ -76,10 +85,11 @@ class Launcher:
         except (ImportError, AttributeError):
             hooked = False
         attr = "_run" if isinstance(getattr(type(kernel), "run", None), property) else "run"
-        real = getattr(kernel, attr, None)
+        real = getattr(kernel, "run", None)  # (a property on Triton >= 3.5: loads the module on first use)
         if hooked or real is None:
             self.direct = False
             self.why_not_direct = "launch hooks are set" if hooked else f"no launcher on {type(kernel).__name__}"
+            self.fn[grid](*args, **self.kwargs)
             return
         seen: list[tuple] = []
 
