@@ -154,12 +154,17 @@ def main() -> None:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds; later cells are skipped, and say so")
     a = p.parse_args()
     sys.path.insert(0, a.gpt_fast)
     out = Out(a.out, environment())
-    for peer in a.peers.split(","):
-        for b in (int(x) for x in a.batches.split(",")):
+    t_end = time.perf_counter() + a.deadline
+    for b in (int(x) for x in a.batches.split(",")):
+        for peer in a.peers.split(","):
             t = time.perf_counter()
+            if t > t_end:
+                out(kind="peer", peer=peer, batch=b, error="skipped: the run's deadline passed")
+                continue
             try:
                 if peer == "hf":
                     run_hf(out, b, a.prompt_len, a.gen)

@@ -96,8 +96,7 @@ class DecoderModel:
                 a = self._prefill_attention(kv, li, q, k, v, batch)
             else:
                 a = self._decode_attention(kv, li, q, batch)
-            # a W4A8 decode with split-K attention gets its output already quantized (merge + INT8 fused)
-            delta = o_l.quantized(a) if isinstance(a, tuple) else o_l(a.reshape(t, qw))
+            delta = o_l(a.reshape(t, qw))
             x = self.ops.add_rmsnorm(h, delta, g_post, s.rms_eps, self.int8_act)
             gu = gu_l.quantized(x) if self.int8_act else gu_l(x)
             delta = down_l.quantized(self.ops.silu_mul(gu, True)) if self.int8_act else down_l(self.ops.silu_mul(gu, False))
@@ -117,19 +116,14 @@ class DecoderModel:
         fn = rope_cache_write if self.ops.gpu else rope_cache_write_reference
         fn(q, k, v, batch.positions, self.cos_sin, batch.slots, **caches)
 
-    def _decode_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, batch: Batch) -> Any:
-        """[B, Hq, D], or for a W4A8 model whose attention runs split-K, the o-proj's INT8 input."""
+    def _decode_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """[B, Hq, D]: one new token per row over its cached context."""
         c = kv.layer_caches[li]
         splits = decode_splits(q.shape[0], kv.kv_heads, batch.max_len or self.max_model_len, self.sms)
         if kv.kind == "int4":
             if self.ops.gpu:
                 from natix.kernels.kv4_decode_attention import kv4_decode_attention_triton
 
-                if self.int8_act and splits > 1:
-                    from natix.kernels.attn_combine_quant import combine_quant, kv4_decode_partials
-
-                    po, pml = kv4_decode_partials(q, c, batch.block_tables, batch.seq_lens, self.sm_scale, splits)
-                    return combine_quant(po, pml, self.dtype)
                 return kv4_decode_attention_triton(q, c, batch.block_tables, batch.seq_lens, self.sm_scale,
                                                    num_splits=splits)
             from natix.kernels.kv4_decode_attention import kv4_decode_attention_reference
