@@ -7,8 +7,8 @@
 
     python scripts/bench_peers.py --gpt-fast .peers/gpt-fast --out out.jsonl [--batches 1,64] [--peers gptfast,hf]
 
-``--gpt-fast`` is a folder holding gpt-fast's ``model.py`` and ``quantize.py`` (fetch the repository; it is
-not vendored). Decode tok/s counts the tokens of the timed decode steps over their time; prefill is
+``--gpt-fast`` is a folder holding gpt-fast's ``model.py``, ``quantize.py`` and the ``tokenizer.py`` and
+``GPTQ.py`` that quantize.py imports (fetch the repository; it is not vendored). Decode tok/s counts the tokens of the timed decode steps over their time; prefill is
 timed apart. inductor's coordinate-descent tuning (gpt-fast's default) is off: its autotuning cost
 minutes of device time per shape; say so next to the numbers.
 """
@@ -119,8 +119,10 @@ def run_hf(out: Out, batch: int, prompt_len: int, gen: int) -> None:
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(torch.float32)
+    # generate compiles the forward itself (its compile_config: CUDA graphs) once the cache is static, and
+    # marks each step for CUDA graphs; wrapping model.forward in torch.compile by hand made transformers
+    # 5.17 read a graph output that the next replay had overwritten (h200-peers run)
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     x = torch.randint(0, 128256, (batch, prompt_len), device=DEV)
     kw = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, pad_token_id=0)
 

@@ -59,6 +59,10 @@ def render_run(label: str, rows: list[dict]) -> list[str]:
             step = p.get("decode_step_ms") or p.get("step_ms_incl_prefill")
             out.append(f"| {p['peer']} | {p['scheme']} | {p['batch']} | {f(p.get('decode_tok_per_s'))} | {f(step, 2)} | — | — | "
                        f"{f(p.get('output_tok_per_s'))} |")
+        failed = [r for r in rows if r["kind"] == "peer" and "error" in r]
+        if failed:
+            out += ["", "Peers that did not run in this call: " + "; ".join(
+                f"{r['peer']} B={r['batch']}: `{r['error'][:120]}`" for r in failed) + "."]
         notes = sorted({p["note"] for p in peers if p.get("note")})
         if notes:
             out += ["", "Peers: " + "; ".join(notes) + ". transformers' row times whole `generate` calls (prefill included), "

@@ -186,10 +186,13 @@ class ModelRunner:
         return toks, packed[1].tolist(), tops
 
     def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """The eager decode forward: logits [len(seqs), V] of each sequence's next token."""
+        """The eager decode forward: logits [len(seqs), V] of each sequence's next token. The attention's
+        split count follows the context class, as in a captured graph, so both paths compute the same."""
         self._stage_decode(seqs, len(seqs))
+        ctx = max(len(s.token_ids) for s in seqs)
         with torch.inference_mode():
-            return self.model.forward(self._decode_batch(len(seqs), max(len(s.token_ids) for s in seqs)), self.kv)
+            return self.model.forward(self._decode_batch(len(seqs), next(c for c in self.ctx_buckets if c >= ctx)),
+                                      self.kv)
 
     def _stage_sampling(self, seqs: list[Sequence], rows: int) -> None:
         si, sf = self.host_si.numpy(), self.host_sf.numpy()
