@@ -26,7 +26,7 @@ class Ops:
 
     def __init__(self, device: torch.device) -> None:
         self.gpu = on_gpu(device)
-        self._launchers: dict[tuple, Any] = {}
+        self._launchers: dict[int, Any] = {}
 
     def add_rmsnorm(self, h: torch.Tensor, delta: Optional[torch.Tensor], w: torch.Tensor, eps: float,
                     quant: bool) -> Any:
@@ -58,22 +58,21 @@ class Ops:
         s = torch.empty((m,), dtype=torch.float32, device=x.device)
         sm = torch.empty((m,), dtype=torch.int32, device=x.device)
         if m:
-            self._launcher("quant", h)((m,), x, x, q, s, sm, h, x.stride(0), q.stride(0), 0.0)
+            self._quant_launcher(h)((m,), x, x, q, s, sm, h, x.stride(0), q.stride(0), 0.0)
         return q, s, sm
 
-    def _launcher(self, kind: str, shape: Any) -> Any:
-        """One `natix.kernels.launch.Launcher` per kernel and constexpr set."""
-        lau = self._launchers.get((kind, shape))
+    def _quant_launcher(self, h: int) -> Any:
+        """A `natix.kernels.launch.Launcher` of the quantization kernel for rows of ``h``."""
+        lau = self._launchers.get(h)
         if lau is None:
             import triton
 
             from natix.kernels.launch import Launcher
-
             from natix.kernels.rmsnorm_quant import _kernel
 
-            block = triton.next_power_of_2(shape)
+            block = triton.next_power_of_2(h)
             lau = Launcher(_kernel(), NORM=False, BLOCK=block, num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
-            self._launchers[(kind, shape)] = lau
+            self._launchers[h] = lau
         return lau
 
 

@@ -217,12 +217,12 @@ class ModelRunner:
         g = self._g
         sb = SamplingBatch(self.dev_sf[0, :bucket], self.dev_si[0, :bucket], self.dev_sf[1, :bucket],
                            self.dev_si[1, :bucket], self.dev_si[2, :bucket], self.dev_si[3, :bucket],
-                           mode != "greedy", mode == "filter", 0)
+                           mode != "greedy", mode == "filter")
         res = torch.zeros((2, g), dtype=torch.float64, device=self.device)
 
         def step() -> torch.Tensor:
             logits = self.model.forward(batch, self.kv)
-            tokens, lps, _ = sample(logits, sb)
+            tokens, lps = sample(logits, sb)
             res[0, :bucket] = tokens.double()
             res[1, :bucket] = lps.double()
             return logits
@@ -269,12 +269,12 @@ class ModelRunner:
                                  [s.index for s in seqs], [s.num_output_tokens for s in seqs]], dtype=torch.int64)
             flts = torch.tensor([[sp.temperature for sp in specs], [sp.top_p for sp in specs]], dtype=torch.float32)
             ints, flts = ints.to(dev, non_blocking=True), flts.to(dev, non_blocking=True)
-            sb = SamplingBatch(flts[0], ints[0], flts[1], ints[1], ints[2], ints[3], True, mode == "filter", 0)
+            sb = SamplingBatch(flts[0], ints[0], flts[1], ints[1], ints[2], ints[3], True, mode == "filter")
         else:
             z = logits.new_zeros(0)
-            sb = SamplingBatch(z, z, z, z, z, z, False, False, 0)
+            sb = SamplingBatch(z, z, z, z, z, z, False, False)
         with torch.inference_mode():
-            tokens, lps, _ = sample(logits, sb)
+            tokens, lps = sample(logits, sb)
             packed = torch.stack([tokens.double(), lps.double()]).cpu()
         toks = [int(t) for t in packed[0].tolist()]
         return toks, packed[1].tolist(), self._tops(logits, specs, top_n) if top_n else None

@@ -1,5 +1,5 @@
 """Batched next-token sampling on the device: per-row temperature / top-k / top-p, raw-model
-logprobs, top-n alternatives, and counter-based randomness.
+logprobs, and counter-based randomness.
 
 Each row's uniform draw is a hash of (the request's seed, the sample's index, the token's position
 in the output), computed with 32-bit integer arithmetic that CPUs and GPUs do identically. So a
@@ -13,8 +13,6 @@ their draw. Logprobs are of the raw distribution (temperature 1, before top-k/to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -48,12 +46,10 @@ class SamplingBatch:
     position: torch.Tensor  # int64 [S]
     any_sampled: bool
     any_filter: bool
-    top_logprobs: int = 0  # alternatives per row (max over rows); the runner computes them apart
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
-    """``logits [S, V]`` -> (tokens int64 [S], their raw logprobs float32 [S], top alternatives
-    (ids [S, k], logprobs [S, k]) or None)."""
+def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits [S, V]`` -> (tokens int64 [S], their raw logprobs float32 [S])."""
     from natix.kernels.argmax_lse import argmax_lse
 
     tokens, best, lse = argmax_lse(logits)  # one read of the logits, in float32
@@ -81,8 +77,4 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
     else:
         chosen = best - lse
-    top = None
-    if b.top_logprobs:
-        vals, ids = torch.topk(logits, b.top_logprobs, dim=-1)
-        top = (ids, vals - lse[:, None])
-    return tokens, chosen, top
+    return tokens, chosen
