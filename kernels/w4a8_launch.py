@@ -28,7 +28,8 @@ class W4A8Gemm:
     """
 
     def __init__(self, weight: W4A8Weight, bias: Optional[torch.Tensor] = None,
-                 out_dtype: torch.dtype = torch.bfloat16, gemv: bool = True) -> None:
+                 out_dtype: torch.dtype = torch.bfloat16, gemv: bool = True,
+                 use_triton: Optional[bool] = None) -> None:
         weight.validate()
         if weight.k % 4:
             raise ValueError(f"K={weight.k}: the kernel reads weight rows as int32 words (K % 4 == 0)")
@@ -38,7 +39,8 @@ class W4A8Gemm:
         self.n, self.k = weight.n, weight.k
         self.grouped = weight.group_scale is not None
         dev = weight.qweight.device
-        self.triton = dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        # None: the kernel on CUDA and under the interpreter; an engine that runs references on CPU says False
+        self.triton = (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") if use_triton is None else use_triton
         self._configs: dict[int, dict] = {}
         self._wi: Optional[torch.Tensor] = None
         from .w4a8_gemv import can_implement_gemv, gemv_config

@@ -135,7 +135,7 @@ class W4A8Linear(Linear):
         from natix.kernels.w4a8_launch import W4A8Gemm
 
         try:
-            self.gemm = W4A8Gemm(lw.weight, lw.bias, out_dtype=dtype)
+            self.gemm = W4A8Gemm(lw.weight, lw.bias, out_dtype=dtype, use_triton=ops.gpu)
         except ValueError as e:
             raise EngineLoadError(f"{name}: the W4A8 kernel cannot take this layer: {e}") from e
 

@@ -129,10 +129,14 @@ class DecoderModel:
             from natix.kernels.kv4_decode_attention import kv4_decode_attention_reference
 
             return kv4_decode_attention_reference(q, c, batch.block_tables, batch.seq_lens, self.sm_scale)
-        from natix.kernels.paged_attention import paged_decode_attention
+        if self.ops.gpu:
+            from natix.kernels.paged_attention import paged_decode_attention
 
-        return paged_decode_attention(q, c[0], c[1], batch.block_tables, batch.seq_lens, self.sm_scale,
-                                      num_splits=splits, check=False)
+            return paged_decode_attention(q, c[0], c[1], batch.block_tables, batch.seq_lens, self.sm_scale,
+                                          num_splits=splits, check=False)
+        from natix.kernels.paged_attention import paged_decode_attention_reference
+
+        return paged_decode_attention_reference(q, c[0], c[1], batch.block_tables, batch.seq_lens, self.sm_scale)
 
     def _prefill_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            batch: Batch) -> torch.Tensor:

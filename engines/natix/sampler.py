@@ -50,9 +50,10 @@ class SamplingBatch:
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [S, V]`` -> (tokens int64 [S], their raw logprobs float32 [S])."""
-    from natix.kernels.argmax_lse import argmax_lse
+    from natix.kernels.argmax_lse import argmax_lse, argmax_lse_reference
 
-    tokens, best, lse = argmax_lse(logits)  # one read of the logits, in float32
+    # the kernel on CUDA; the reference elsewhere (also under TRITON_INTERPRET=1: the CPU engine runs references)
+    tokens, best, lse = (argmax_lse if logits.is_cuda else argmax_lse_reference)(logits)  # one read of the logits, in float32
     if b.any_sampled:
         logits = logits.float()
         t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
