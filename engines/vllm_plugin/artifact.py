@@ -142,6 +142,24 @@ class ArtifactSpec:
         return manifest.to_dict()
 
 
+def check_artifact(path: str | Path) -> ArtifactSpec | None:
+    """Both checks the plugin runs inside vLLM, on a model directory, before vLLM starts: the spec of
+    a ``natix-*`` quantized directory (refused as the plugin would refuse it), None for any other."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    try:
+        qc = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # not ours to judge: vLLM reports a missing or unreadable config.json itself
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not (isinstance(method, str) and method.startswith("natix")):
+        return None
+    spec = ArtifactSpec.from_quantization_config(qc)
+    spec.check_directory(path)
+    return spec
+
+
 def _layer_spec(name: Any, rec: Any) -> LayerSpec:
     if not isinstance(rec, dict):
         raise PluginRefused(f"natix vLLM plugin: quantization_config.layers[{name!r}] must be a mapping, got {rec!r:.60}")
