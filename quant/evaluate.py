@@ -116,7 +116,7 @@ def task_accuracy(matrix: Any) -> list[dict[str, Any]]:
     from natix.bench.runner import run_matrix
 
     with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
-        return run_matrix(matrix, Path(tmp), progress=False, log=lambda _s: None)
+        return run_matrix(matrix, Path(tmp), progress=False, log=lambda _s: None, isolate=False)
 
 
 def summarize_cells(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
