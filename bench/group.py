@@ -77,6 +77,7 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
             info = engine.info() if hasattr(engine, "info") else {}
             env = environment(info.get("device"))
             env.update(info.get("worker_versions") or {})  # the engine's venv, when it ran elsewhere
+            env["torch_threads"] = _torch_threads()
             from natix.bench.metrics import cell_metrics, latency
 
             shared = latency(dr)
@@ -110,6 +111,13 @@ def _load_engine(python: str | None, name: str, cfg: Any) -> Any:
         engine.close()
         raise
     return engine
+
+
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def _prompt_tokens(tok: Any, prompts: list[str]) -> float:

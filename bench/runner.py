@@ -321,7 +321,9 @@ def _run_isolated(job: dict[str, Any], timeout_s: float,
                   on_event: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
     """The group in a worker process, killed (its whole process group) past ``timeout_s``. Returns
     None when it finished, else the error (type, message, stderr tail)."""
+    # PASSIVE: OpenMP threads sleep instead of spinning when they wait, which a shared CPU needs
     env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     proc = subprocess.Popen([sys.executable, "-m", "natix.bench.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
