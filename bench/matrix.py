@@ -366,6 +366,9 @@ def _scheme(v: Any) -> Scheme:
         return Scheme(v, v)
     if not isinstance(v, Mapping) or "name" not in v:
         raise BenchError(f"a scheme is a name ({', '.join(known)}) or a mapping with 'name', got {v!r}")
+    if "kind" in v:  # the form Matrix.to_dict() writes (a run's matrix.json used as a matrix file)
+        v = {"name": v["name"], **({"scheme": v["kind"]} if v["kind"] != "artifact" else {}),
+             **({"artifact": v["artifact"]} if v.get("artifact") else {}), **dict(v.get("export") or {})}
     extra = sorted(set(v) - {"name", "scheme", "artifact", *_EXPORT_KEYS})
     if extra:
         raise BenchError(f"scheme {v['name']!r}: unknown keys {extra}; known: name, scheme, artifact, "

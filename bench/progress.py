@@ -59,8 +59,6 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(self._cur, description=what, total=total, completed=0, unit=unit or "",
-                             visible=unit is not None)
             self._bar.reset(self._cur, total=total, completed=0, description=what, unit=unit or "",
                             visible=unit is not None)
             return

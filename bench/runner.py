@@ -227,14 +227,26 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
         rows = [r for r in load_cells(out) if r["settings"] == settings and r["key"] in keys]
         return sorted(rows, key=lambda r: order[r["key"]])
 
+    # Status rows (excluded, failed) never discard old cells: only a finished draw does (fresh), and
+    # the status rows written before it are carried into that rewrite.
+    carried: list[dict[str, Any]] = []
+
+    def write(rows: list[dict[str, Any]], status_only: bool = False) -> None:
+        nonlocal fresh
+        if status_only:
+            carried.extend(rows)
+            _write_rows(out / CELLS_FILE, rows, truncate=False)
+            return
+        _write_rows(out / CELLS_FILE, (carried if fresh else []) + rows, truncate=fresh)
+        fresh = False  # the old cells are gone now; later draws append
+
     excluded = [_group_row(c, m, settings, "excluded", reason=p.excluded[c.group.key])
                 for c in p.cells if c.group.key in p.excluded
                 and not any(r["key"] == c.key and r["status"] == "excluded" for r in old)]
     if excluded:
-        _write_rows(out / CELLS_FILE, excluded, truncate=fresh)
-        fresh = False
-        for r in excluded:
-            log(f"{r['key']}: excluded ({r['reason']})")
+        write(excluded, status_only=True)
+        for key, why in dict((r["key"].rsplit("/T=", 1)[0], r["reason"]) for r in excluded).items():
+            log(f"{key}: excluded ({why})")
 
     todo: list[tuple[Any, list[dict[str, Any]], list[Any]]] = []  # group, draws, cells to write
     for g in p.groups:
@@ -265,7 +277,6 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
             written: set[str] = set()
 
             def on_event(ev: dict[str, Any]) -> None:
-                nonlocal fresh
                 kind = ev.get("event")
                 if kind == "phase":
                     bar.start(ev["what"], ev.get("total"), ev.get("unit"))
@@ -274,8 +285,7 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
                 elif kind == "log":
                     bar.log(f"  {ev['message']}")
                 elif kind == "rows":
-                    _write_rows(out / CELLS_FILE, ev["rows"], truncate=fresh)
-                    fresh = False  # the old cells are gone now; later draws append
+                    write(ev["rows"])
                     for row in ev["rows"]:
                         written.add(row["key"])
                         bar.log(f"{row['key']}: accuracy {row['accuracy']:.3f} coverage@{row['coverage_k']} "
@@ -286,8 +296,7 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
                 failed = [_group_row(c, m, settings, "error", error=error["message"], error_type=error["type"],
                                      stderr_tail=error.get("stderr_tail")) for c in cells if c.key not in written]
                 if failed:
-                    _write_rows(out / CELLS_FILE, failed, truncate=fresh)
-                    fresh = False
+                    write(failed, status_only=True)
                 bar.log(f"{g.key}: FAILED ({error['type']}: {error['message']}); {len(failed)} cell(s) recorded "
                         "as errors, going on")
     finally:
