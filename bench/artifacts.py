@@ -5,8 +5,10 @@ The cache key is a hash of everything the artifact depends on: the base model's 
 adapter's bytes, the scheme's full config (KV setting included), the calibration source and sizes,
 the seed, the storage dtype and the natix version. So a second run (or a second engine in the same
 run, or another shard on the same machine) reuses the export, and a changed input never does.
-Artifacts live in ``$NATIX_CACHE/artifacts/<scheme>-<hash>`` (``~/.cache/natix`` by default) and
-are written atomically, so an interrupted export leaves nothing a later run could mistake for one.
+Artifacts live in ``<model cache>-artifacts/<scheme>-<hash>`` (``~/.cache/natix-artifacts`` by
+default: beside the model cache, never inside it, since an export never writes into one of its
+inputs and the converted GGUF base lives in the model cache) and are written atomically, so an
+interrupted export leaves nothing a later run could mistake for one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def _sha(path: str) -> str:
     return tree_sha256(p) if p.exists() and (p / "adapter_config.json").is_file() else tree_sha256(resolve_base(path).file)
 
 
+def artifact_cache() -> Path:
+    from natix.quant.models import cache_dir
+
+    return cache_dir().with_name(cache_dir().name + "-artifacts")
+
+
 def export_config(scheme: Scheme, kv: str) -> Any:
     """The scheme's QuantConfig for KV setting ``kv`` (``auto``: the scheme's default)."""
     from natix.quant.schemes import make_config
@@ -52,8 +60,6 @@ def export_config(scheme: Scheme, kv: str) -> Any:
 
 def resolve(m: Matrix, variant: Variant, scheme: Scheme, kv: str) -> Load:
     """Where the weights of (variant, scheme) come from (no export runs here)."""
-    from natix.quant.models import cache_dir
-
     if scheme.kind == "artifact":
         return Load(scheme.artifact, None, m.dtype)
     if not scheme.quantized:
@@ -66,7 +72,7 @@ def resolve(m: Matrix, variant: Variant, scheme: Scheme, kv: str) -> Load:
     key = json.dumps({"base": _sha(m.model), "adapter": _sha(adapter) if adapter else None, "config": cfg.to_dict(),
                       **settings, "seed": m.seed, "natix": natix_version()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    out = cache_dir() / "artifacts" / f"{scheme.kind}-{digest}"
+    out = artifact_cache() / f"{scheme.kind}-{digest}"
     job = None if (out / "natix_manifest.json").is_file() else {
         "base": m.model, "adapter": adapter, "config": cfg.to_dict(), "out": str(out), "seed": m.seed, **settings}
     return Load(str(out), None, m.dtype, job)
