@@ -43,10 +43,15 @@ class Progress:
             self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
             self._bar.start()
-            self._run = self._bar.add_task("run", total=total_samples or None, unit="samples")
+            self._run = self._bar.add_task("run", total=total_samples or None, unit="samples",
+                                           visible=total_samples > 0)
             self._cur = self._bar.add_task("", total=None, unit="", visible=False)
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def step_unit(self) -> str | None:
+        return self._step.get("unit")
+
     def eta(self) -> float | None:
         if self.done <= 0 or self._gen_s <= 0:
             return None
@@ -59,8 +64,7 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.reset(self._cur, total=total, completed=0, description=what, unit=unit or "",
-                            visible=unit is not None)
+            self._bar.reset(self._cur, total=total, completed=0, description=what, unit=unit or "", visible=True)
             return
         size = f": {total} {unit}" if total and unit else ""
         eta = f", run ETA {_clock(self.eta())}" if unit == "samples" and self.done else ""

@@ -117,14 +117,24 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
 
     from natix.quant.export import export as run_export
 
-    hf_logging.disable_progress_bar()
-    with console.status("checking inputs") as st:
-        def progress(i: int, n: int, name: str) -> None:
-            st.update(f"quantizing {i}/{n} {escape(name)}")
+    from natix.bench.progress import Progress
 
+    hf_logging.disable_progress_bar()
+    # a phase line per step, then the layers with the time left (measured per layer as they finish)
+    bar = Progress(0, write=lambda line: click.echo(line, err=True))
+    bar.start("checking inputs", None, None)
+
+    def progress(i: int, n: int, name: str) -> None:
+        if bar.step_unit != "layers":
+            bar.start(f"quantizing ({scheme})", n, "layers")
+        bar.advance(1)
+
+    try:
         res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force, calib=calib,
                          calib_samples=calib_samples, calib_max_length=calib_max_length, seed=seed,
-                         status=lambda m: st.update(escape(m)), progress=progress)
+                         status=lambda m: bar.start(m, None, None), progress=progress)
+    finally:
+        bar.close()
     fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if grouped(cfg) else []
     console.print(f"[green]exported[/green] {scheme}: {len(res.quantized)} linear layers quantized, "
                   f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
