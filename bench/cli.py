@@ -20,7 +20,7 @@ from natix.quant.errors import UserError
 
 RUN_EPILOG = """\b
 Examples:
-  natix-bench run                          # smoke matrix (demo adapter, 8 items) -> runs/smoke-<time>/
+  natix-bench run                          # smoke matrix (demo adapter, 16 items) -> runs/smoke-<time>/
   natix-bench run --full                   # the committed reports/matrix-cpu matrix
   natix-bench run --items 40 --strategy greedy --strategy maj@8 --temperature 0.3
   natix-bench run --scheme none --scheme fp8 --engine hf --engine natix
@@ -85,7 +85,7 @@ def main() -> None:
 @click.option("--name", type=TEXT, help="Matrix name (names the run directory).")
 @click.option("--task", type=TEXT, help="Built-in task: chain_sum (arithmetic) or syllogism (yes/no).")
 @click.option("--task-file", type=PathArg(dir_okay=False), help="Your own task: JSONL of {question, answer} lines.")
-@click.option("--items", type=POSITIVE_INT, help="Evaluation items (smoke default 8; a task file: all of it).")
+@click.option("--items", type=POSITIVE_INT, help="Evaluation items (smoke default 16; a task file: all of it).")
 @click.option("--model", type=TEXT, help="Base model: directory, .gguf, or embedded name (default smollm2-135m).")
 @click.option("--variant", "variants", multiple=True, type=TEXT,
               help="'base', 'adapter' (demo adapter) or NAME=ADAPTER_DIR; repeatable.")

@@ -8,7 +8,7 @@ given or exported by the run), **engines** (each with its own interpreter and op
 engine load each) and cells, and states the cells that cannot exist.
 
 The defaults are the smoke matrix README's first command runs: the demo adapter on the embedded
-model, greedy against best-of-4 by the task's verifier and maj@4, 8 items (a few minutes on a
+model, greedy against best-of-4 by the task's verifier and maj@4, 16 items (a few minutes on a
 2-core CPU). ``--matrix full`` is the committed ``reports/matrix-cpu`` matrix.
 """
 
@@ -131,7 +131,7 @@ class Matrix:
     name: str = "smoke"
     task: str = "chain_sum"
     task_file: str | None = None  # a JSONL task (natix.bench.task_file); replaces `task`
-    items: int = 8
+    items: int = 16
     model: str = "smollm2-135m"
     variants: tuple[Variant, ...] = (Variant("adapter", DEMO_ADAPTER),)
     schemes: tuple[Scheme, ...] = (Scheme("none", "none"),)
