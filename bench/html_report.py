@@ -33,11 +33,18 @@ def _png(fig: Any) -> str:
 
 def _family(strategy: str) -> str:
     """``maj@8`` -> ``maj``, ``bo8:verifier`` -> ``bo:verifier``, ``adaptive@16:beta,...`` -> ``adaptive:beta``."""
-    m = re.match(r"([a-z_]+?)@?(\d+)?(?::([a-z_]+))?", strategy)
+    m = re.match(r"([a-z_]+)@?(\d+)?(?::([a-z_]+))?", strategy)
     if not m:
         return strategy
     name, _, opt = m.groups()
     return f"{name}:{opt}" if opt and name in ("bo", "adaptive", "wmaj") else name
+
+
+def _plain_ticks(axis: Any) -> None:
+    from matplotlib.ticker import FormatStrFormatter
+
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(FormatStrFormatter("%g"))
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -72,7 +79,8 @@ def pareto_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     for i, e in enumerate(engines):
         ax.scatter([], [], color="grey", marker=_MARKERS[i % len(_MARKERS)], label=f"engine {e}")
     ax.set_xscale("log")
-    ax.set_xlabel("time per correct answer (device-seconds, log)")
+    _plain_ticks(ax.xaxis)
+    ax.set_xlabel("time per correct answer (device-seconds, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs cost per correct answer, every cell")
     ax.grid(alpha=0.3)
@@ -102,6 +110,7 @@ def scaling_plot(rows: Sequence[dict[str, Any]]) -> str | None:
                     color=colors(i % 10), alpha=0.6)
         ax.set_title(f"{v} / {s} / {e}", fontsize=8)
         ax.set_xscale("log", base=2)
+        _plain_ticks(ax.xaxis)
         ax.set_xlabel("samples per item")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -127,16 +136,27 @@ def throughput_plot(rows: Sequence[dict[str, Any]]) -> str | None:
             kind = "greedy" if not r["temperature"] else f"T={r['temperature']:g} n={r['draw']['n']}"
             series.setdefault((r["engine"], r.get("scheme", "none"), kind), []).append(
                 (r.get("batch_size") or 0, r["draw"]["tokens_per_s"]))
-    for i, (label, pts) in enumerate(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % len(_MARKERS)],
-                label=" / ".join(label))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size (rows in flight)")
-    ax.set_ylabel("generated tokens / s")
+    if not series:
+        plt.close(fig)
+        return None
+    sizes = {b for pts in series.values() for b, _ in pts}
+    if len(sizes) > 1:
+        for i, (label, pts) in enumerate(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % len(_MARKERS)],
+                    label=" / ".join(label))
+        ax.set_xscale("log", base=2)
+        _plain_ticks(ax.xaxis)
+        ax.set_xlabel("batch size (rows in flight)")
+        ax.legend(fontsize=7)
+    else:  # one batch size: a bar per engine / scheme / draw
+        labels = [" / ".join(k) for k in series]
+        ax.barh(labels, [pts[0][1] for pts in series.values()], color="tab:blue")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel(f"generated tokens / s at batch size {next(iter(sizes))} (the matrix has one batch size)")
+    ax.set_ylabel("generated tokens / s" if len(sizes) > 1 else "")
     ax.set_title("Throughput vs concurrency, per engine and scheme")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     return _png(fig)
 
 
