@@ -163,7 +163,8 @@ def run(matrix_file: str | None, full: bool, out: str | None, fresh: bool, no_pr
 
 @main.command()
 @click.argument("out", type=PathArg(exists=True, file_okay=False))
-def report(out: str) -> None:
+@click.option("--summary", is_flag=True, help="Print the one-line answer and a compact table (Markdown) instead.")
+def report(out: str, summary: bool) -> None:
     """Re-render OUT/report.md and OUT/report.html from OUT/cells.jsonl (the rows of OUT/matrix.json's settings)."""
     from natix.bench.matrix import BenchError
     from natix.bench.report import write_report
@@ -179,6 +180,11 @@ def report(out: str) -> None:
         rows = [r for r in rows if r["settings"] == fp] or rows
     if not rows:
         raise BenchError(f"{out} has no cells.jsonl rows")
+    if summary:
+        from natix.bench.report import summary as render_summary
+
+        click.echo(render_summary(rows))
+        return
     click.echo(str(write_report(Path(out), rows, matrix=matrix if isinstance(matrix, dict) else None)))
 
 

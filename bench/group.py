@@ -20,7 +20,9 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
     """``job``: ``matrix`` (``Matrix.to_dict()``), ``group`` (its key), ``draws`` (list of
     ``{"temperature": float | None, "labels": [strategy spec as written]}``), ``settings``."""
     from natix.bench import artifacts
+    from natix.bench.draw import draw
     from natix.bench.env import environment
+    from natix.bench.metrics import cell_metrics, latency
     from natix.bench.matrix import Matrix
     from natix.bench.plan import describe, effective_kv, plan
     from natix.engines.base import EngineConfig, SamplingSpec
@@ -34,6 +36,7 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
     tok = load_tokenizer(m.model)
     prompts = [task.prompt(tok, it) for it in items]
     by_prompt = {p: it for p, it in zip(prompts, items)}
+    prompt_tokens = _prompt_tokens(tok, prompts)
 
     def verifier(prompt: str, text: str) -> float:
         return float(task.verify(by_prompt[prompt], text))
@@ -44,6 +47,9 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
               "unit": "layers"})
         artifacts.run_export(load.export, progress=lambda i, n, name: emit({"event": "progress", "done": 1, "total": n}),
                              say=lambda msg: emit({"event": "log", "message": msg}))
+    from natix.quant.loader import quantized_scheme
+
+    weights = quantized_scheme(load.model) or "dense"  # what was loaded (an artifact given as --model too)
     kv = effective_kv(g.scheme, g.kv)
     extra = dict(m.engine_options.get(g.engine, {}))
     if g.engine == "natix" and g.kv in ("none", "int4"):
@@ -68,8 +74,6 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
             emit({"event": "phase", "what": f"{g.key} {'greedy' if temp is None else f'T={temp:g} n={n}'}",
                   "unit": "samples", "total": len(prompts) * n})
             _reset_peak_memory()
-            from natix.bench.draw import draw
-
             dr = draw(engine, prompts, spec, g.batch_size, lambda k: emit({"event": "progress", "done": k}))
             dr.correct = [sum(task.is_correct(task.extract(x.text), it) for x in comps)
                           for comps, it in zip(dr.completions, items)]
@@ -78,8 +82,6 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
             env = environment(info.get("device"))
             env.update(info.get("worker_versions") or {})  # the engine's venv, when it ran elsewhere
             env["torch_threads"] = _torch_threads()
-            from natix.bench.metrics import cell_metrics, latency
-
             shared = latency(dr)
             peak = _peak_memory()
             rows = []
@@ -87,8 +89,8 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
                 key = f"{g.key}/T={temp or 0.0:g}/{s.spec()}"
                 rows.append({"key": key, "status": "ok", "matrix": m.name, "settings": job["settings"], **describe(g, kv),
                              "temperature": temp or 0.0, "strategy": s.spec(), "label": label, "task": task.name,
-                             "max_tokens": max_tokens, **cell_metrics(task, items, decided[s.spec()], dr), **shared,
-                             "prompt_tokens_mean": _prompt_tokens(tok, prompts), "load_s": load_s,
+                             "max_tokens": max_tokens, "weights": weights, **cell_metrics(task, items, decided[s.spec()], dr), **shared,
+                             "prompt_tokens_mean": prompt_tokens, "load_s": load_s,
                              "peak_gpu_bytes": peak, "engine_info": _jsonable(info), "env": env,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             emit({"event": "rows", "rows": rows})

@@ -16,8 +16,8 @@ import io
 import re
 from typing import Any, Sequence
 
-from natix.bench.report import (Table, _draw_key, answer, canonical_specs, errors, exclusions, intro, ok_rows, per_second,
-                                tables, _EXPLAIN)
+from natix.bench.report import (_EXPLAIN, Table, _draw_key, _scheme, answer, canonical_specs, errors, exclusions,
+                                intro, ok_rows, per_second, tables)
 
 _MARKERS = "osD^vP*X"
 
@@ -53,13 +53,13 @@ def pareto_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     pts = [r for r in ok_rows(rows) if per_second(r)]
     if not pts:
         return None
-    schemes = list(dict.fromkeys(r.get("scheme", "none") for r in pts))
+    schemes = list(dict.fromkeys(_scheme(r) for r in pts))
     engines = list(dict.fromkeys(r["engine"] for r in pts))
     colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in pts:
         x = r["cost"]["device_s_per_correct"]
-        ax.scatter(x, 100 * r["accuracy"], color=colors(schemes.index(r.get("scheme", "none")) % 10),
+        ax.scatter(x, 100 * r["accuracy"], color=colors(schemes.index(_scheme(r)) % 10),
                    marker=_MARKERS[engines.index(r["engine"]) % len(_MARKERS)], s=46, alpha=0.85)
     # frontier: no other cell is both cheaper and at least as accurate
     front = sorted(pts, key=lambda r: (r["cost"]["device_s_per_correct"], -r["accuracy"]))
@@ -92,7 +92,7 @@ def scaling_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     import matplotlib.pyplot as plt
 
     ok = ok_rows(rows)
-    panels = list(dict.fromkeys((r["variant"], r.get("scheme", "none"), r["engine"]) for r in ok))
+    panels = list(dict.fromkeys((r["variant"], _scheme(r), r["engine"]) for r in ok))
     if not ok:
         return None
     cols = min(4, len(panels))
@@ -100,7 +100,7 @@ def scaling_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.0 * nrows), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, (v, s, e) in zip(axes.flat, panels):
-        cell = [r for r in ok if (r["variant"], r.get("scheme", "none"), r["engine"]) == (v, s, e)]
+        cell = [r for r in ok if (r["variant"], _scheme(r), r["engine"]) == (v, s, e)]
         fams = list(dict.fromkeys(_family(r["strategy"]) for r in cell))
         for i, f in enumerate(fams):
             pts = sorted((r for r in cell if _family(r["strategy"]) == f), key=lambda r: r["samples_spent_mean"])
@@ -134,7 +134,7 @@ def throughput_plot(rows: Sequence[dict[str, Any]]) -> str | None:
     for r in draws.values():
         if r["draw"].get("tokens_per_s"):
             kind = "greedy" if not r["temperature"] else f"T={r['temperature']:g} n={r['draw']['n']}"
-            series.setdefault((r["engine"], r.get("scheme", "none"), kind), []).append(
+            series.setdefault((r["engine"], _scheme(r), kind), []).append(
                 (r.get("batch_size") or 0, r["draw"]["tokens_per_s"]))
     if not series:
         plt.close(fig)

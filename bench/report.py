@@ -41,7 +41,9 @@ def ok_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _scheme(r: dict[str, Any]) -> str:
-    return r.get("scheme", "none")
+    """The scheme's name; a model given as an artifact (``--model fp8/``) shows as ``fp8 (artifact)``."""
+    s, w = r.get("scheme", "none"), r.get("weights")
+    return f"{w} (artifact)" if s == "none" and w not in (None, "dense") else s
 
 
 def _draw_key(r: dict[str, Any]) -> tuple:
@@ -290,6 +292,31 @@ def render(rows: Iterable[dict[str, Any]], title: str = "natix-bench report",
     if err:
         lines += ["## Cells that failed (rerun the same command to retry them)", ""]
         lines += [f"- `{k}`: {why}" for k, why in err] + [""]
+    return "\n".join(lines)
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> str:
+    """The one-line answer and a compact table (a row per engine load, a column per strategy:
+    accuracy and time per correct answer), in Markdown: what README's results section shows."""
+    ok = ok_rows(rows)
+    if not ok:
+        return "No finished cells."
+    labels = list(dict.fromkeys(r.get("label") or r["strategy"] for r in ok))
+    loads = list(dict.fromkeys((r["variant"], _scheme(r), r["engine"], _kv(r), r.get("batch_size")) for r in ok))
+    multi = varying(ok)
+    head = (["variant"] if multi["variant"] else []) + ["scheme", "engine"] + (["KV"] if multi["kv"] else []) + \
+        (["batch"] if multi["batch_size"] else []) + labels
+    lines = [answer(rows), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, sch, eng, kv, b in loads:
+        cells = {r.get("label") or r["strategy"]: r for r in ok
+                 if (r["variant"], _scheme(r), r["engine"], _kv(r), r.get("batch_size")) == (v, sch, eng, kv, b)}
+        vals = [f"{pct(c['accuracy'])} ({dur((c.get('cost') or {}).get('device_s_per_correct'))})" if c else "–"
+                for c in (cells.get(x) for x in labels)]
+        lines.append("| " + " | ".join(([v] if multi["variant"] else []) + [sch, eng] + ([kv] if multi["kv"] else [])
+                                       + ([str(b)] if multi["batch_size"] else []) + vals) + " |")
+    ex = exclusions(rows)
+    if ex:
+        lines += ["", "Not run: " + "; ".join(f"`{k}` ({why})" for k, why in ex) + "."]
     return "\n".join(lines)
 
 

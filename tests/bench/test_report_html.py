@@ -110,3 +110,14 @@ def test_markdown_is_readable() -> None:
     assert "disjoint from the demo adapter's training data" in text
     no_demo = [{**r, "adapter": None, "variant": "model"} for r in ROWS]
     assert "disjoint" not in render(no_demo, "t")
+
+
+def test_summary_is_one_line_and_a_compact_table() -> None:
+    from natix.bench.report import summary
+
+    text = summary(ROWS)
+    first, _, table = text.partition("\n\n")
+    assert first.startswith("Most correct answers per second here:")
+    assert "| scheme | engine | batch | greedy | maj@8 | adaptive@8:beta |" in table
+    assert "| none | hf | 8 | 50.0% (5.0 s) | 75.0% (13.3 s) | 50.0% (20.0 s) |" in table
+    assert "| fp8 | natix | 16 | 25.0% (4.0 s) | 75.0% (6.7 s) | – |" in table
