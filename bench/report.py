@@ -125,6 +125,8 @@ def answer(rows: Sequence[dict[str, Any]]) -> str:
     """The one-line answer: which cell gives the most correct answers per second, and which is
     the most accurate (with what it costs)."""
     ok = [r for r in ok_rows(rows) if per_second(r)]
+    if not any(r.get("cost") for r in ok_rows(rows)):
+        return "These rows carry no cost per correct answer (an earlier natix-bench wrote them)."
     if not ok:
         return "No cell answered any item correctly, so no cost per correct answer can be given."
     multi = varying(ok_rows(rows))

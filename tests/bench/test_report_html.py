@@ -121,3 +121,12 @@ def test_summary_is_one_line_and_a_compact_table() -> None:
     assert "| scheme | engine | batch | greedy | maj@8 | adaptive@8:beta |" in table
     assert "| none | hf | 8 | 50.0% (5.0 s) | 75.0% (13.3 s) | 50.0% (20.0 s) |" in table
     assert "| fp8 | natix | 16 | 25.0% (4.0 s) | 75.0% (6.7 s) | – |" in table
+
+
+def test_rows_of_an_earlier_harness_still_render() -> None:
+    from natix.bench.runner import load_cells
+
+    rows = load_cells(Path(__file__).resolve().parents[2] / "reports" / "bench-adapter-160")
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert "earlier natix-bench" in render(rows, "t")
+    assert "plot-scaling" in render_html(rows, "t")
