@@ -101,6 +101,8 @@ def main() -> None:
               help="Rows in flight (hf batch, natix/vllm max_num_seqs, openai-http concurrency); repeatable.")
 @click.option("--max-tokens", "max_tokens", multiple=True, type=POSITIVE_INT,
               help="Generation limit (default: the task's); repeatable.")
+@click.option("--few-shot", "few_shot", multiple=True, type=click.IntRange(min=0),
+              help="Worked training examples before each question (longer prompts); repeatable.")
 @click.option("--seed", type=click.IntRange(min=0))
 @click.option("--device", type=DEVICE, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", type=click.Choice(("auto", "fp32", "bf16", "fp16")), help="dtype of scheme 'none' weights.")

@@ -34,7 +34,8 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
     task = m.load_task()
     items = task.items("eval", m.items, seed=m.seed)
     tok = load_tokenizer(m.model)
-    prompts = [task.prompt(tok, it) for it in items]
+    shots = task.shots(g.few_shot, seed=m.seed) if g.few_shot else []
+    prompts = [task.prompt(tok, it, shots) for it in items]
     by_prompt = {p: it for p, it in zip(prompts, items)}
     prompt_tokens = _prompt_tokens(tok, prompts)
 

@@ -4,7 +4,7 @@ A matrix comes from defaults < a YAML file (or a bundled one: ``--matrix full``)
 axes: model variants (base, base + adapter), quantization **schemes** (unquantized, or an artifact
 given or exported by the run), **engines** (each with its own interpreter and options), **KV**
 (the scheme's own, 16-bit, int4, fp8, or a kvpress press), temperatures, strategies, batch sizes
-(rows in flight) and generation lengths. :mod:`natix.bench.plan` expands it into draw groups (one
+(rows in flight), generation lengths and prompt lengths (few-shot examples). :mod:`natix.bench.plan` expands it into draw groups (one
 engine load each) and cells, and states the cells that cannot exist.
 
 The defaults are the smoke matrix README's first command runs: the demo adapter on the embedded
@@ -141,6 +141,7 @@ class Matrix:
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     batch_sizes: tuple[int, ...] = (64,)  # rows in flight: hf batch rows, natix/vllm max_num_seqs, http concurrency
     max_tokens: tuple[int, ...] = ()  # generation lengths; () = the task's
+    few_shot: tuple[int, ...] = (0,)  # prompt lengths: worked training examples before each question
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
@@ -202,6 +203,11 @@ class Matrix:
         for n in self.max_tokens:
             _int("max_tokens", n, 1)
         _unique("max_tokens", [str(n) for n in self.max_tokens])
+        if not self.few_shot:
+            raise BenchError("few_shot needs at least one value (0: no examples)")
+        for k in self.few_shot:
+            _int("few_shot", k, 0)
+        _unique("few_shot", [str(k) for k in self.few_shot])
         if not 0 < _real("top_p", self.top_p) <= 1:
             raise BenchError(f"top_p must be in (0, 1], got {self.top_p}")
         _int("top_k", self.top_k, 0)
@@ -225,6 +231,9 @@ class Matrix:
         from natix.scaling import Greedy, parse_strategy
 
         task = self.load_task()
+        if any(self.few_shot) and self.task_file is not None:
+            raise BenchError(f"few_shot {list(self.few_shot)}: task file {self.task_file} has no training split; put "
+                             "worked examples in its few_shot option")
         # Validate specs now, not after the model loaded; a verifier stands in when the task has
         # one, so "bo8:verifier" on a task without a verifier fails here, by name.
         placeholder = (lambda prompt, text: 0.0) if task.has_verifier else None
@@ -272,7 +281,7 @@ class Matrix:
                 continue
             key = aliases.get(key, key)
             if key in ("variants", "engines", "kv", "strategies", "temperatures", "schemes", "batch_sizes",
-                       "max_tokens", "plugins"):
+                       "max_tokens", "few_shot", "plugins"):
                 # one value is a list of one: `variants: base` is one variant, not four (b, a, s, e)
                 if isinstance(value, (str, int, float, Mapping)):
                     value = [value]
@@ -284,8 +293,8 @@ class Matrix:
                     value = tuple(_scheme(v) for v in value)
                 elif key == "temperatures":
                     value = tuple(_real("temperature", v) for v in value)
-                elif key in ("batch_sizes", "max_tokens"):
-                    value = tuple(_int(key, v, 1) for v in value)
+                elif key in ("batch_sizes", "max_tokens", "few_shot"):
+                    value = tuple(_int(key, v, 0 if key == "few_shot" else 1) for v in value)
                 elif key == "kv":
                     value = tuple(normalize_kv(_text(key, v)) for v in value)
                 else:
@@ -338,7 +347,7 @@ class Matrix:
         d["variants"] = tuple(Variant(**v) for v in d["variants"])
         d["schemes"] = tuple(Scheme(s["name"], s["kind"], s.get("artifact"), s.get("export") or {})
                              for s in d["schemes"])
-        for k in ("engines", "kv", "temperatures", "strategies", "batch_sizes", "max_tokens", "plugins"):
+        for k in ("engines", "kv", "temperatures", "strategies", "batch_sizes", "max_tokens", "few_shot", "plugins"):
             d[k] = tuple(d[k])
         return cls(**d)
 

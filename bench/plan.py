@@ -1,9 +1,9 @@
 """A matrix expanded: draw groups (one engine load each), their draws, their cells, and the cells
 that cannot exist with the reason why.
 
-A *group* is variant x scheme x engine x KV x batch size x generation length: one engine load. It
-serves a greedy draw (if the matrix has greedy) and, per temperature, one shared sampled draw that
-every sampled strategy decides on (maj@8 and best-of-8 read its first 8 samples, adaptive maj@<=16
+A *group* is variant x scheme x engine x KV x batch size x generation length x prompt length (few-shot
+examples): one engine load. It serves a greedy draw (if the matrix has greedy) and, per temperature,
+one shared sampled draw that every sampled strategy decides on (maj@8 and best-of-8 read its first 8 samples, adaptive maj@<=16
 reads on until it stops). Each (group, temperature, strategy) is a :class:`Cell`: a report row
 and a JSONL line.
 
@@ -32,7 +32,8 @@ _DEFAULT_KV = {"w4a8kv4": "int4"}  # a scheme's own KV cache when kv is "auto"
 
 @dataclass(frozen=True)
 class Group:
-    """One engine load: variant x scheme x engine x KV x batch size x generation length."""
+    """One engine load: variant x scheme x engine x KV x batch size x generation length x prompt length
+    (``few_shot`` worked examples before each question)."""
 
     variant: Variant
     scheme: Scheme
@@ -40,10 +41,11 @@ class Group:
     kv: str
     batch_size: int
     max_tokens: int | None = None  # None: the task's
+    few_shot: int = 0
 
     @property
     def key(self) -> str:
-        tail = f"/len={self.max_tokens}" if self.max_tokens else ""
+        tail = (f"/len={self.max_tokens}" if self.max_tokens else "") + (f"/shots={self.few_shot}" if self.few_shot else "")
         return f"{self.variant.name}/{self.scheme.name}/{self.engine}/kv={self.kv}/b={self.batch_size}{tail}"
 
 
@@ -139,8 +141,8 @@ def plan(m: Matrix, *, shard: tuple[int, int] | None = None) -> Plan:
     task = m.load_task()
     verifier = (lambda prompt, text: 0.0) if task.has_verifier else None
     strategies = [(s, parse_strategy(s, extractor=task.extractor, verifier=verifier)) for s in m.strategies]
-    groups = [Group(v, s, e, kv, b, t) for v in m.variants for s in m.schemes for e in m.engines for kv in m.kv
-              for b in m.batch_sizes for t in (m.max_tokens or (None,))]
+    groups = [Group(v, s, e, kv, b, t, k) for v in m.variants for s in m.schemes for e in m.engines for kv in m.kv
+              for b in m.batch_sizes for t in (m.max_tokens or (None,)) for k in m.few_shot]
     excluded = {g.key: why for g in groups if (why := exclusion(g)) is not None}
     runnable = [g for g in groups if g.key not in excluded]
     if shard is not None:
@@ -174,4 +176,5 @@ def describe(g: Group, kv: str | None = None) -> dict[str, Any]:
     """What a row records about its group."""
     return {"variant": g.variant.name, "adapter": g.variant.adapter, "scheme": g.scheme.name,
             "scheme_kind": g.scheme.kind, "engine": g.engine, "kv": g.kv,
-            "kv_effective": kv if kv is not None else g.kv, "batch_size": g.batch_size, "max_tokens": g.max_tokens}
+            "kv_effective": kv if kv is not None else g.kv, "batch_size": g.batch_size, "max_tokens": g.max_tokens,
+            "few_shot": g.few_shot}

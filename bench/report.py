@@ -48,7 +48,7 @@ def _scheme(r: dict[str, Any]) -> str:
 
 def _draw_key(r: dict[str, Any]) -> tuple:
     return (r["variant"], _scheme(r), r["engine"], r.get("kv", r.get("kv_press", "none")), r.get("batch_size"),
-            r.get("max_tokens"))
+            r.get("max_tokens"), r.get("few_shot", 0))
 
 
 def vs_greedy(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float, float] | None]:
@@ -109,6 +109,7 @@ def cell_name(r: dict[str, Any], multi: dict[str, bool]) -> str:
     extra = [f"on {r['engine']}" if multi.get("engine") else None,
              f"KV {r.get('kv_effective')}" if multi.get("kv") else None,
              f"batch {r.get('batch_size')}" if multi.get("batch_size") else None,
+             f"{r.get('few_shot', 0)}-shot" if multi.get("few_shot") else None,
              f"T={r['temperature']:g}" if multi.get("temperature") and r["temperature"] else None,
              f"({r['variant']})" if multi.get("variant") else None]
     return " ".join([name, *[e for e in extra if e]])
@@ -116,7 +117,8 @@ def cell_name(r: dict[str, Any], multi: dict[str, bool]) -> str:
 
 def varying(rows: Sequence[dict[str, Any]]) -> dict[str, bool]:
     axes = {"scheme": _scheme, "engine": lambda r: r["engine"], "kv": lambda r: r.get("kv_effective"),
-            "batch_size": lambda r: r.get("batch_size"), "temperature": lambda r: r["temperature"] or None,
+            "batch_size": lambda r: r.get("batch_size"), "few_shot": lambda r: r.get("few_shot", 0),
+            "temperature": lambda r: r["temperature"] or None,
             "variant": lambda r: r["variant"]}
     return {a: len({f(r) for r in rows} - {None}) > 1 for a, f in axes.items()}
 
@@ -183,11 +185,12 @@ def tables(rows: Sequence[dict[str, Any]]) -> list[Table]:
             draws.setdefault((*_draw_key(r), r["temperature"]), r)
         out.append(Table(
             f"{v}: latency and throughput (per draw; the strategies of a draw share it)",
-            ["scheme", "engine", "KV", "batch", "draw", "requests", "end-to-end p50 / p90 / p99", "TTFT p50 / p99",
+            ["scheme", "engine", "KV", "batch", "draw", "requests", "prompt tokens", "end-to-end p50 / p90 / p99",
+             "TTFT p50 / p99",
              "TPOT p50", "ITL p50 / p99", "req/s", "tok/s", "KV capacity (tokens)", "peak GPU memory"],
             [[_scheme(r), r["engine"], _kv(r), str(r.get("batch_size", "–")),
               "greedy" if not r["temperature"] else f"T={r['temperature']:g}, n={r['draw']['n']}",
-              str(r["draw"].get("requests", r["n_items"])), " / ".join(dur(_p(r, "latency_s", q)) for q in ("p50", "p90", "p99")),
+              str(r["draw"].get("requests", r["n_items"])), _num(r.get("prompt_tokens_mean")), " / ".join(dur(_p(r, "latency_s", q)) for q in ("p50", "p90", "p99")),
               " / ".join(dur(_p(r, "ttft_s", q)) for q in ("p50", "p99")), dur(_p(r, "tpot_s", "p50")),
               " / ".join(dur(_p(r, "itl_s", q)) for q in ("p50", "p99")) if r.get("itl_s") else "–",
               _num(r["draw"].get("requests_per_s"), ".2f"), _num(r["draw"].get("tokens_per_s")),

@@ -45,6 +45,10 @@ class FileTask(Task):
     def few_shot(self) -> list[tuple[str, str]]:
         return list(self._shots)
 
+    def shots(self, k: int, seed: int = 0) -> list[tuple[str, str]]:
+        raise BenchError(f"task file {self.path} has no training split for the few_shot axis; put worked examples "
+                         "in its few_shot option")
+
     def system_for(self, item: Item) -> str | None:
         return item.meta.get("system") or self.system
 

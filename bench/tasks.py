@@ -58,15 +58,21 @@ class Task:
         return self.kind
 
     def few_shot(self) -> list[tuple[str, str]]:
-        """(user text, assistant answer) turns shown before each question."""
+        """(user text, assistant answer) turns shown before every question of this task."""
         return []
+
+    def shots(self, k: int, seed: int = 0) -> list[tuple[str, str]]:
+        """``k`` worked examples from the training split (disjoint from eval), for the matrix's
+        ``few_shot`` axis: longer prompts with real content."""
+        return [(self.user_text(it), self.reference_answer(it)) for it in self.items("train", k, seed=seed)]
 
     def system_for(self, item: Item) -> str | None:
         return self.system
 
-    def prompt(self, tokenizer: Any, item: Item) -> str:
-        """The chat-formatted prompt of ``item``: system message, few-shot turns, the question."""
-        shots, system = self.few_shot(), self.system_for(item)
+    def prompt(self, tokenizer: Any, item: Item, shots: list[tuple[str, str]] | None = None) -> str:
+        """The chat-formatted prompt of ``item``: system message, the task's few-shot turns and
+        ``shots``, the question."""
+        shots, system = self.few_shot() + list(shots or []), self.system_for(item)
         if not shots:
             from natix.engines.chat import apply_chat
 

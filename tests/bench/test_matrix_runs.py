@@ -147,3 +147,14 @@ def test_compare_prints_paired_differences(tmp_path: Path, bench_model: Path) ->
     line = next(x for x in res.output.splitlines() if x.startswith("base/"))
     assert "50.0%" in line and "+0.0" in line  # always-yes and always-no are both right on half the items
     assert len(load_cells(tmp_path / "a")) == 1
+
+
+def test_few_shot_axis_lengthens_prompts(tmp_path: Path, bench_model: Path) -> None:
+    m = Matrix(items=2, model=str(bench_model), variants=(Variant("base"),), engines=("constant-test",),
+               strategies=("greedy",), few_shot=(0, 2), plugins=(PLUGIN,))
+    rows = run_matrix(m, tmp_path / "run", progress=False, log=lambda s: None, isolate=False)
+    by = {r["few_shot"]: r for r in rows}
+    assert set(by) == {0, 2} and by[2]["key"].endswith("/shots=2/T=0/greedy")
+    assert by[2]["prompt_tokens_mean"] > by[0]["prompt_tokens_mean"] + 40  # two worked examples, char tokens
+    with pytest.raises(ValueError, match="has no training split"):
+        Matrix(task_file=str(_yesno(tmp_path)), few_shot=(1,))
