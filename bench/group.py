@@ -53,8 +53,10 @@ def run_group(job: dict[str, Any], emit: Emit) -> None:
     weights = quantized_scheme(load.model) or "dense"  # what was loaded (an artifact given as --model too)
     kv = effective_kv(g.scheme, g.kv)
     extra = dict(m.engine_options.get(g.engine, {}))
-    if g.engine == "natix" and g.kv in ("none", "int4"):
-        extra["kv_cache"] = g.kv
+    if g.engine == "natix":
+        if g.kv in ("none", "int4"):
+            extra["kv_cache"] = g.kv
+        extra.setdefault("max_num_seqs", g.batch_size)  # the batch-size axis (its own default is 256 on CUDA)
     cfg = EngineConfig(model=load.model, adapter=load.adapter, device=m.device, dtype=load.dtype,
                        max_batch_size=g.batch_size, kv_press=kv if kv not in ("none", "int4", "fp8") else None,
                        extra=extra)

@@ -9,8 +9,9 @@ and a JSONL line.
 
 Exclusions are decided here from what each engine can load (no model is touched): a kv press on an
 engine without presses, gptq on the natix engine, an int4 KV cache on the hf engine without an
-artifact that declares one, ... Each excluded group's cells are written to ``cells.jsonl`` with
-``status: "excluded"`` and the reason, so the report states them.
+artifact that declares one, ...; and single cells: on the natix engine a request's n samples run in
+one batch, so a strategy whose budget exceeds the batch size cannot run there. Excluded cells are
+written to ``cells.jsonl`` with ``status: "excluded"`` and the reason, so the report states them.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ class Cell:
 class Plan:
     groups: tuple[Group, ...]  # runnable, in the matrix's order
     cells: tuple[Cell, ...]  # every cell, runnable or not, in the matrix's order
-    excluded: dict[str, str]  # group key -> why it cannot exist
+    excluded: dict[str, str]  # cell key -> why it cannot exist
+    excluded_groups: dict[str, str]  # group key -> why none of its cells can exist
 
     def cells_of(self, group: Group) -> list[Cell]:
-        return [c for c in self.cells if c.group == group]
+        """The cells of ``group`` that can run."""
+        return [c for c in self.cells if c.group == group and c.key not in self.excluded]
 
 
 def weights_kind(scheme: Scheme) -> str:
@@ -143,19 +146,27 @@ def plan(m: Matrix, *, shard: tuple[int, int] | None = None) -> Plan:
     strategies = [(s, parse_strategy(s, extractor=task.extractor, verifier=verifier)) for s in m.strategies]
     groups = [Group(v, s, e, kv, b, t, k) for v in m.variants for s in m.schemes for e in m.engines for kv in m.kv
               for b in m.batch_sizes for t in (m.max_tokens or (None,)) for k in m.few_shot]
-    excluded = {g.key: why for g in groups if (why := exclusion(g)) is not None}
-    runnable = [g for g in groups if g.key not in excluded]
+    excluded_groups = {g.key: why for g in groups if (why := exclusion(g)) is not None}
+    runnable = [g for g in groups if g.key not in excluded_groups]
     if shard is not None:
         i, n = shard
         runnable = runnable[i - 1::n]
         keep = set(runnable)
-        groups = [g for g in groups if g in keep or g.key in excluded and shard[0] == 1]
-    cells = []
+        groups = [g for g in groups if g in keep or g.key in excluded_groups and shard[0] == 1]
+    cells, excluded = [], {}
     for g in groups:
         for label, s in strategies:
             temps = (0.0,) if isinstance(s, Greedy) else m.temperatures
-            cells.extend(Cell(g, t, s.spec(), label) for t in temps)
-    return Plan(tuple(runnable), tuple(cells), excluded)
+            for t in temps:
+                c = Cell(g, t, s.spec(), label)
+                cells.append(c)
+                if g.key in excluded_groups:
+                    excluded[c.key] = excluded_groups[g.key]
+                elif g.engine == "natix" and s.budget > g.batch_size:
+                    excluded[c.key] = (f"the natix engine runs a request's {s.budget} samples in one batch: batch size "
+                                       f"{g.batch_size} is smaller")
+    runnable = [g for g in runnable if any(c.group == g and c.key not in excluded for c in cells)]
+    return Plan(tuple(runnable), tuple(cells), excluded, excluded_groups)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -221,11 +221,11 @@ def _mib(b: int | None) -> str:
 
 
 def exclusions(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(group, reason) of every excluded group, once each."""
+    """(group or cell, reason) of every exclusion: a whole engine load once, a single cell by its key."""
     seen: dict[str, str] = {}
     for r in rows:
         if r.get("status") == "excluded":
-            seen.setdefault(r["key"].rsplit("/T=", 1)[0], r["reason"])
+            seen.setdefault(r["key"] if r.get("excluded") == "cell" else r["key"].rsplit("/T=", 1)[0], r["reason"])
     return list(seen.items())
 
 

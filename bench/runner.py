@@ -240,12 +240,14 @@ def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[st
         _write_rows(out / CELLS_FILE, (carried if fresh else []) + rows, truncate=fresh)
         fresh = False  # the old cells are gone now; later draws append
 
-    excluded = [_group_row(c, m, settings, "excluded", reason=p.excluded[c.group.key])
-                for c in p.cells if c.group.key in p.excluded
-                and not any(r["key"] == c.key and r["status"] == "excluded" for r in old)]
+    stated = {r["key"] for r in old if r["status"] == "excluded"}
+    excluded = [_group_row(c, m, settings, "excluded", reason=p.excluded[c.key],
+                           excluded="group" if c.group.key in p.excluded_groups else "cell")
+                for c in p.cells if c.key in p.excluded and c.key not in stated]
     if excluded:
         write(excluded, status_only=True)
-        for key, why in dict((r["key"].rsplit("/T=", 1)[0], r["reason"]) for r in excluded).items():
+        for key, why in dict((r["key"].rsplit("/T=", 1)[0] if r["excluded"] == "group" else r["key"], r["reason"])
+                             for r in excluded).items():
             log(f"{key}: excluded ({why})")
 
     todo: list[tuple[Any, list[dict[str, Any]], list[Any]]] = []  # group, draws, cells to write

@@ -70,13 +70,18 @@ def test_exclusions_are_stated_and_shards_cover_every_group(tmp_path: Path) -> N
     m = Matrix(schemes=(Scheme("none", "none"), Scheme("gptq", "gptq")), engines=("hf", "natix"),
                kv=("auto", "int4", "knorm:0.5"), strategies=("greedy",))
     p = plan(m)
-    assert "the natix engine does not load gptq" in p.excluded["adapter/gptq/natix/kv=auto/b=64"]
-    assert "quantizes the KV cache only as an artifact declares" in p.excluded["adapter/none/hf/kv=int4/b=64"]
-    assert "scheme gptq has no int4" in p.excluded["adapter/gptq/hf/kv=int4/b=64"]
-    assert "natix has no presses" in p.excluded["adapter/none/natix/kv=knorm:0.5/b=64"]
+    assert "the natix engine does not load gptq" in p.excluded_groups["adapter/gptq/natix/kv=auto/b=64"]
+    assert "quantizes the KV cache only as an artifact declares" in p.excluded_groups["adapter/none/hf/kv=int4/b=64"]
+    assert "scheme gptq has no int4" in p.excluded_groups["adapter/gptq/hf/kv=int4/b=64"]
+    assert "natix has no presses" in p.excluded_groups["adapter/none/natix/kv=knorm:0.5/b=64"]
     assert {g.key for g in p.groups} == {"adapter/none/hf/kv=auto/b=64", "adapter/none/natix/kv=auto/b=64",
                                          "adapter/gptq/hf/kv=auto/b=64", "adapter/none/natix/kv=int4/b=64",
                                          "adapter/none/hf/kv=knorm:0.5/b=64", "adapter/gptq/hf/kv=knorm:0.5/b=64"}
+    # a cell, not a group: natix runs a request's n samples in one batch
+    small = plan(Matrix(engines=("hf", "natix"), strategies=("greedy", "maj@8"), batch_sizes=(4,)))
+    assert small.excluded == {"adapter/none/natix/kv=auto/b=4/T=0.7/maj@8":
+                              "the natix engine runs a request's 8 samples in one batch: batch size 4 is smaller"}
+    assert len(small.groups) == 2
     shards = [plan(m, shard=(i, 3)).groups for i in (1, 2, 3)]
     assert sorted(g.key for s in shards for g in s) == sorted(g.key for g in p.groups)
     assert all(len(s) == 2 for s in shards)
