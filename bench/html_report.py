@@ -41,10 +41,10 @@ def _family(strategy: str) -> str:
 
 
 def _plain_ticks(axis: Any) -> None:
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     axis.set_major_formatter(FormatStrFormatter("%g"))
-    axis.set_minor_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -97,7 +97,7 @@ def scaling_plot(rows: Sequence[dict[str, Any]]) -> str | None:
         return None
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.0 * nrows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.3 * nrows), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, (v, s, e) in zip(axes.flat, panels):
         cell = [r for r in ok if (r["variant"], _scheme(r), r["engine"]) == (v, s, e)]
@@ -118,6 +118,7 @@ def scaling_plot(rows: Sequence[dict[str, Any]]) -> str | None:
         ax.axis("off")
     axes[0][0].set_ylabel("accuracy (solid) / coverage (dashed), %")
     fig.suptitle("Accuracy vs samples spent, coverage (pass@k) beside it", fontsize=10)
+    fig.tight_layout()
     return _png(fig)
 
 
