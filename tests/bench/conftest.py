@@ -20,8 +20,3 @@ def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.build_tiny_llama(tmp_path_factory.mktemp("bench-model") / "model")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir_bench(bench_model: Path) -> str:
-    return str(bench_model)

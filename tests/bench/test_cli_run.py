@@ -68,12 +68,12 @@ def test_version_and_help_examples() -> None:
         assert needle in res.output, needle
 
 
-def test_hf_engine_reports_each_finished_sample(tiny_model_dir_bench: str) -> None:
+def test_hf_engine_reports_each_finished_sample(bench_model: Path) -> None:
     from natix.engines.base import EngineConfig, SamplingSpec
     from natix.engines.hf_engine import HFEngine
 
     e = HFEngine()
-    e.load(EngineConfig(model=tiny_model_dir_bench, device="cpu", max_batch_size=4))
+    e.load(EngineConfig(model=str(bench_model), device="cpu", max_batch_size=4))
     seen: list[int] = []
     e.progress = seen.append
     e.generate(["ab", "cde", "f"], SamplingSpec(n=3, temperature=1.0, max_tokens=6, seed=1))
