@@ -143,7 +143,7 @@ def run(matrix_file: str | None, full: bool, out: str | None, fresh: bool, no_pr
     out_dir = Path(out) if out else default_out(m)
     if shard_t and not out:
         out_dir = out_dir.with_name(out_dir.name + f"-shard{shard_t[0]}of{shard_t[1]}")
-    command = shlex.join(["natix-bench", *sys.argv[1:]]) if sys.argv[1:2] == ["run"] else None
+    command = shlex.join(["natix-bench", *sys.argv[1:]]) if "run" in sys.argv[1:] else None
     from natix.bench.matrix import bundled_matrices
 
     inputs = [("matrix file", matrix_file if matrix_file not in bundled_matrices() else None)]
