@@ -1,54 +1,68 @@
-"""Run a benchmark matrix: load each engine once, draw, let every strategy decide, write JSONL.
+"""Run a benchmark matrix: plan it, run each draw group in a worker process, write JSONL as cells finish.
 
-Rows go to ``<out>/cells.jsonl``, one per cell, appended as soon as a draw group finishes, so a
-rerun resumes: cells already present (same key, same matrix settings) are skipped. A draw group
-that has to run again because a strategy was added to it is redrawn whole and its rows replace the
-old ones (its strategies stay on one draw, and no cell is ever in the file twice). Each row carries
-per-item correctness so reports can make *paired* comparisons against greedy, and the environment
-(device, versions, git SHA).
+Rows go to ``<out>/cells.jsonl``, one per cell, appended as soon as a draw finishes, so a rerun
+resumes: cells already present with ``status: "ok"`` (same key, same matrix settings) are skipped;
+failed cells are tried again. A draw that has to run again because a strategy was added to it is
+redrawn whole and its rows replace the old ones (its strategies stay on one draw, and no cell is
+ever in the file twice). Each row carries per-item correctness so reports can make *paired*
+comparisons, and the environment (device, versions, git SHA).
+
+Each draw group (one engine load) runs in its own process (:mod:`natix.bench.worker`) with the
+matrix's ``cell_timeout_s``; a group that crashes or runs past it is killed and its unfinished
+cells are written with ``status: "error"`` and the error, and the run goes on with the next group.
+Cells that cannot exist (:func:`natix.bench.plan.exclusion`) are written with ``status:
+"excluded"`` and the reason. ``shard=(i, n)`` runs every n-th group, so n machines share a matrix.
 
 Before anything is written, :func:`preflight` checks the output directory (not inside the model or
 an adapter, writable, empty or a previous natix-bench run, its cells file readable), the adapters,
-the model and the device; ``fresh`` then discards the old cells only when the first new draw is
-written, so a run that fails early leaves them as they were.
+artifacts, the model, the interpreters and the device; ``fresh`` then discards the old cells only
+when the first new draw is written, so a run that fails early leaves them as they were.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from natix.bench.matrix import BenchError, Group, Matrix, cell_key
-from natix.bench.stats import percentile, wilson_interval
+from natix.bench.matrix import BenchError, Matrix
 from natix.quant.artifact import TMP_FILE_SUFFIX, write_text_atomic
 
 CELLS_FILE = "cells.jsonl"
 MATRIX_FILE = "matrix.json"
 REPORT_FILE = "report.md"
+HTML_FILE = "report.html"
 #: what a run writes into its output directory (and may therefore overwrite there)
-OUTPUT_FILES = (CELLS_FILE, MATRIX_FILE, REPORT_FILE)
+OUTPUT_FILES = (CELLS_FILE, MATRIX_FILE, REPORT_FILE, HTML_FILE)
+_ROW_KEYS = ("key", "settings")
 
 
-_SETTINGS = ("task", "items", "model", "seed", "max_tokens", "top_p", "top_k", "dtype")
+def settings_of(m: Matrix) -> dict[str, Any]:
+    """What must match for a stored cell to count as already done."""
+    d = m.to_dict()
+    out = {k: d[k] for k in ("task", "items", "model", "seed", "top_p", "top_k", "dtype")}
+    if m.task_file:
+        import hashlib
+
+        out["task"] = m.task_name
+        out["task_file_sha256"] = hashlib.sha256(Path(m.task_file).read_bytes()).hexdigest()
+    return out
 
 
-def settings_of(matrix: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a stored cell to count as already done (from ``Matrix.to_dict()``)."""
-    return {k: matrix[k] for k in _SETTINGS}
-
-
-def _settings_fingerprint(m: Matrix) -> dict[str, Any]:
-    return settings_of(m.to_dict())
-
-
-#: what a report reads from every row
-_ROW_KEYS = ("key", "settings", "variant", "engine", "kv_press", "temperature", "strategy", "task", "n_items",
-             "accuracy", "ci95", "coverage", "coverage_k", "budget", "samples_spent_mean", "tokens_spent_mean",
-             "latency_s", "ttft_s_p50", "decode_ms_per_token_p50", "draw", "per_item")
+def settings_from_file(matrix: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of a run's ``matrix.json`` (None if it is not one)."""
+    try:
+        return matrix["settings"]
+    except (KeyError, TypeError):
+        return None
 
 
 def _row_id(row: dict[str, Any]) -> tuple[str, str]:
@@ -58,7 +72,7 @@ def _row_id(row: dict[str, Any]) -> tuple[str, str]:
 def load_cells(out: Path) -> list[dict[str, Any]]:
     """The rows of ``out/cells.jsonl``, one per (cell key, settings), the last written winning.
     A torn last line (a run killed mid-write) is ignored; any other bad line is a
-    :class:`BenchError` naming it."""
+    :class:`BenchError` naming it. Rows written before statuses existed count as ``ok``."""
     path = out / CELLS_FILE
     if not path.is_file():
         return []
@@ -80,6 +94,7 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
             continue
         if not isinstance(row, dict) or any(k not in row for k in _ROW_KEYS):
             raise BenchError(f"{path}:{n} is not a natix-bench cell row (needs {', '.join(_ROW_KEYS)})")
+        row.setdefault("status", "ok")
         rows[_row_id(row)] = row
     return list(rows.values())
 
@@ -110,7 +125,7 @@ def _is_bench_dir(out: Path) -> bool:
     """Whether ``out`` holds a previous natix-bench run (its matrix.json, or cell rows)."""
     try:
         m = json.loads((out / MATRIX_FILE).read_text(encoding="utf-8"))
-        if isinstance(m, dict) and {"name", "task", "variants", "strategies"} <= set(m):
+        if isinstance(m, dict) and {"name", "variants", "strategies"} <= set(m.get("matrix", m)):
             return True
     except (OSError, ValueError):
         pass
@@ -118,6 +133,18 @@ def _is_bench_dir(out: Path) -> bool:
         return bool(load_cells(out))
     except BenchError:
         return False
+
+
+def default_out(m: Matrix) -> Path:
+    """A fresh directory for a run that names none: ``runs/<name>-<YYYYmmdd-HHMMSS>`` (never a
+    committed report, never a previous run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{m.name}-{stamp}"
+    k = 1
+    while out.exists():
+        k += 1
+        out = Path("runs") / f"{m.name}-{stamp}-{k}"
+    return out
 
 
 def preflight(m: Matrix, out: Path, *, inputs: Sequence[tuple[str, str | Path | None]] = ()) -> None:
@@ -133,9 +160,10 @@ def preflight(m: Matrix, out: Path, *, inputs: Sequence[tuple[str, str | Path | 
     model = Path(m.model)
     dirs = [("model", model if model.is_dir() else None)]
     dirs += [(f"adapter of variant {v.name!r}", v.adapter_path()) for v in m.variants]
+    dirs += [(f"artifact of scheme {s.name!r}", s.artifact) for s in m.schemes if s.artifact]
     check_no_overlap(out, dirs, replaces=False)
     for name in OUTPUT_FILES:
-        check_no_overlap(out / name, inputs, flag=f"--out's {name}")
+        check_no_overlap(out / name, [*inputs, ("task file", m.task_file)], flag=f"--out's {name}")
     if out.is_dir() and any(out.iterdir()) and not _is_bench_dir(out):
         raise BenchError(f"--out {out} already holds files and is not a natix-bench output directory (no "
                          f"{MATRIX_FILE} of a previous run); give a new or empty directory")
@@ -143,6 +171,13 @@ def preflight(m: Matrix, out: Path, *, inputs: Sequence[tuple[str, str | Path | 
     for v in m.variants:  # fail on a missing or broken adapter before any model loads
         if v.adapter_path():
             read_adapter(v.adapter_path())
+    for s in m.schemes:
+        if s.artifact:
+            from natix.quant.loader import artifact_config
+
+            if not Path(s.artifact).is_dir():
+                raise BenchError(f"artifact {s.artifact} of scheme {s.name!r} is not a directory")
+            artifact_config(s.artifact)  # a directory without a readable natix manifest fails here
     if not (model / "natix_manifest.json").is_file():
         resolve_base(m.model)
     for e in m.engines:
@@ -154,181 +189,227 @@ def preflight(m: Matrix, out: Path, *, inputs: Sequence[tuple[str, str | Path | 
     check_writable_dir(out, what="--out")  # last: its probe file touches the directory's mtime
 
 
-@dataclass
-class Draw:
-    """One engine call's output for all items, with timing."""
+def _group_row(cell: Any, m: Matrix, settings: dict[str, Any], status: str, **extra: Any) -> dict[str, Any]:
+    from natix.bench.plan import describe
 
-    completions: list[list[Any]]  # [item][sample] Completion
-    wall_s: float
-    correct: list[int] = field(default_factory=list)  # [item] right samples, graded once per draw
-
-
-def _generate(engine: Any, prompts: Sequence[str], spec: Any, chunk: int,
-              advance: Callable[[int], None]) -> Draw:
-    """Generate in chunks of prompts (bounded memory, and progress that moves)."""
-    out: list[list[Any]] = []
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), chunk):
-        part = prompts[i:i + chunk]
-        out.extend(engine.generate(list(part), spec))
-        advance(len(part))
-    return Draw(out, time.perf_counter() - t0)
-
-
-def _cell_metrics(task: Any, items: Sequence[Any], results: Sequence[Any], draw: Draw,
-                  draw_n: int) -> dict[str, Any]:
-    from natix.scaling import pass_at_k
-
-    correct = [task.is_correct(r.answer, it) for r, it in zip(results, items)]
-    k = max(1, results[0].budget)
-    # Coverage: could any of the strategy's budget of samples have answered right? Estimated
-    # without bias from all draw_n samples (Chen et al. 2021).
-    cov = [pass_at_k(len(comps), c, min(k, len(comps))) for comps, c in zip(draw.completions, draw.correct)]
-    spent = [r.samples_spent for r in results]
-    # Tokens this strategy consumed: the samples it read, in order.
-    tokens = [sum(x.num_tokens for x in comps[: r.samples_spent]) for r, comps in zip(results, draw.completions)]
-    totals = [c[0].timing.total_s for c in draw.completions if c and c[0].timing]
-    ttfts = [c[0].timing.ttft_s for c in draw.completions if c and c[0].timing]
-    decode = [c[0].timing.decode_s_per_token for c in draw.completions if c and c[0].timing]
-    all_tokens = sum(x.num_tokens for comps in draw.completions for x in comps)
-    n = len(items)
-    lo, hi = wilson_interval(sum(correct), n)
-    return {
-        "n_items": n,
-        "accuracy": sum(correct) / n, "ci95": [lo, hi],
-        "coverage": sum(cov) / n, "coverage_k": k,
-        "samples_spent_mean": sum(spent) / n, "budget": k,
-        "samples_saved_mean": k - sum(spent) / n,
-        "tokens_spent_mean": sum(tokens) / n,
-        "answered": sum(r.answer is not None for r in results) / n,
-        "draw": {"n": draw_n, "wall_s": draw.wall_s, "tokens": all_tokens,
-                 "tokens_per_s": all_tokens / draw.wall_s if draw.wall_s > 0 else None},
-        "latency_s": {"p50": percentile(totals, 50), "p90": percentile(totals, 90)},
-        "ttft_s_p50": percentile(ttfts, 50),
-        "decode_ms_per_token_p50": 1e3 * percentile(decode, 50),
-        "per_item": {"ids": [it.id for it in items], "correct": correct,
-                     "answers": [r.answer for r in results]},
-    }
+    return {"key": cell.key, "status": status, "matrix": m.name, "settings": settings, **describe(cell.group),
+            "temperature": cell.temperature, "strategy": cell.strategy, "label": cell.label, "task": m.task_name,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
 def run_matrix(m: Matrix, out: Path, *, progress: bool = True, log: Callable[[str], None] = print,
-               fresh: bool = False, inputs: Sequence[tuple[str, str | Path | None]] = ()) -> list[dict[str, Any]]:
+               fresh: bool = False, inputs: Sequence[tuple[str, str | Path | None]] = (),
+               shard: tuple[int, int] | None = None, isolate: bool = True, command: str | None = None,
+               tty: bool | None = None) -> list[dict[str, Any]]:
     """Run every cell of ``m`` not already in ``out`` (every cell, with ``fresh``: the old ones
     are discarded once the first new draw is written); return all rows of this matrix.
-    ``inputs``: files the caller read, which no output may overwrite (:func:`preflight`)."""
-    from natix.bench.env import environment
-    from natix.bench.tasks import get_task
-    from natix.engines.base import EngineConfig, SamplingSpec
-    from natix.engines.chat import apply_chat
-    from natix.quant.models import load_tokenizer
-    from natix.scaling import Greedy, decide_all, parse_strategy
+    ``isolate``: each group in a worker process (False: in this process, no timeout; for tests and
+    engines registered only here). ``command``: the command line that reproduces the run."""
+    from natix.bench.plan import plan
+    from natix.bench.progress import Progress
 
     out = Path(out)
     preflight(m, out, inputs=inputs)
+    p = plan(m, shard=shard)
+    settings = settings_of(m)
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:  # a run killed while replacing one of them left its temp file
         (out / f".{name}{TMP_FILE_SUFFIX}").unlink(missing_ok=True)
-    write_text_atomic(out / MATRIX_FILE, json.dumps(m.to_dict(), indent=2))
-    fp = _settings_fingerprint(m)
+    write_text_atomic(out / MATRIX_FILE, json.dumps({"matrix": m.to_dict(), "settings": settings, "command": command,
+                                                     "shard": list(shard) if shard else None}, indent=2))
     _drop_torn_tail(out / CELLS_FILE)
-    done = set() if fresh else {r["key"] for r in load_cells(out) if r.get("settings") == fp}
+    old = [] if fresh else [r for r in load_cells(out) if r["settings"] == settings]
+    done = {r["key"] for r in old if r["status"] == "ok"}
+    keys = {c.key for c in p.cells}
 
-    task = get_task(m.task)
-    items = task.items("eval", m.items, seed=m.seed)
-    tok = load_tokenizer(m.model)
-    prompts = [apply_chat(tok, task.user_text(it), system=task.system) for it in items]
-    by_prompt = {p: it for p, it in zip(prompts, items)}
+    def rows_now() -> list[dict[str, Any]]:
+        order = {c.key: i for i, c in enumerate(p.cells)}
+        rows = [r for r in load_cells(out) if r["settings"] == settings and r["key"] in keys]
+        return sorted(rows, key=lambda r: order[r["key"]])
 
-    def verifier(prompt: str, text: str) -> float:
-        score = task.verify(by_prompt[prompt], text)
-        if score is None:
-            raise ValueError(f"task {task.name!r} has no verifier")
-        return score
+    # Status rows (excluded, failed) never discard old cells: only a finished draw does (fresh), and
+    # the status rows written before it are carried into that rewrite.
+    carried: list[dict[str, Any]] = []
 
-    strategies = [parse_strategy(s, extractor=task.kind, verifier=verifier if task.has_verifier else None)
-                  for s in m.strategies]
-    greedy = [s for s in strategies if isinstance(s, Greedy)]
-    sampled = [s for s in strategies if s not in greedy]
-    draw_n = max((s.budget for s in sampled), default=0)
-    max_tokens = task.max_tokens if m.max_tokens is None else m.max_tokens
-    base_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens, seed=m.seed,
-                             top_p=m.top_p, top_k=m.top_k)
+    def write(rows: list[dict[str, Any]], status_only: bool = False) -> None:
+        nonlocal fresh
+        if status_only:
+            carried.extend(rows)
+            _write_rows(out / CELLS_FILE, rows, truncate=False)
+            return
+        _write_rows(out / CELLS_FILE, (carried if fresh else []) + rows, truncate=fresh)
+        fresh = False  # the old cells are gone now; later draws append
 
-    todo: list[tuple[Group, float | None, list[Any]]] = []
-    for g in m.groups():
-        if greedy and any(cell_key(g, 0.0, s.spec()) not in done for s in greedy):
-            todo.append((g, None, greedy))
+    stated = {r["key"] for r in old if r["status"] == "excluded"}
+    excluded = [_group_row(c, m, settings, "excluded", reason=p.excluded[c.key],
+                           excluded="group" if c.group.key in p.excluded_groups else "cell")
+                for c in p.cells if c.key in p.excluded and c.key not in stated]
+    if excluded:
+        write(excluded, status_only=True)
+        for key, why in dict((r["key"].rsplit("/T=", 1)[0] if r["excluded"] == "group" else r["key"], r["reason"])
+                             for r in excluded).items():
+            log(f"{key}: excluded ({why})")
+
+    todo: list[tuple[Any, list[dict[str, Any]], list[Any]]] = []  # group, draws, cells to write
+    for g in p.groups:
+        cells = [c for c in p.cells_of(g) if c.key not in done]
+        draws: list[dict[str, Any]] = []
+        greedy = [c for c in p.cells_of(g) if c.temperature == 0.0]
+        if any(c in cells for c in greedy):
+            draws.append({"temperature": None, "labels": [c.label for c in greedy]})
         for t in m.temperatures:
-            if sampled and any(cell_key(g, t, s.spec()) not in done for s in sampled):
-                todo.append((g, t, sampled))
+            sampled = [c for c in p.cells_of(g) if c.temperature == t]
+            if any(c in cells for c in sampled):
+                draws.append({"temperature": t, "labels": [c.label for c in sampled]})
+        if draws:
+            todo.append((g, draws, cells))
     if not todo:
         log(f"all cells of matrix {m.name!r} already in {out / CELLS_FILE}; nothing to run")
-        return [r for r in load_cells(out) if r.get("settings") == fp]
+        return rows_now()
 
-    bar, task_id = _progress(progress, len(items) * len(todo))
-    engine = current = None
+    items = len(m.load_task().items("eval", m.items, seed=m.seed))
+    budgets = _budgets(m)
+    total = sum(items * (1 if d["temperature"] is None else max(budgets[x] for x in d["labels"]))
+                for _, draws, _ in todo for d in draws)
+    bar = Progress(total, enabled=progress, tty=tty, write=log)
+    log(f"{len(todo)} engine load(s), {total} samples to generate -> {out}")
     try:
-        for g, temp, strats in todo:
-            if current != g:
-                if engine is not None:
-                    engine.close()
-                engine = _load_engine(m, g, EngineConfig(
-                    model=m.model, adapter=g.variant.adapter_path(), device=m.device, dtype=m.dtype,
-                    max_batch_size=m.max_batch_size, kv_press=None if g.kv_press == "none" else g.kv_press))
-                current = g
-            n = 1 if temp is None else draw_n
-            spec = base_spec.replace(n=n, temperature=temp or 0.0)
-            chunk = max(1, m.max_batch_size // n)
-            if bar is not None:
-                bar.update(task_id, description=f"{g.key} {'greedy' if temp is None else f'T={temp:g} n={n}'}")
-            draw = _generate(engine, prompts, spec, chunk,
-                             (lambda k: bar.advance(task_id, k)) if bar is not None else (lambda k: None))
-            draw.correct = [sum(task.is_correct(task.extract(x.text), it) for x in comps)
-                            for comps, it in zip(draw.completions, items)]
-            decided = decide_all(strats, draw.completions, prompts)
-            info = engine.info() if hasattr(engine, "info") else {}
-            env = environment(info.get("device"))
-            env.update(info.get("worker_versions") or {})  # the engine's venv, when it ran elsewhere
-            rows = []
-            for s in strats:
-                key = cell_key(g, temp or 0.0, s.spec())
-                rows.append({"key": key, "matrix": m.name, "settings": fp, "variant": g.variant.name,
-                             "adapter": g.variant.adapter, "engine": g.engine, "kv_press": g.kv_press,
-                             "temperature": temp or 0.0, "strategy": s.spec(), "task": m.task,
-                             **_cell_metrics(task, items, decided[s.spec()], draw, n),
-                             "engine_info": info, "env": env, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            _write_rows(out / CELLS_FILE, rows, truncate=fresh)
-            fresh = False  # the old cells are gone now; later draws append
-            for row in rows:
-                log(f"{row['key']}: accuracy {row['accuracy']:.3f} coverage@{row['coverage_k']} {row['coverage']:.3f}")
+        for g, draws, cells in todo:
+            job = {"matrix": m.to_dict(), "group": g.key, "draws": draws, "settings": settings}
+            written: set[str] = set()
+
+            def on_event(ev: dict[str, Any]) -> None:
+                kind = ev.get("event")
+                if kind == "phase":
+                    bar.start(ev["what"], ev.get("total"), ev.get("unit"))
+                elif kind == "progress":
+                    bar.advance(ev["done"], ev.get("total"))
+                elif kind == "log":
+                    bar.log(f"  {ev['message']}")
+                elif kind == "rows":
+                    write(ev["rows"])
+                    for row in ev["rows"]:
+                        written.add(row["key"])
+                        bar.log(f"{row['key']}: accuracy {row['accuracy']:.3f} coverage@{row['coverage_k']} "
+                                f"{row['coverage']:.3f}")
+
+            error = _run_isolated(job, m.cell_timeout_s, on_event) if isolate else _run_inline(job, on_event)
+            if error is not None:
+                failed = [_group_row(c, m, settings, "error", error=error["message"], error_type=error["type"],
+                                     stderr_tail=error.get("stderr_tail")) for c in cells if c.key not in written]
+                if failed:
+                    write(failed, status_only=True)
+                bar.log(f"{g.key}: FAILED ({error['type']}: {error['message']}); {len(failed)} cell(s) recorded "
+                        "as errors, going on")
     finally:
-        if engine is not None:
-            engine.close()
-        if bar is not None:
-            bar.stop()
-    return [r for r in load_cells(out) if r.get("settings") == fp]
+        bar.close()
+    return rows_now()
 
 
-def _load_engine(m: Matrix, g: Group, cfg: Any) -> Any:
-    python = m.python_for(g.engine)
-    if python:
-        from natix.engines.worker import RemoteEngine
+def _budgets(m: Matrix) -> dict[str, int]:
+    from natix.scaling import parse_strategy
 
-        engine = RemoteEngine(python=python, engine=g.engine)
-    else:
-        from natix.engines.base import create_engine
-
-        engine = create_engine(g.engine)
-    engine.load(cfg)
-    return engine
+    task = m.load_task()
+    verifier = (lambda prompt, text: 0.0) if task.has_verifier else None
+    return {s: parse_strategy(s, extractor=task.extractor, verifier=verifier).budget for s in m.strategies}
 
 
-def _progress(enabled: bool, total: int) -> tuple[Any, Any]:
-    if not enabled:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _run_inline(job: dict[str, Any], on_event: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+    """The group in this process; an exception is reported like a worker's (user errors raise)."""
+    from natix.bench.group import run_group
+    from natix.quant.errors import UserError
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-    bar.start()
-    return bar, bar.add_task("bench", total=total)
+    try:
+        run_group(job, on_event)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded in the cells, the run goes on
+        return {"type": type(e).__name__, "message": str(e)}
+    return None
+
+
+def _run_isolated(job: dict[str, Any], timeout_s: float,
+                  on_event: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+    """The group in a worker process, killed (its whole process group) past ``timeout_s``. Returns
+    None when it finished, else the error (type, message, stderr tail)."""
+    # PASSIVE: OpenMP threads sleep instead of spinning when they wait, which a shared CPU needs
+    env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.Popen([sys.executable, "-m", "natix.bench.worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            env=env, start_new_session=True)
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    tail: list[str] = []
+
+    def read_events() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                events.put(json.loads(line))
+            except json.JSONDecodeError:
+                tail.append(line)
+        events.put(None)
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            tail.append(line)
+            del tail[:-40]
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_events, read_stderr)]
+    for t in readers:
+        t.start()
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(job) + "\n")
+    proc.stdin.flush()  # stdin stays open: the worker exits when it closes (this process died)
+    deadline = time.monotonic() + timeout_s
+    error: dict[str, Any] | None = None
+    finished = False
+    try:
+        while True:
+            try:
+                ev = events.get(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    error = {"type": "Timeout", "message": f"the group ran past cell_timeout_s={timeout_s:g} s and "
+                                                           "was killed"}
+                    break
+                continue
+            if ev is None:
+                break
+            if ev.get("event") == "error":
+                error = {"type": ev["type"], "message": ev["message"]}
+            elif ev.get("event") == "done":
+                finished = True
+            else:
+                on_event(ev)
+    finally:
+        _kill(proc)
+        for t in readers:
+            t.join(timeout=5)
+    if error is None and not finished:
+        error = {"type": "WorkerDied", "message": f"the worker process exited with status {proc.returncode} "
+                                                  "before finishing"}
+    if error is not None:
+        error["stderr_tail"] = "".join(tail[-20:])
+        last = [x.strip() for x in tail if x.strip()]
+        if error["type"] == "WorkerDied" and last:
+            error["message"] += f": {last[-1]}"
+    return error
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        proc.stdin.close()  # type: ignore[union-attr]
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=10 if proc.poll() is None else 0)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # the whole process group: an engine worker the group started dies with it
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

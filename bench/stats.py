@@ -46,3 +46,26 @@ def percentile(values: Sequence[float], q: float) -> float:
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def brier_score(probs: Sequence[float], outcomes: Sequence[bool]) -> float:
+    """Mean squared error of probabilities against 0/1 outcomes (0 is perfect; always saying
+    0.5 scores 0.25)."""
+    if len(probs) != len(outcomes) or not probs:
+        raise ValueError(f"need as many probabilities as outcomes (> 0), got {len(probs)} and {len(outcomes)}")
+    return sum((p - float(y)) ** 2 for p, y in zip(probs, outcomes)) / len(probs)
+
+
+def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[bool], bins: int = 10) -> float:
+    """ECE of a binary classifier: predictions binned by confidence max(p, 1 - p) into ``bins``
+    equal-width bins; the item-weighted mean of |accuracy - mean confidence| per bin."""
+    if len(probs) != len(outcomes) or not probs:
+        raise ValueError(f"need as many probabilities as outcomes (> 0), got {len(probs)} and {len(outcomes)}")
+    binned: dict[int, list[tuple[float, bool]]] = {}
+    for p, y in zip(probs, outcomes):
+        conf = max(p, 1 - p)
+        right = (p >= 0.5) == bool(y)
+        # confidence lies in [0.5, 1]; equal-width bins over [0, 1] as is usual
+        binned.setdefault(min(bins - 1, int(conf * bins)), []).append((conf, right))
+    n = len(probs)
+    return sum(len(b) / n * abs(sum(r for _, r in b) / len(b) - sum(c for c, _ in b) / len(b)) for b in binned.values())

@@ -1,6 +1,9 @@
 """Benchmark tasks: items with a gold answer, a way to grade, and a verifier where one exists.
 
-Task data comes from the Apache-2.0 ``reasoning-gym`` generators, not from text we wrote.
+Built in: ``chain_sum`` (multi-step arithmetic, numeric answers, a step verifier) and ``syllogism``
+(yes/no classification, scored for accuracy and calibration). A user's own task comes from a JSONL
+file (:mod:`natix.bench.task_file`). Built-in task data comes from the Apache-2.0 ``reasoning-gym``
+generators, not from text we wrote.
 Training and evaluation items are disjoint by construction: an item's split is a function of
 its problem text (a hash), so no evaluation problem can ever appear in training data,
 whatever seeds or sizes either side uses.
@@ -49,17 +52,55 @@ class Task:
     def user_text(self, item: Item) -> str:
         return item.question
 
-    def extract(self, text: str) -> str | None:
-        from natix.scaling.extract import extract_number
+    @property
+    def extractor(self) -> str:
+        """The answer extractor's spec (``number``, ``yesno``, ``choice``, ``regex:...``)."""
+        return self.kind
 
-        return extract_number(text)
+    def few_shot(self) -> list[tuple[str, str]]:
+        """(user text, assistant answer) turns shown before every question of this task."""
+        return []
+
+    def shots(self, k: int, seed: int = 0) -> list[tuple[str, str]]:
+        """``k`` worked examples from the training split (disjoint from eval), for the matrix's
+        ``few_shot`` axis: longer prompts with real content."""
+        return [(self.user_text(it), self.reference_answer(it)) for it in self.items("train", k, seed=seed)]
+
+    def system_for(self, item: Item) -> str | None:
+        return self.system
+
+    def prompt(self, tokenizer: Any, item: Item, shots: list[tuple[str, str]] | None = None) -> str:
+        """The chat-formatted prompt of ``item``: system message, the task's few-shot turns and
+        ``shots``, the question."""
+        shots, system = self.few_shot() + list(shots or []), self.system_for(item)
+        if not shots:
+            from natix.engines.chat import apply_chat
+
+            return apply_chat(tokenizer, self.user_text(item), system=system)
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            for q, a in shots:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": self.user_text(item)})
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        parts = ([system] if system else []) + [f"{q}\n{a}" for q, a in shots] + [self.user_text(item)]
+        return "\n\n".join(parts)
+
+    def _extractor(self) -> Any:
+        from natix.scaling.extract import get_extractor
+
+        return get_extractor(self.extractor)
+
+    def extract(self, text: str) -> str | None:
+        return self._extractor()(text)
+
+    def gold_label(self, item: Item) -> str | None:
+        """The gold answer in the extractor's canonical form (what an extraction must equal)."""
+        ex = self._extractor()
+        return ex.normalize(item.gold) if hasattr(ex, "normalize") else ex(item.gold)
 
     def is_correct(self, answer: str | None, item: Item) -> bool:
-        if answer is None:
-            return False
-        from natix.scaling.extract import extract_number
-
-        return answer == extract_number(item.gold)
+        return answer is not None and answer == self.gold_label(item)
 
     def verify(self, item: Item, text: str) -> float | None:
         return None
@@ -215,3 +256,41 @@ class ChainSum(Task):
             return 1.0
         return 0.5 * ok / len(steps)
 
+
+
+# --- syllogism: yes/no classification --------------------------------------------------------
+
+
+@register_task("syllogism")
+class Syllogism(Task):
+    """reasoning-gym ``syllogism``: two premises and a conclusion; does it follow? Yes or No.
+
+    A binary classification task of the shape natix was made for (a yes/no decision from a short
+    text), so voting is tested where answers are binary and calibration (Brier, ECE of the
+    strategy's P(yes)) is reported beside accuracy. No verifier: whether a conclusion follows is
+    the answer itself. Train and eval items are split by a hash of the question, as for chain_sum.
+    """
+
+    kind = "yesno"
+    max_tokens = 32
+    system = "Answer the question with Yes or No first, then one short sentence of reason."
+
+    def items(self, split: str, n: int, seed: int = 0) -> list[Item]:
+        import reasoning_gym as rg
+
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        seen: set[str] = set()
+        out: list[Item] = []
+        for chunk in range(60):
+            ds = rg.create_dataset("syllogism", size=max(200, 4 * n if split == "train" else 40 * n),
+                                   seed=seed * 1000 + chunk)
+            for x in ds:
+                q = x["question"]
+                if q in seen or split_of(q) != split:
+                    continue
+                seen.add(q)
+                out.append(Item(f"syllogism/{split}/{len(out)}", q, str(x["answer"]), {"type": x["metadata"].get("type")}))
+                if len(out) == n:
+                    return out
+        raise RuntimeError(f"could not draw {n} distinct {split} items for syllogism")

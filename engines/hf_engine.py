@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine, release_memory
 from natix.engines.kv_cache import cache_argument, preallocate
@@ -92,6 +92,8 @@ class HFEngine:
         self._cache_kw = "past_key_values"
         # per batch of the last generate: prompt length, kept cache length (mean/min/max over layers)
         self.last_prefill: list[dict[str, float]] = []
+        #: called with k as k more rows (samples) finish, so a caller can show progress per sample
+        self.progress: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ load / close
     def load(self, cfg: EngineConfig) -> None:
@@ -287,6 +289,8 @@ class HFEngine:
             for r, tok, lp in zip(live, tokens, logprobs):
                 self._append(r, tok, lp, spec, max_stop)
             keep = [i for i, r in enumerate(live) if r.finish is None]
+            if self.progress is not None and len(keep) < len(live):
+                self.progress(len(live) - len(keep))
             if not keep:
                 break
             if len(keep) < len(live):
@@ -295,9 +299,11 @@ class HFEngine:
                 cache.reorder_cache(idx)
                 mask, next_pos = mask[idx], next_pos[idx]
                 live = [live[i] for i in keep]
-        for r in rows:
-            if r.finish is None:
-                r.finish = "length"
+        unfinished = [r for r in rows if r.finish is None]
+        for r in unfinished:
+            r.finish = "length"
+        if self.progress is not None and unfinished:
+            self.progress(len(unfinished))
         return _BatchClock(start, first, end, steps)
 
     def _append(self, r: _Row, tok: int, lp: float, spec: SamplingSpec, max_stop: int) -> None:

@@ -1,9 +1,11 @@
 """vLLM as a natix engine: the serving path an exported artifact is meant for.
 
-A natix artifact is a compressed-tensors checkpoint (``config.json`` carries the
-``quantization_config`` vLLM reads), so vLLM loads it as it is; a plain HF directory or an
-embedded model name (``smollm2-135m``, converted once through :mod:`natix.quant.models`) loads
-the same way. vLLM pins its own torch / transformers, so it lives in its own environment
+natix's fp8 and gptq artifacts are compressed-tensors checkpoints (``config.json`` carries the
+``quantization_config`` vLLM reads), so vLLM loads them as they are; a w4a8kv4 artifact loads
+through natix's vLLM plugin (:mod:`natix.engines.vllm_plugin`, which vLLM finds through its
+``vllm.general_plugins`` entry point wherever natix is installed; KV cache in the model dtype, not
+KV4); a plain HF directory or an embedded model name (``smollm2-135m``, converted once through
+:mod:`natix.quant.models`) loads the same way. vLLM pins its own torch / transformers, so it lives in its own environment
 (``scripts/make_env.sh vllm`` -> ``.venvs/vllm``); run it from the main environment through
 :class:`natix.engines.worker.RemoteEngine` with that interpreter.
 
@@ -122,7 +124,10 @@ class VllmEngine:
             raise ValueError("kv presses are a feature of the hf engine (kvpress); the vllm engine has none")
         from natix.quant.models import load_tokenizer
 
+        from natix.engines.vllm_plugin.artifact import check_artifact
+
         path = model_dir(cfg.model)  # a bad model spec fails before vLLM's slow start
+        check_artifact(path)  # so does a w4a8kv4 artifact the plugin would refuse (same checks, same message)
         tokenizer = load_tokenizer(cfg.model)
         # Set before vllm is imported (it reads them once). The caller's environment wins.
         # In-process engine core: vLLM's default starts it in a spawned child, which costs a

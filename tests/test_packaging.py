@@ -46,6 +46,7 @@ def test_natix_kernels_is_ours_not_hf_kernels() -> None:
 def test_import_is_light() -> None:
     code = ("import sys; import natix.quant, natix.kernels, natix.engines, natix.scaling, natix.bench;"
             "import natix.quant.cli, natix.bench.cli, natix.engines.hf_engine, natix.engines.base;"
+            "import natix.engines.vllm_plugin, natix.engines.vllm_plugin.artifact, natix.engines.vllm_engine;"
             "heavy = [m for m in ('torch', 'transformers', 'triton', 'peft', 'vllm', 'kvpress') if m in sys.modules];"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)

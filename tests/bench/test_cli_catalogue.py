@@ -76,7 +76,7 @@ CASES = [
         ("device", "'foo' is not a device"), ("variant-extra-key", "a variant is a name or a mapping"),
         ("engine-python", "engine_python must map"))],
     ("yaml-not-utf8", ["run", "--matrix", "{w}/latin1.yaml", "--out", "{w}/o"], 1, "is not UTF-8 text"),
-    ("yaml-is-dir", ["run", "--matrix", "{w}/model", "--out", "{w}/o"], 2, "is a directory"),
+    ("yaml-is-dir", ["run", "--matrix", "{w}/model", "--out", "{w}/o"], 1, "Is a directory"),
     ("fresh-bad-variant", RUN + ["--variant", "mine={w}/nope", "--fresh", "--out", "{w}/prev"], 1, "does not exist"),
     ("bad-variant-keeps-matrix-json", RUN + ["--variant", "mine={w}/nope", "--out", "{w}/prev"], 1,
      "does not exist"),

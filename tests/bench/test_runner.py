@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from natix.bench.matrix import Matrix, Variant
 from natix.bench.report import render, vs_greedy
-from natix.bench.runner import load_cells, run_matrix
+from natix.bench.runner import load_cells, run_matrix as _run_matrix
 from natix.bench.tasks import chain_terms, get_task, worked_solution
 from natix.engines.base import Completion, EngineConfig, SamplingSpec, Timing, register_engine
 
@@ -58,10 +58,18 @@ class ScriptedEngine:
 
 @pytest.fixture
 def fake_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Plain:  # no chat template: apply_chat returns the user text
+    class Plain:  # no chat template: apply_chat returns the user text; a token per word
         chat_template = None
 
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoded", (), {"input_ids": text.split()})()
+
     monkeypatch.setattr("natix.quant.models.load_tokenizer", lambda spec: Plain())
+
+
+def run_matrix(*args, **kw):
+    """In this process (the scripted engine is registered only here)."""
+    return _run_matrix(*args, isolate=False, **kw)
 
 
 def _matrix(**kw) -> Matrix:
@@ -79,15 +87,15 @@ def test_run_writes_every_cell_with_metrics(tmp_path: Path, fake_tokenizer: None
     assert {n for _, n in ScriptedEngine.calls} == {1, 16}
     assert sum(k for k, n in ScriptedEngine.calls if n == 16) == 2 * 12  # each item drawn once
     by = {r["key"]: r for r in rows}
-    bo = by["base/scripted-test/kv=none/T=0.7/bo8:verifier"]
-    maj = by["base/scripted-test/kv=none/T=0.7/maj@8"]
+    bo = by["base/none/scripted-test/kv=auto/b=64/T=0.7/bo8:verifier"]
+    maj = by["base/none/scripted-test/kv=auto/b=64/T=0.7/maj@8"]
     # the verifier recognises the right worked solution whenever one of 8 samples has it
     assert bo["accuracy"] == pytest.approx(bo["coverage"], abs=0.2) and bo["accuracy"] >= maj["accuracy"]
     for r in rows:
         assert 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1
         assert len(r["per_item"]["correct"]) == 12
         assert r["env"]["torch"] and "git_sha" in r["env"]
-    ada = by["base/scripted-test/kv=none/T=0.7/adaptive@16:lead,round=2,min=1"]
+    ada = by["base/none/scripted-test/kv=auto/b=64/T=0.7/adaptive@16:lead,round=2,min=1"]
     assert ada["samples_spent_mean"] <= 16 and ada["samples_saved_mean"] == pytest.approx(16 - ada["samples_spent_mean"])
 
 
@@ -126,7 +134,7 @@ def test_report_paired_difference_and_verdict(tmp_path: Path, fake_tokenizer: No
         if r["strategy"] != "greedy":
             mean, lo, hi = diffs[r["key"]]
             assert lo <= mean <= hi
-    assert "## Summary" in text and "Wilson" in text
+    assert "Most correct answers per second here" in text and "Wilson" in text
 
 
 def test_matrix_yaml_and_flags(tmp_path: Path) -> None:
@@ -171,7 +179,7 @@ def test_cli_report_rerenders(tmp_path: Path, fake_tokenizer: None) -> None:
     res = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "maj@4" in (tmp_path / "report.md").read_text()
-    assert json.loads((tmp_path / "matrix.json").read_text())["items"] == 12
+    assert json.loads((tmp_path / "matrix.json").read_text())["matrix"]["items"] == 12
 
 
 def test_cli_bad_adapter_fails_before_loading(tmp_path: Path) -> None:
@@ -193,7 +201,7 @@ def test_resume_with_a_changed_strategy_list_never_duplicates(tmp_path: Path, fa
     assert render(rows).count("| maj@2 |") == 2  # once per variant
     # the redrawn group's strategies share one draw again
     by = {r["key"]: r for r in rows}
-    assert by["base/scripted-test/kv=none/T=0.7/maj@2"]["draw"] == by["base/scripted-test/kv=none/T=0.7/maj@4"]["draw"]
+    assert by["base/none/scripted-test/kv=auto/b=64/T=0.7/maj@2"]["draw"] == by["base/none/scripted-test/kv=auto/b=64/T=0.7/maj@4"]["draw"]
 
 
 def test_fresh_keeps_old_cells_until_new_ones_are_written(tmp_path: Path, fake_tokenizer: None,
@@ -205,9 +213,10 @@ def test_fresh_keeps_old_cells_until_new_ones_are_written(tmp_path: Path, fake_t
         raise RuntimeError("engine died")
 
     monkeypatch.setattr(ScriptedEngine, "generate", broken)
-    with pytest.raises(RuntimeError):
-        run_matrix(_matrix(strategies=("greedy",), seed=3), tmp_path, progress=False, log=lambda s: None, fresh=True)
-    assert (tmp_path / "cells.jsonl").read_text() == before
+    rows = run_matrix(_matrix(strategies=("greedy",), seed=3), tmp_path, progress=False, log=lambda s: None, fresh=True)
+    # the failure is recorded per cell and the run went on; the old cells are still there
+    assert [r["status"] for r in rows] == ["error", "error"] and "engine died" in rows[0]["error"]
+    assert (tmp_path / "cells.jsonl").read_text().startswith(before)
     monkeypatch.undo()
     run_matrix(_matrix(strategies=("greedy",), seed=3), tmp_path, progress=False, log=lambda s: None, fresh=True)
     rows = load_cells(tmp_path)
@@ -223,10 +232,10 @@ def test_max_tokens_is_what_runs(tmp_path: Path, fake_tokenizer: None, monkeypat
         return original(self, prompts, spec)
 
     monkeypatch.setattr(ScriptedEngine, "generate", spy)
-    rows = run_matrix(_matrix(strategies=("greedy",), max_tokens=7), tmp_path, progress=False, log=lambda s: None)
-    assert set(seen) == {7} and rows[0]["settings"]["max_tokens"] == 7
+    rows = run_matrix(_matrix(strategies=("greedy",), max_tokens=(7,)), tmp_path, progress=False, log=lambda s: None)
+    assert set(seen) == {7} and rows[0]["max_tokens"] == 7
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
-        _matrix(max_tokens=0)
+        _matrix(max_tokens=(0,))
 
 
 def test_yaml_single_values_are_lists_of_one(tmp_path: Path) -> None:
@@ -244,4 +253,4 @@ def test_cli_report_renders_the_matrix_settings_only(tmp_path: Path, fake_tokeni
     assert len(load_cells(tmp_path)) == 4
     res = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "report.md").read_text().count("| greedy |") == 2
+    assert (tmp_path / "report.md").read_text().count("| greedy | 0 |") == 2

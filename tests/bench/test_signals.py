@@ -53,5 +53,5 @@ def test_killed_bench_resumes_without_duplicates_or_debris(bench_model, tmp_path
     assert "/greedy: accuracy" not in done.stderr and "/maj@4: accuracy" in done.stderr, done.stderr
     rows = [json.loads(x) for x in cells.read_text().splitlines()]
     assert sorted(r["strategy"] for r in rows) == ["greedy", "maj@4"]
-    assert sorted(os.listdir(out)) == ["cells.jsonl", "matrix.json", "report.md"]
+    assert sorted(os.listdir(out)) == ["cells.jsonl", "matrix.json", "report.html", "report.md"]
     assert (out / "report.md").read_text().count("| maj@4 |") == 1

@@ -33,14 +33,15 @@ def build_tokenizer():
 
 
 def build_tiny_llama(out: Path, seed: int = 0, *, hidden: int = 32, max_positions: int = 1024,
-                     init: float = 0.3) -> Path:
-    """A 2-layer random Llama (4 heads, GQA 4/2, MLP 2 x hidden) over the char tokenizer, saved to ``out``."""
+                     init: float = 0.3, intermediate: int | None = None) -> Path:
+    """A 2-layer random Llama (4 heads, GQA 4/2, MLP ``intermediate``, default 2 x hidden) over the
+    char tokenizer, saved to ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         initializer_range=init, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,

@@ -166,7 +166,7 @@ CASES = [
     ("eval-temperature-inf", ["eval", "{w}/fp8", "--temperature", "inf"], 2, "not a finite number"),
     ("eval-temperature-zero", ["eval", "{w}/fp8", "--temperature", "0"], 2, "not in the range"),
     ("eval-ppl-max-length", ["eval", "{w}/fp8", "--ppl-max-length", "1"], 2, "not in the range"),
-    ("eval-ppl-windows", ["eval", "{w}/fp8", "--ppl-windows", "0"], 2, "not in the range"),
+    ("eval-ppl-windows", ["eval", "{w}/fp8", "--ppl-windows", "-1"], 2, "not in the range"),
     ("eval-truncated", ["eval", "{w}/trunc", "--ppl", "{w}/text.txt"], 1, "not a readable safetensors file"),
     ("eval-random", ["eval", "{w}/random", "--ppl", "{w}/text.txt"], 1, "not a readable safetensors file"),
     ("eval-scheme-disagrees", ["eval", "{w}/liar", "--ppl", "{w}/text.txt"], 1, "is not a fp8 checkpoint"),

@@ -202,7 +202,7 @@ def test_hf_quantization_config_is_self_describing():
     assert qc["input_activations"]["strategy"] == "token" and qc["weights"]["num_bits"] == 4
     assert cfg.hf_quantization_config(None)["layers"] == {}
     assert W4A8KV4Config(kv_cache="none").hf_quantization_config()["kv_cache_scheme"] is None
-    assert set(cfg.engines()) == {"natix hf", "natix kernels"}
+    assert set(cfg.engines()) == {"natix hf", "natix kernels", "vllm"}
 
 
 def test_hooks_with_transforms_off_are_noops(tiny):
