@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import types
 from pathlib import Path
@@ -49,12 +50,16 @@ def run_case(cli, args: list[str], root: Path):
     return CliRunner().invoke(cli, [a.replace("{w}", str(root)) for a in args])
 
 
+#: a progress line off a terminal (`natix.bench.progress`: "[m:ss] phase ..."), not part of an error
+PROGRESS_LINE = re.compile(r"^\[\d+:\d{2}(?::\d{2})?\] ")
+
+
 def check_refused(res, code: int, needle: str) -> None:
-    """Exit ``code``, one stderr line holding ``needle``, no traceback, no internal error."""
+    """Exit ``code``, one stderr line holding ``needle`` (besides progress lines), no traceback, no internal error."""
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert res.exit_code == code, (res.exit_code, res.output)
     assert "Traceback" not in res.output and "internal error" not in res.output, res.output
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    lines = [x for x in res.stderr.splitlines() if x.strip() and not PROGRESS_LINE.match(x)]
     assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
     assert needle in lines[0], lines[0]
 
@@ -64,4 +69,4 @@ def cli_checks():
     """The helpers above, for test modules (conftest is not importable under importlib mode)."""
     return types.SimpleNamespace(BAD_UTF8=BAD_UTF8, snapshot=snapshot, make_unwritable=make_unwritable,
                                  release_unwritable=release_unwritable, run_case=run_case,
-                                 check_refused=check_refused)
+                                 check_refused=check_refused, PROGRESS_LINE=PROGRESS_LINE)

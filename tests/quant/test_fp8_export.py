@@ -10,6 +10,7 @@ logits identical (0.0) to our reference loader.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -215,7 +216,8 @@ def test_cli_export_with_adapter_and_inspect(base_dirs, make_adapter, tmp_path):
 
 def _one_line_error(r) -> str:
     assert r.exit_code != 0
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    # progress lines ("[m:ss] checking inputs", off a terminal) may come before the error
+    lines = [ln for ln in r.output.splitlines() if ln.strip() and not re.match(r"\[\d+:\d{2}(?::\d{2})?\] ", ln)]
     assert len(lines) == 1, r.output
     return lines[0]
 

@@ -302,4 +302,4 @@ def test_natix_bench_run_measures_the_server_through_openai_http(tiny_server, ti
     assert sorted(r["strategy"] for r in rows) == ["greedy", "maj@2"]
     for r in rows:
         assert r["engine"] == "openai-http" and r["engine_info"]["endpoint"] == tiny_server.v1
-        assert r["draw"]["tokens"] > 0 and r["ttft_s_p50"] > 0
+        assert r["draw"]["tokens"] > 0 and r["ttft_s"]["p50"] > 0
