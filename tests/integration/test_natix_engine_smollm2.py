@@ -116,17 +116,22 @@ def test_quantized_artifact_is_as_close_to_the_reference_as_the_reference_path(s
 
 
 def test_natix_bench_and_eval_run_on_the_natix_engine(artifacts, tmp_path):
+    """natix-bench on the bf16 and w4a8kv4 variants, natix-quant eval on the fp8 artifact."""
     import json
 
     from natix.bench.cli import main as bench
 
-    r = CliRunner().invoke(bench, ["run", "--model", artifacts["w4a8kv4"], "--variant", "base", "--engine", "natix",
-                                   "--strategy", "greedy", "--strategy", "maj@2", "--items", "2", "--out",
-                                   str(tmp_path / "b")])
+    # the demo adapter as it is (merged at load, model dtype) and its w4a8kv4 artifact, in one matrix
+    r = CliRunner().invoke(bench, ["run", "--variant", "adapter", "--scheme", "none", "--scheme",
+                                   f"qoq={artifacts['w4a8kv4']}", "--engine", "natix", "--strategy", "greedy",
+                                   "--strategy", "maj@2", "--items", "2", "--out", str(tmp_path / "b"),
+                                   "--no-progress"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (tmp_path / "b" / "cells.jsonl").read_text().splitlines()]
-    assert {row["strategy"] for row in rows} == {"greedy", "maj@2"}
-    assert all(row["engine"] == "natix" and row["engine_info"]["kv_cache"] == "int4" for row in rows)
+    assert all(row["status"] == "ok" and row["engine"] == "natix" for row in rows), rows
+    assert {(row["scheme"], row["strategy"]) for row in rows} == {(s, k) for s in ("none", "qoq")
+                                                                 for k in ("greedy", "maj@2")}
+    assert {row["scheme"]: row["engine_info"]["kv_cache"] for row in rows} == {"none": "none", "qoq": "int4"}
     from natix.quant.cli import main as quant
 
     out = tmp_path / "eval.jsonl"
