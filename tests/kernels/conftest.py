@@ -5,7 +5,6 @@ modules build their kernels (they do so lazily, on first launch), so set it here
 """
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():

@@ -1,21 +1,11 @@
 """Fixtures for the natix engine tests: tiny random Llama / Qwen2 / Mistral directories and engines."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 
-def _save(model, tok, out: Path) -> Path:
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
-def tiny_arch_dirs(tmp_path_factory, tiny_llama_builder):
+def tiny_arch_dirs(tmp_path_factory, tiny_llama_builder, model_dir_saver):
     """{"llama": dir, "qwen2": dir (qkv bias), "mistral": dir}: 2 layers, hidden 64, GQA 4/2, head_dim 16."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -36,7 +26,7 @@ def tiny_arch_dirs(tmp_path_factory, tiny_llama_builder):
                 for layer in model.model.layers:
                     for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                         p.bias.normal_(0, 0.5)
-        out[name] = _save(model, tok, root / name)
+        out[name] = model_dir_saver(model, tok, root / name)
     return out
 
 

