@@ -13,6 +13,7 @@ their draw. Logprobs are of the raw distribution (temperature 1, before top-k/to
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -52,8 +53,9 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
     """``logits [S, V]`` -> (tokens int64 [S], their raw logprobs float32 [S])."""
     from natix.kernels.argmax_lse import argmax_lse, argmax_lse_reference
 
-    # the kernel on CUDA; the reference elsewhere (also under TRITON_INTERPRET=1: the CPU engine runs references)
-    tokens, best, lse = (argmax_lse if logits.is_cuda else argmax_lse_reference)(logits)  # one read of the logits, in float32
+    # one read of the logits, in float32: the kernel on CUDA, the reference elsewhere (also under
+    # TRITON_INTERPRET=1: the CPU engine runs references)
+    tokens, best, lse = (argmax_lse if logits.is_cuda else argmax_lse_reference)(logits)
     if b.any_sampled:
         logits = logits.float()
         t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
