@@ -92,6 +92,7 @@ class HFEngine:
         self._cache_kw = "past_key_values"
         # per batch of the last generate: prompt length, kept cache length (mean/min/max over layers)
         self.last_prefill: list[dict[str, float]] = []
+        self._prefill_attention = "unquantized"  # what a quantized KV cache's prefill attention reads
         #: called with k as k more rows (samples) finish, so a caller can show progress per sample
         self.progress: Callable[[int], None] | None = None
 
@@ -99,6 +100,12 @@ class HFEngine:
     def load(self, cfg: EngineConfig) -> None:
         from natix.quant.models import load_base
 
+        from natix.quant.kv_quant import PREFILL_MODES
+
+        self._prefill_attention = cfg.extra.get("prefill_attention", "unquantized")
+        if self._prefill_attention not in PREFILL_MODES:
+            raise ValueError(f"prefill_attention must be one of {', '.join(PREFILL_MODES)}, got "
+                             f"{self._prefill_attention!r}")
         # Parse and build the press before the (slow) model load so a bad spec fails fast.
         self.press_spec = parse_press_spec(cfg.kv_press) if cfg.kv_press else None
         self._press = build_press(self.press_spec) if self.press_spec else None
@@ -133,6 +140,8 @@ class HFEngine:
             "device": self.device,
             "dtype": str(getattr(self.model, "dtype", None)),
             "kv_press": str(self.press_spec) if self.press_spec else None,
+            "kv_cache": getattr(self.model, "natix_kv_cache", "none") or "none",
+            "prefill_attention": self._prefill_attention,
             "attn_implementation": getattr(getattr(self.model, "config", None), "_attn_implementation", None),
             "merge_report": self.merge_report,
             "last_prefill": list(self.last_prefill),
@@ -199,8 +208,9 @@ class HFEngine:
         from natix.quant.kv_quant import new_cache
 
         # a quantized artifact's KV cache (model.natix_kv_cache, set by the natix loader): keys and
-        # values are quantized as they are written, so prefill attention reads them quantized too
-        quantized = new_cache(self.model)
+        # values are quantized as they are written; prefill attention reads them as the natix
+        # engine's option of the same name says (default: the prompt's 16-bit keys/values)
+        quantized = new_cache(self.model, prefill=self._prefill_attention)
         if quantized is not None:
             return quantized
         try:

@@ -57,7 +57,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, max_length: int = 512,
     with torch.no_grad():
         for i, w in enumerate(windows):
             t = torch.tensor([w], device=dev)
-            cache = new_cache(model)
+            cache = new_cache(model, prefill="quantized")  # a window is a prefill: read KV as decode does
             kw = {cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
             logits = model(input_ids=t, **kw).logits[0, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))

@@ -21,11 +21,18 @@ objects, so ``natix.engines.kv_cache.preallocate`` still swaps them for its in-p
 in the layers. The signature ``update(key_states, value_states, layer_idx, *args, **kwargs)`` is
 what transformers 5.2 … 5.24 call (``cache_kwargs`` positional or ``kwargs=`` keyword).
 
-Prefill: quantizing at write means prefill attention already reads the quantized keys/values —
-``update`` returns the cache's (dequantized) contents, which attention then uses. QServe's kernels
-instead run prefill attention on the fp16 keys/values and only store them quantized, so prefill
-logits there are slightly better than here; the reference path chooses the pessimistic, simpler
-semantics (one code path for prefill and decode, every stored token is what later tokens read).
+Prefill (``natix_prefill``, :func:`new_cache`'s ``prefill``), the two semantics of the natix engine's
+``prefill_attention`` option, so the reference reads what the engine reads:
+
+- ``"unquantized"`` (generation's default, as QServe's kernels and the natix engine do): a prompt's
+  tokens attend to each other's 16-bit keys/values; the cache stores them quantized, and every later
+  (decode) token reads them quantized. Implemented as: an update into an empty layer stores the
+  quantized states and returns the unquantized ones for that forward's attention.
+- ``"quantized"``: every attention reads the stored (quantized) keys/values, prefill included — one
+  code path for prefill and decode. Perplexity uses it (``natix-quant eval``): a full-window forward
+  is a prefill, so with unquantized prefill attention the KV cache's quantization would never show
+  in perplexity, while in generation every decoded token reads it.
+
 The values are stored dequantized in the model dtype: the reference measures accuracy, not memory.
 """
 
@@ -38,8 +45,9 @@ import torch
 
 FP8_MAX = 448.0
 KV_MODES = ("none", "int4", "fp8")
+PREFILL_MODES = ("unquantized", "quantized")
 
-__all__ = ["FP8_MAX", "KV_MODES", "calibrate_fp8_kv_scales", "fake_quant_fp8", "fake_quant_int4",
+__all__ = ["FP8_MAX", "KV_MODES", "PREFILL_MODES", "calibrate_fp8_kv_scales", "fake_quant_fp8", "fake_quant_int4",
            "kv_cache_scheme", "new_cache", "quantized_cache_class", "register_kv_scales"]
 
 
@@ -69,14 +77,18 @@ def quantized_cache_class() -> type:
     class QuantizedKVCache(DynamicCache):
         """A ``DynamicCache`` that stores fake-quantized keys/values (see module docstring).
 
-        Set ``natix_kv_mode`` ("int4" | "fp8") and, for fp8, ``natix_kv_scales``
-        ({layer_idx: (k_scale, v_scale)}) after construction (:func:`new_cache` does)."""
+        Set ``natix_kv_mode`` ("int4" | "fp8"), ``natix_prefill`` ("unquantized" | "quantized") and,
+        for fp8, ``natix_kv_scales`` ({layer_idx: (k_scale, v_scale)}) after construction
+        (:func:`new_cache` does)."""
 
         natix_kv_mode: str = "int4"
+        natix_prefill: str = "quantized"
         natix_kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                    *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            raw = (key_states, value_states) if self.natix_prefill == "unquantized" \
+                and self.get_seq_length(layer_idx) == 0 else None
             if self.natix_kv_mode == "int4":
                 key_states, value_states = fake_quant_int4(key_states), fake_quant_int4(value_states)
             elif self.natix_kv_mode == "fp8":
@@ -85,7 +97,9 @@ def quantized_cache_class() -> type:
                 except KeyError:
                     raise RuntimeError(f"fp8 KV cache: no k_scale/v_scale for layer {layer_idx}") from None
                 key_states, value_states = fake_quant_fp8(key_states, ks), fake_quant_fp8(value_states, vs)
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            stored = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            # an empty layer holds exactly this update: its attention reads the 16-bit states
+            return raw if raw is not None else stored
 
     return QuantizedKVCache
 
@@ -107,17 +121,20 @@ def _fp8_scales(model: Any) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     return scales
 
 
-def new_cache(model: Any) -> Any | None:
+def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
     """The cache for ``getattr(model, "natix_kv_cache", "none")``: None for "none" (use the
-    engine's default), else a :func:`quantized_cache_class` instance. fp8 reads every attention
-    module's ``k_scale`` / ``v_scale``; ValueError if there are none or the mode is unknown."""
+    engine's default), else a :func:`quantized_cache_class` instance whose prefill attention reads
+    ``prefill`` keys/values (module docstring). fp8 reads every attention module's ``k_scale`` /
+    ``v_scale``; ValueError if there are none or a mode is unknown."""
     mode = getattr(model, "natix_kv_cache", "none") or "none"
     if mode not in KV_MODES:
         raise ValueError(f"model.natix_kv_cache must be one of {', '.join(KV_MODES)}, got {mode!r}")
+    if prefill not in PREFILL_MODES:
+        raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
     if mode == "none":
         return None
     cache = _dynamic_cache(quantized_cache_class(), model)
-    cache.natix_kv_mode = mode
+    cache.natix_kv_mode, cache.natix_prefill = mode, prefill
     if mode == "fp8":
         scales = _fp8_scales(model)
         n_layers = getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", None) \

@@ -99,6 +99,30 @@ def test_int4_cache_stores_quantized_keys_and_values(tiny):
     assert 0 < rel < 0.1, rel
 
 
+def test_unquantized_prefill_attends_16_bit_and_stores_quantized(tiny):
+    """prefill="unquantized" (the natix engine's and QServe's prefill): the prompt's logits are the
+    unquantized model's, the cache holds quantized rows (layer 0's identical to prefill="quantized"'s),
+    and they stay quantized through the next decode step."""
+    model = _model(tiny)
+    model.natix_kv_cache = "int4"
+    ids, nxt = _ids(), _ids(t=1, seed=1)
+    plain, raw, quant = _plain(model), new_cache(model, prefill="unquantized"), new_cache(model)
+    assert (raw.natix_prefill, quant.natix_prefill) == ("unquantized", "quantized")
+    ref_logits, raw_logits, quant_logits = _run(model, ids, plain), _run(model, ids, raw), _run(model, ids, quant)
+    assert torch.equal(raw_logits, ref_logits) and not torch.equal(quant_logits, ref_logits)
+    # layer 0's stored rows do not depend on the attention above them: identical in both modes
+    assert torch.equal(raw.layers[0].keys, quant.layers[0].keys)
+    assert torch.equal(raw.layers[0].keys, fake_quant_int4(plain.layers[0].keys))
+    # deeper layers' inputs differ (16-bit prompt attention below them), so only layer 0 is compared;
+    # the decode step reads every stored row quantized
+    step_raw = _run(model, nxt, raw)
+    for layer in raw.layers:
+        assert torch.equal(fake_quant_int4(layer.keys), layer.keys)
+    assert raw.get_seq_length() == 11 and step_raw.shape == (2, 1, ref_logits.shape[-1])
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        new_cache(model, prefill="fp16")
+
+
 def test_fp8_calibrated_scales_and_cache(tiny):
     model = _model(tiny)
     ids = _ids(b=3, t=16, seed=2)
