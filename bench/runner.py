@@ -21,6 +21,7 @@ when the first new draw is written, so a run that fails early leaves them as the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -400,16 +401,12 @@ def _run_isolated(job: dict[str, Any], timeout_s: float,
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
+    """Close the worker's stdin (it exits on EOF), give it 10 s, then kill its process group."""
+    with contextlib.suppress(OSError):
         proc.stdin.close()  # type: ignore[union-attr]
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10 if proc.poll() is None else 0)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the whole process group: an engine worker the group started dies with it
+    # the whole process group: an engine worker the group started dies with it
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     proc.wait()

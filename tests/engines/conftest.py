@@ -88,11 +88,9 @@ def serve_vllm(model: str, log: Path, *args: str, timeout_s: float = 240) -> Ite
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"vllm serve did not become healthy in {timeout_s:.0f} s")
             time.sleep(0.5)
