@@ -73,8 +73,13 @@ def resolve(m: Matrix, variant: Variant, scheme: Scheme, kv: str) -> Load:
                       **settings, "seed": m.seed, "natix": natix_version()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     out = artifact_cache() / f"{scheme.kind}-{digest}"
+    # a GPU run calibrates on the GPU (not part of the key: the same export, computed elsewhere)
+    from natix.engines.hf_engine import resolve_device
+
+    device = "cuda" if resolve_device(m.device).startswith("cuda") else "cpu"
     job = None if (out / "natix_manifest.json").is_file() else {
-        "base": m.model, "adapter": adapter, "config": cfg.to_dict(), "out": str(out), "seed": m.seed, **settings}
+        "base": m.model, "adapter": adapter, "config": cfg.to_dict(), "out": str(out), "seed": m.seed, **settings,
+        "device": device}
     return Load(str(out), None, m.dtype, job)
 
 
@@ -89,7 +94,7 @@ def run_export(job: dict[str, Any], progress: Callable[[int, int, str], None], s
     try:
         export(job["base"], config_from_dict(job["config"]), out, adapter=job["adapter"], dtype=job["dtype"],
                calib=job["calib"], calib_samples=job["calib_samples"], calib_max_length=job["calib_max_length"],
-               seed=job["seed"], status=say, progress=progress)
+               seed=job["seed"], status=say, progress=progress, device=job.get("device", "cpu"))
     except ArtifactError:
         if not (out / "natix_manifest.json").is_file():
             raise

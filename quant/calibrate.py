@@ -18,6 +18,10 @@ Hessians (fp64 [K, K] per distinct input). Linears outside the decoder layers th
 not skip (e.g. an lm_head a user chose to quantize) are rounded to nearest, without a Hessian.
 
 Samples run one at a time (batch 1): no padding, so no masked positions leak into the Hessians.
+
+``device`` (e.g. ``cuda``): the model stays on the CPU; each decoder layer in turn moves to the
+device with the calibration activations, which stay there between layers, and its Hessians and
+GPTQ solves run there. Peak device memory: one fp32 layer, the activations, one layer's Hessians.
 """
 
 from __future__ import annotations
@@ -55,6 +59,18 @@ def decoder_layers(model: "nn.Module") -> tuple[str, "nn.ModuleList"]:
             return name, layers
     raise QuantError(f"{type(model).__name__}: no decoder layer stack found (looked for model.layers, "
                      "transformer.h, ...); calibrated export supports decoder-only transformers")
+
+
+def _to_device(x: Any, device: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
 
 
 def _to_fp32(x: Any) -> Any:
@@ -151,10 +167,11 @@ def collect_hessians(block: "nn.Module", linears: dict[str, "nn.Linear"], run_bl
 
 
 def quantize_sequential(model: "nn.Module", cfg: QuantConfig, samples: Sequence[Sequence[int]], *,
-                        progress: Progress | None = None, report: dict[str, Any] | None = None
-                        ) -> tuple[list[str], list[str]]:
+                        progress: Progress | None = None, report: dict[str, Any] | None = None,
+                        device: Any = None) -> tuple[list[str], list[str]]:
     """Quantize ``model`` in place block by block (see the module docstring); returns
-    (quantized Linear names, skipped Linear names). ``report`` collects the scheme's notes."""
+    (quantized Linear names, skipped Linear names). ``report`` collects the scheme's notes;
+    ``device``: where each block is calibrated and quantized (default: where the model is)."""
     import torch
     from torch import nn
 
@@ -167,10 +184,12 @@ def quantize_sequential(model: "nn.Module", cfg: QuantConfig, samples: Sequence[
     total = len(all_linears) - len(skipped)
 
     with torch.no_grad():
-        inputs = capture_block_inputs(model, samples)
+        home = next(layers[0].parameters()).device
+        work = torch.device(device) if device is not None else home
+        inputs = _to_device(capture_block_inputs(model, samples), work)
         for i, block in enumerate(layers):
             prefix = f"{stack_name}.{i}"
-            block.float()
+            block.to(work).float()
 
             def run_block(after_sample: Callable[[], None] | None = None, block: nn.Module = block) -> None:
                 for args, kwargs in inputs:
@@ -189,7 +208,7 @@ def quantize_sequential(model: "nn.Module", cfg: QuantConfig, samples: Sequence[
                     progress(len(quantized), total, full)
             del hessians
             inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-            block.to(storage)  # norms and biases back to storage dtype; quantized tensors keep theirs
+            block.to(storage).to(home)  # norms and biases back to storage dtype; quantized tensors keep theirs
         # Linears outside the decoder stack that the scheme quantizes: round to nearest
         for name in all_linears:
             if name in quantized or name in skipped or name.startswith(stack_name + "."):

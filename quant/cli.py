@@ -90,10 +90,13 @@ def merge(base: str, adapter: str, out: Path, dtype: str, tolerance: float | Non
 @click.option("--dtype", type=click.Choice(DTYPES), default="bf16", show_default=True,
               help="dtype of the tensors left unquantized (embeddings, norms, lm_head, biases).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Calibration sampling / rotation seed.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="Where calibrated schemes quantize each decoder layer (auto, cpu, cuda, cuda:N); the model "
+                   "stays in host memory and one layer at a time moves to the device.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (only after the new one is complete).")
 def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: int | None, act_order: str | None,
            kv: str | None, calib: str, calib_samples: int, calib_max_length: int, overrides: tuple[str, ...],
-           dtype: str, seed: int, force: bool) -> None:
+           dtype: str, seed: int, device: str, force: bool) -> None:
     """Quantize base B (+ adapter A) with scheme S and write a servable artifact to DIR, atomically."""
     from rich.markup import escape
 
@@ -132,7 +135,7 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
     try:
         res = run_export(base, cfg, out, adapter=adapter, dtype=dtype, force=force, calib=calib,
                          calib_samples=calib_samples, calib_max_length=calib_max_length, seed=seed,
-                         status=lambda m: bar.start(m, None, None), progress=progress)
+                         status=lambda m: bar.start(m, None, None), progress=progress, device=device)
     finally:
         bar.close()
     fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if grouped(cfg) else []

@@ -216,12 +216,13 @@ def merge(base: str, adapter: str, out: str | Path, *, dtype: str = "fp32", tole
 def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None = None, dtype: str = "bf16",
            force: bool = False, calib: str = "pydoc", calib_samples: int = 128, calib_max_length: int = 512,
            seed: int = 0, status: Callable[[str], None] | None = None,
-           progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
+           progress: Callable[[int, int, str], None] | None = None, device: str = "cpu") -> ExportResult:
     """Quantize ``base`` (+ ``adapter``) with ``cfg`` and write the artifact to ``out``.
 
     ``calib`` (a task name, ``pydoc``, or a .jsonl/.txt file; see :mod:`natix.quant.calib`) matters
     only for schemes that need calibration; ``calib_samples`` and ``calib_max_length`` are checked
-    whatever the scheme.
+    whatever the scheme. ``device``: where calibrated schemes run each decoder layer (the model
+    stays on the CPU; see :func:`~natix.quant.calibrate.quantize_sequential`).
 
     Raises before any slow work (:func:`check_inputs`): :class:`~natix.quant.errors.ArtifactError`
     if ``out`` exists and not ``force``, or cannot be written; :class:`~natix.quant.errors.UserError`
@@ -240,6 +241,14 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
     out = Path(out)
     torch_dtype = _dtype(dtype)
     check_sizes(calib_samples, calib_max_length)
+    from natix.engines.hf_engine import resolve_device
+    from natix.quant.errors import UserError
+    from natix.quant.validate import check_device
+
+    check_device(device)
+    device = resolve_device(device)
+    if device == "mps":
+        raise UserError("--device mps: GPTQ's fp64 Hessians do not run on MPS; use cpu or cuda")
     src, files = check_inputs(base, out, adapter=adapter, force=force, calib=calib)
     calibrated = cfg.needs_calibration()
     if calibrated:
@@ -267,9 +276,10 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
             samples = load_calibration(calib, tokenizer, samples=calib_samples, max_length=calib_max_length,
                                        seed=seed)
             calib_info = {"source": calib, "samples": len(samples), "max_length": calib_max_length, "seed": seed,
-                          "tokens": sum(len(x) for x in samples)}
+                          "tokens": sum(len(x) for x in samples), "device": device}
             say(f"quantizing ({cfg.scheme}, {len(samples)} calibration samples, layer by layer)")
-            quantized, skipped = quantize_sequential(model, cfg, samples, progress=progress, report=transforms)
+            quantized, skipped = quantize_sequential(model, cfg, samples, progress=progress, report=transforms,
+                                                     device=device)
         else:
             say(f"quantizing ({cfg.scheme})")
             quantized, skipped = quantize_model(model, cfg, progress)

@@ -3,6 +3,8 @@
     python scripts/serving_report.py                       # CPU: SmolLM2-135M + demo adapter, hf engine
     python scripts/serving_report.py --render-only         # re-render the .md from the .jsonl
     python scripts/serving_report.py --engine natix --model <8B artifact> --device cuda --tag h200
+    python scripts/serving_report.py --engine natix --dummy-shape llama3-8b --set load_format=dummy-w4a8kv4 \
+        --device cuda --threads 8 --tag h200     # random weights at the 8B shape (no checkpoint here)
 
 For each concurrency (1, 8, 32, 128) the same chain_sum prompts (greedy, the task's 96-token
 limit) go once through HTTP (a ``natix-serve`` subprocess on loopback, streamed through
@@ -52,16 +54,22 @@ def measure_all(a: argparse.Namespace) -> None:
     from natix.bench.serve_load import append_row, http_sender, inprocess_sender, measure, render, task_prompts
     from natix.bench.tasks import get_task
     from natix.engines.base import EngineConfig, SamplingSpec
-    from natix.engines.serve.cli import load_engine
+    from natix.engines.serve.cli import _extra, load_engine
     from natix.engines.serve.loop import EngineLoop
     from natix.quant.models import load_tokenizer
 
+    extra = _extra(tuple(a.set))
+    name = a.model
+    if a.dummy_shape:
+        a.model, a.adapter = make_dummy_dir(a.dummy_shape, a.tokenizer), ""
+        name = f"{a.dummy_shape} random weights ({extra.get('load_format', 'dummy')})"
     task = get_task("chain_sum")
     spec = SamplingSpec(temperature=0.0, max_tokens=task.max_tokens, logprobs=False)
     tok = load_tokenizer(a.model)
     prompts = task_prompts(task, tok, max(requests_for(c) for c in CONCURRENCY))
-    meta = {"task": task.name, "model": a.model, "adapter": a.adapter, "engine": a.engine, "tag": a.tag,
-            "max_batch_size": a.max_batch_size, "torch_threads": a.threads, "temperature": 0.0, "n": 1, "max_tokens": spec.max_tokens}
+    meta = {"task": task.name, "model": name, "adapter": a.adapter, "engine": a.engine, "tag": a.tag,
+            "max_batch_size": a.max_batch_size, "torch_threads": a.threads, "temperature": 0.0, "n": 1, "max_tokens": spec.max_tokens,
+            "engine_options": extra, "dummy_shape": a.dummy_shape}
 
     def run(mode: str, send, c: int, server_e2e=None) -> None:
         send(0)  # warm-up (first-call allocations), not measured
@@ -77,11 +85,11 @@ def measure_all(a: argparse.Namespace) -> None:
         print(render(row), flush=True)
 
     args = ["--model", a.model, "--engine", a.engine, "--device", a.device, "--max-batch-size", str(a.max_batch_size),
-            "--max-queue", "256"] + (["--adapter", a.adapter] if a.adapter else [])
+            "--max-queue", "256", "--served-model-name", name] + (["--adapter", a.adapter] if a.adapter else []) + [x for kv in a.set for x in ("--set", kv)]
     proc, url = start_server(args, a.threads)
     try:
         for c in CONCURRENCY:
-            send, close = http_sender(url + "/v1", None, prompts, spec, c, a.model)
+            send, close = http_sender(url + "/v1", None, prompts, spec, c, name)
             try:
                 run("http", send, c, server_e2e=lambda: _server_e2e(url))
             finally:
@@ -92,7 +100,8 @@ def measure_all(a: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(a.threads)  # as the server's OMP_NUM_THREADS
-    cfg = EngineConfig(model=a.model, adapter=a.adapter, device=a.device, max_batch_size=a.max_batch_size)
+    cfg = EngineConfig(model=a.model, adapter=a.adapter or None, device=a.device, max_batch_size=a.max_batch_size,
+                       extra=extra)
     streaming, tokenizer, loaded, _ = load_engine(a.engine, cfg)
     loop = EngineLoop(streaming).start()
     try:
@@ -101,6 +110,34 @@ def measure_all(a: argparse.Namespace) -> None:
     finally:
         loop.stop()
         loaded.close()
+
+
+# model shapes for --dummy-shape: random weights served through the natix engine's load_format=dummy-*
+DUMMY_SHAPES = {"llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                  num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                  tie_word_embeddings=False),
+                # a CPU smoke test of this script's dummy path
+                "llama-tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)}
+
+
+def make_dummy_dir(shape: str, tokenizer: str) -> str:
+    """A model directory holding only a Llama config.json of ``shape`` and ``tokenizer``'s files; the
+    vocabulary is the tokenizer's (SmolLM2's 49,152 tokens by default, not Llama-3's 128,256: the
+    lm_head is 0.40 GB instead of 1.05 GB), so every token the random model emits decodes."""
+    import tempfile
+
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from natix.quant.models import load_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer) if Path(tokenizer).is_dir() else load_tokenizer(tokenizer)
+    d = Path(tempfile.mkdtemp(prefix=f"natix-dummy-{shape}-"))
+    LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **DUMMY_SHAPES[shape]).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
 
 
 def _server_e2e(url: str) -> tuple[float, float]:
@@ -169,6 +206,12 @@ def main() -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the engine, both paths (on a 2-core "
                    "machine 1 leaves a core for the client and HTTP, and avoids OpenMP spin-waits under contention)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option, both paths (natix-serve --set); repeatable")
+    p.add_argument("--dummy-shape", choices=sorted(DUMMY_SHAPES), help="serve random weights of this shape "
+                   "(with --set load_format=dummy-<scheme>); the model directory is made from --tokenizer")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer of the --dummy-shape directory (a name "
+                   "or a saved tokenizer directory)")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--jsonl", type=Path, default=JSONL, help="rows file (the .md goes beside it)")
     a = p.parse_args()

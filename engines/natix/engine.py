@@ -65,6 +65,9 @@ class NatixEngine:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         options = self._options(cfg, device)  # bad options fail before the slow load
+        if options.load_format != "auto":
+            self._load_dummy(cfg, options, device, dtype)
+            return
         scheme = quantized_scheme(cfg.model)
         info: dict[str, Any] = {"source_scheme": scheme or "none"}
         if scheme is not None:
@@ -91,6 +94,45 @@ class NatixEngine:
             tok.pad_token = tok.eos_token
         self.cfg = cfg
         self.load_weights(weights.to(torch.device(device), dtype), tok, eos, options=options, info=info)
+
+    def _load_dummy(self, cfg: EngineConfig, options: EngineOptions, device: str, dtype: Any) -> None:
+        """``load_format=dummy-*``: random weights of ``cfg.model``'s config.json shape, made on the
+        device in the scheme's served layout (seconds for an 8B shape), and the directory's tokenizer
+        if it has one."""
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        from natix.engines.natix.spec import LOAD_FORMATS, ModelSpec
+        from natix.engines.natix.weights import random_weights
+
+        if cfg.adapter:
+            raise EngineLoadError(f"load_format={options.load_format} makes random weights: an adapter has nothing "
+                                  "to merge into")
+        try:
+            hf_cfg = AutoConfig.from_pretrained(cfg.model)
+        except (OSError, ValueError) as e:
+            raise EngineLoadError(f"load_format={options.load_format} needs a model directory with a config.json: "
+                                  f"{cfg.model}: {e}") from e
+        spec = ModelSpec.from_hf_config(hf_cfg)
+        scheme, group = LOAD_FORMATS[options.load_format]
+        text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
+        # the rotary tables as transformers computes them for this config (rope scaling included);
+        # Mistral and Qwen2 share Llama's rotary module
+        rotary = LlamaRotaryEmbedding(text_cfg)
+        weights = random_weights(spec, scheme, device=torch.device(device), dtype=dtype, group_size=group,
+                                 rope=(rotary.inv_freq.float(), float(rotary.attention_scaling)))
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.model)
+        except (OSError, ValueError, TypeError):
+            tok = None  # prompts must then be token ids
+        if tok is not None and tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        eos = getattr(text_cfg, "eos_token_id", None)
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        self.cfg = cfg
+        self.load_weights(weights, tok, eos_ids, options=options,
+                          info={"source_scheme": scheme, "load_format": options.load_format})
 
     def _options(self, cfg: EngineConfig, device: str) -> EngineOptions:
         defaults = {"max_num_seqs": 256 if device == "cuda" else max(1, cfg.max_batch_size)}

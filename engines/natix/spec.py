@@ -14,6 +14,11 @@ from typing import Any
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 KV_CACHES = ("auto", "int4", "none")
 PREFILL_ATTENTION = ("unquantized", "quantized")
+# load_format: "auto" reads the model's tensors; "dummy-<scheme>" builds random weights of the config's
+# shape in that scheme's served layout (vLLM's --load-format dummy, for benchmarks at shapes we have no
+# checkpoint of): the directory needs only config.json (and a tokenizer, for text prompts)
+LOAD_FORMATS = {"auto": None, "dummy": ("dense", -1), "dummy-fp8": ("fp8", -1), "dummy-w4a8kv4": ("w4a8kv4", -1),
+                "dummy-w4a8kv4-g128": ("w4a8kv4", 128)}
 
 
 class EngineLoadError(ValueError):
@@ -102,6 +107,8 @@ class EngineOptions:
     QServe's kernels do; the cache still stores them quantized) or ``quantized`` (they attend to
     the stored K/V, the reference path's semantics). ``cuda_graphs``: capture decode per batch
     bucket. ``enable_prefix_caching``: reuse full KV pages of identical prompt prefixes.
+    ``load_format``: ``auto``, or ``dummy`` / ``dummy-fp8`` / ``dummy-w4a8kv4`` /
+    ``dummy-w4a8kv4-g128``: random weights of the model directory's config.json shape (benchmarks).
     """
 
     page_size: int = 64
@@ -115,6 +122,7 @@ class EngineOptions:
     prefill_attention: str = "unquantized"
     cuda_graphs: bool = True
     enable_prefix_caching: bool = True
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -141,6 +149,8 @@ class EngineOptions:
         if self.prefill_attention not in PREFILL_ATTENTION:
             raise EngineLoadError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, "
                                   f"got {self.prefill_attention!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise EngineLoadError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any], **defaults: Any) -> "EngineOptions":

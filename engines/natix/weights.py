@@ -185,10 +185,12 @@ def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeigh
 
 # ------------------------------------------------------------------------------------ random
 def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: Any = None, group_size: int = -1,
-                   seed: int = 0, rope_theta: float = 500000.0) -> ModelWeights:
+                   seed: int = 0, rope_theta: float = 500000.0,
+                   rope: tuple["torch.Tensor", float] | None = None) -> ModelWeights:
     """A random model of shape ``spec`` (weights ~ N(0, 0.02²), norms 1), quantized by round to
     nearest for ``fp8`` / ``w4a8kv4`` (``group_size`` 128 or -1 = per channel). For speed: what the
-    GEMMs and caches see is exactly a served artifact's layout."""
+    GEMMs and caches see is exactly a served artifact's layout. ``rope``: (inv_freq, attention
+    scaling) as transformers computes them for a config; by default plain RoPE at ``rope_theta``."""
     import torch
 
     from natix.kernels.fp8_linear import quantize_fp8_weight
@@ -219,9 +221,13 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
                            lin(spec.hidden, spec.intermediate, spec.mlp_bias)) for _ in range(spec.layers)]
     embed = rnd(spec.vocab, spec.hidden)
     lm_head = embed if spec.tie_embeddings else rnd(spec.vocab, spec.hidden)
-    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32, device=device)
-                                     / spec.head_dim))
-    return ModelWeights(spec, scheme, embed, layers, ones.clone(), lm_head, (inv_freq, 1.0),
+    if rope is None:
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32, device=device)
+                                         / spec.head_dim))
+        rope = (inv_freq, 1.0)
+    else:
+        rope = (rope[0].to(device), rope[1])
+    return ModelWeights(spec, scheme, embed, layers, ones.clone(), lm_head, rope,
                         "int4" if scheme == "w4a8kv4" else "none", {"random": True, "group_size": group_size})
 
 

@@ -220,3 +220,35 @@ def test_top_logprobs_match_hf(tiny_arch_dirs, natix_factory):
         assert g[0].top_logprobs is not None and len(g[0].top_logprobs) == g[0].num_tokens
         for a, b in zip(g[0].top_logprobs, r[0].top_logprobs):
             assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
+def test_dummy_load_format_random_weights_of_the_config_shape(tiny_arch_dirs, natix_factory, tmp_path):
+    """load_format=dummy-*: random weights of config.json's shape in the scheme's layout (vLLM's
+    --load-format dummy), the directory's tokenizer; the rotary tables are the real model's."""
+    import shutil
+
+    from natix.engines.natix.spec import EngineLoadError
+
+    real = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=32)
+    for fmt, scheme in (("dummy", "dense"), ("dummy-w4a8kv4", "w4a8kv4")):
+        # head_dim 16 is below the KV4 kernels' minimum: W4A8 linears over a 16-bit cache
+        nx = natix_factory(tiny_arch_dirs["llama"], load_format=fmt, num_kv_pages=32, kv_cache="none")
+        assert nx.weights_scheme == scheme and nx.info()["load_format"] == fmt
+        assert nx.runner.spec == real.runner.spec
+        cs, real_cs = nx.runner.model.cos_sin, real.runner.model.cos_sin
+        assert all((a == b).all() for a, b in zip(cs, real_cs)) if isinstance(cs, tuple) else (cs == real_cs).all()
+        out = nx.generate(PROMPTS[:2], SamplingSpec(max_tokens=6))
+        assert all(1 <= len(c[0].token_ids) <= 6 and isinstance(c[0].text, str) for c in out)
+    # a config alone (no tokenizer): prompts are token ids
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_arch_dirs["llama"] / "config.json", bare / "config.json")
+    nx = natix_factory(bare, load_format="dummy-fp8", num_kv_pages=32)
+    assert nx.tokenizer is None and 1 <= len(nx.generate([[1, 2, 3]], SamplingSpec(max_tokens=3))[0][0].token_ids) <= 3
+    e = create_engine("natix")
+    with pytest.raises(EngineLoadError, match="load_format must be one of"):
+        e.load(EngineConfig(model=str(bare), extra={"load_format": "random"}))
+    with pytest.raises(EngineLoadError, match="adapter"):
+        e.load(EngineConfig(model=str(bare), adapter=str(tmp_path), extra={"load_format": "dummy"}))
+    with pytest.raises(EngineLoadError, match="config.json"):
+        e.load(EngineConfig(model=str(tmp_path / "nowhere"), extra={"load_format": "dummy"}))
