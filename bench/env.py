@@ -12,6 +12,10 @@ from typing import Any
 
 @functools.lru_cache(maxsize=None)  # a run asks once per draw; the checkout does not change
 def git_sha(repo: Path | None = None) -> str | None:
+    """HEAD (``-dirty`` with uncommitted changes), or ``$GIT_SHA`` where set: a copy of the checkout
+    sent to another machine can carry a stale .git (the GPU machine's does)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     repo = repo or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,

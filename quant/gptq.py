@@ -176,7 +176,7 @@ class ProgressiveGrid:
         n, k = result.codes.shape
         if result.channel_scale is None or result.group_size != 128:
             raise GptqError(f"result for weight {(n, k)} was not made with ProgressiveGrid (group_size 128)")
-        if not torch.equal(result.g_idx, torch.arange(k) // 128):
+        if not torch.equal(result.g_idx, torch.arange(k, device=result.g_idx.device) // 128):
             raise GptqError(f"weight {(n, k)}: act_order groups are permuted; the W4A8 format needs "
                             "contiguous groups, so quantize with static_groups=True")
         s1, z = result.scale, result.zero
