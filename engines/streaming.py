@@ -65,6 +65,27 @@ class RequestDelta:
         return self.finish_reason is not None
 
 
+def coalesce(deltas: Sequence[RequestDelta]) -> list[RequestDelta]:
+    """Merge each sample's consecutive deltas into one (tokens, logprobs and text concatenated; the
+    last one's finish), samples in order of first appearance. A consumer that fell behind the
+    engine (a server writing one SSE event per delta under load) then writes one event per sample
+    for what is waiting instead of one per step, at no cost in latency: only deltas that were
+    already there are merged."""
+    merged: dict[tuple[str, int], RequestDelta] = {}
+    for d in deltas:
+        key = (d.request_id, d.index)
+        prev = merged.get(key)
+        if prev is None or prev.finished:
+            merged[key] = d  # a finished sample gets no later delta; keep the first if it does
+            continue
+        merged[key] = RequestDelta(
+            d.request_id, d.index, prev.token_ids + d.token_ids,
+            None if prev.logprobs is None or d.logprobs is None else prev.logprobs + d.logprobs,
+            prev.text + d.text, d.finish_reason, d.completion, d.error,
+            None if prev.top_logprobs is None or d.top_logprobs is None else prev.top_logprobs + d.top_logprobs)
+    return list(merged.values())
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for metrics: requests running and waiting, KV-cache blocks in use (0..1 of the

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, ClassVar, Sequence
 
 from natix.engines.base import Completion, EngineConfig, SamplingSpec
-from natix.engines.streaming import RequestDelta, StreamingEngine
+from natix.engines.streaming import RequestDelta, StreamingEngine, coalesce
 
 __all__ = ["EngineLoop", "Submission", "LoopEngine", "RequestFailed"]
 
@@ -190,8 +190,14 @@ class Submission:
         return not self._open
 
     async def __aiter__(self) -> AsyncIterator[list[RequestDelta]]:
+        """Each iteration: everything the loop delivered since the last one, one delta per sample
+        (:func:`~natix.engines.streaming.coalesce`): under load a reader that fell behind catches
+        up in one step instead of one per engine step."""
         while self._open:
             ds = await self._queue.get()
+            while not self._queue.empty():
+                ds = ds + self._queue.get_nowait()
+            ds = coalesce(ds)
             for d in ds:
                 if d.finished:
                     self._open.discard((d.request_id, d.index))

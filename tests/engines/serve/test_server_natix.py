@@ -46,7 +46,9 @@ def test_greedy_equals_in_process_and_streams_token_by_token(client, local):
     chunks = [c for c in client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0,
                                                    stream=True) if c.choices and c.choices[0].text]
     assert "".join(c.choices[0].text for c in chunks) == ref.text
-    assert len(chunks) >= ref.num_tokens // 2  # deltas arrive per step, not as one block
+    # deltas arrive as the engine steps, not as one block (a reader that falls behind gets what is
+    # waiting merged into one event: natix.engines.streaming.coalesce)
+    assert len(chunks) >= min(2, ref.num_tokens)
 
 
 def test_n_samples_and_concurrent_requests(client):
