@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 import torch
@@ -117,6 +117,52 @@ class AffineGrid:
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    channel: Optional[torch.Tensor]) -> torch.Tensor:
         return scale * (codes - zero)
+
+
+@dataclass(frozen=True)
+class Fp8Grid:
+    """FP8 e4m3 per output channel, ``w ≈ scale · e4m3(w / scale)`` (the fp8 scheme's format). The
+    codes are the e4m3 bit patterns (uint8 values 0..255 as floats), so GPTQ's integer bookkeeping
+    holds them; :meth:`to_fp8` views them back. ``clip_search``: per-channel scales from
+    :func:`natix.quant.fp8.search_weight_scale` (weight MSE, or weighted per input column by
+    ``clip_weights [K]``) instead of absmax; fitted once on the original weight (per channel only:
+    ``group_size=-1``)."""
+
+    clip_search: bool = False
+    clip_weights: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    qmin: int = 0
+    qmax: int = 255
+
+    def check(self, shape: tuple[int, int], group_size: int) -> None:
+        if group_size != -1:
+            raise GptqError(f"Fp8Grid is per output channel (group_size=-1), got group_size={group_size}")
+
+    def prepare(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def fit(self, w: torch.Tensor, channel: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from natix.quant.fp8 import FP8_MAX, search_weight_scale
+
+        scale = (search_weight_scale(w, self.clip_weights) if self.clip_search
+                 else w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX)
+        return scale.float(), torch.zeros_like(scale, dtype=torch.float32)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 channel: Optional[torch.Tensor]) -> torch.Tensor:
+        from natix.quant.fp8 import FP8_DTYPE, FP8_MAX
+
+        q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return q.view(torch.uint8).float()
+
+    @staticmethod
+    def to_fp8(codes: torch.Tensor) -> torch.Tensor:
+        from natix.quant.fp8 import FP8_DTYPE
+
+        return codes.to(torch.uint8).view(FP8_DTYPE)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   channel: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.to_fp8(codes).float() * scale
 
 
 @dataclass(frozen=True)
@@ -416,5 +462,5 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, block_si
                       dequantized=Q, loss=float(loss), group_size=group_size, percdamp=damp_used)
 
 
-__all__ = ["AffineGrid", "GptqError", "GptqResult", "Grid", "HessianAccumulator", "ProgressiveGrid",
+__all__ = ["AffineGrid", "Fp8Grid", "GptqError", "GptqResult", "Grid", "HessianAccumulator", "ProgressiveGrid",
            "gptq_quantize", "rtn_quantize"]
