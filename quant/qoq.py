@@ -422,3 +422,40 @@ def smooth_block(prefix: str, block: Any, run_block: Callable[[], Any], *, alpha
         _scale_rows(mlp.up_proj, 1.0 / s)
         report["up_down_scale"] = _stats(s)
     return report
+
+
+# ------------------------------------------------------------------------- head-dim rotations
+
+
+def head_rotation(d: int) -> torch.Tensor:
+    """The normalised Hadamard ``H [d, d]`` (float64, ``H Hᵀ = I``, no random signs) used inside
+    every head: a function of ``d`` alone, so an engine rebuilds it from the head dim (the key
+    rotation is applied at run time). Raises :class:`QoqError` for a ``d`` without a Hadamard here."""
+    h = hadamard_matrix(d)
+    if h is None:
+        raise QoqError(f"head_dim {d}: no Hadamard matrix of this order can be built for the head rotation")
+    return h / d ** 0.5
+
+
+@torch.no_grad()
+def rotate_value_heads(prefix: str, attn: Any) -> dict[str, Any]:
+    """Rotate every head's values by ``H = head_rotation(d)`` and fold the inverse into ``o_proj``.
+
+    ``v_proj`` rows of kv head ``j`` (+bias) ``W_j ← Hᵀ W_j`` so it emits ``v_j H``; attention's
+    output for a query head is a convex combination of its kv head's value rows, so it is
+    ``a_h H``, and ``o_proj`` columns of query head ``h`` ``W_h ← W_h H`` undo it (``H Hᵀ = I``).
+    Exact in real arithmetic (computed in float64), in place; the KV cache then stores ``v H``,
+    whose outlier channels are spread over the head. Returns ``{"prefix", "value_rotation"}``.
+    """
+    d, n_q, n_kv, _ = _geometry(prefix, attn)
+    h = head_rotation(d)
+    v, o = attn.v_proj, attn.o_proj
+    hv = h.to(v.weight.device)
+    w = v.weight.double().view(n_kv, d, -1)
+    v.weight.copy_(torch.einsum("ji,kjc->kic", hv, w).reshape(v.weight.shape).to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.copy_((v.bias.double().view(n_kv, d) @ hv).flatten().to(v.bias.dtype))
+    ho = h.to(o.weight.device)
+    w = o.weight.double().view(o.out_features, n_q, d)
+    o.weight.copy_((w @ ho).reshape(o.weight.shape).to(o.weight.dtype))
+    return {"prefix": prefix, "value_rotation": "hadamard"}

@@ -38,7 +38,8 @@ class W4A8KV4Config(QuantConfig):
     whose K is not a multiple of 128 gets — "channel" (per channel) or "error"; ``kv_cache``:
     "int4" or "none" (KV16, the ablation); ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
-    the QoQ transforms; ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
+    the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
+    into v_proj / o_proj (offline, no runtime cost); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
     """
 
     version: int = 1
@@ -50,6 +51,7 @@ class W4A8KV4Config(QuantConfig):
     smooth_alpha: float = 0.5
     rotate: bool = True
     smooth_outputs: bool = True
+    rotate_values: bool = False
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
@@ -62,7 +64,7 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: group_fallback must be 'channel' or 'error', got {self.group_fallback!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
-        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs"):
+        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantError(f"w4a8kv4: {flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -133,7 +135,7 @@ class W4A8KV4Config(QuantConfig):
 
     # ------------------------------------------------------------------------------ QoQ transforms
     def needs_calibration(self) -> bool:
-        return self.gptq or self.smooth_attention or self.smooth_outputs
+        return self.gptq or self.smooth_attention or self.smooth_outputs or self.rotate_values
 
     def needs_hessians(self) -> bool:
         return self.gptq
@@ -146,13 +148,17 @@ class W4A8KV4Config(QuantConfig):
         report["qoq_prepare"] = qoq.prepare_model(model, rotate=self.rotate, seed=self.seed)
 
     def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
-        if not (self.smooth_attention or self.smooth_outputs):
+        if not (self.smooth_attention or self.smooth_outputs or self.rotate_values):
             return
         from natix.quant import qoq
 
-        out = qoq.smooth_block(prefix, block, run_block, alpha=self.smooth_alpha,
-                               smooth_attention=self.smooth_attention, smooth_outputs=self.smooth_outputs)
-        report.setdefault("qoq_smooth", {})[prefix] = out
+        if self.smooth_attention or self.smooth_outputs:
+            out = qoq.smooth_block(prefix, block, run_block, alpha=self.smooth_alpha,
+                                   smooth_attention=self.smooth_attention, smooth_outputs=self.smooth_outputs)
+            report.setdefault("qoq_smooth", {})[prefix] = out
+        if self.rotate_values:
+            # after the smoothing, so the KV4 quantizer sees the final (smoothed, rotated) values
+            report.setdefault("qoq_value_rotation", {})[prefix] = qoq.rotate_value_heads(prefix, block.self_attn)
 
     def prepare_empty_model(self, model: Any) -> None:
         # prepare_model unties lm_head from the embeddings (rotation makes them differ); a model
@@ -188,7 +194,7 @@ class W4A8KV4Config(QuantConfig):
                                 if self.kv_cache == "int4" else None),
             "transforms": {"rotate": self.rotate, "smooth_attention": self.smooth_attention,
                            "smooth_outputs": self.smooth_outputs, "smooth_alpha": self.smooth_alpha,
-                           "seed": self.seed},
+                           "seed": self.seed, "rotate_values": self.rotate_values},
             "gptq": self.gptq,
             "ignore": list(self.ignore),
             "layers": dict(sorted((layers or {}).items())),
