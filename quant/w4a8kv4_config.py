@@ -39,7 +39,9 @@ class W4A8KV4Config(QuantConfig):
     "int4" or "none" (KV16, the ablation); ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
-    into v_proj / o_proj (offline, no runtime cost); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
+    into v_proj / o_proj (offline, no runtime cost); ``rotate_keys``: queries and keys rotated by the
+    same Hadamard after RoPE at run time (q·kᵀ unchanged; the KV4 cache stores rotated keys; both
+    engines read it from the manifest's ``transforms``); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
     """
 
     version: int = 1
@@ -52,6 +54,7 @@ class W4A8KV4Config(QuantConfig):
     rotate: bool = True
     smooth_outputs: bool = True
     rotate_values: bool = False
+    rotate_keys: bool = False
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
@@ -64,7 +67,7 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: group_fallback must be 'channel' or 'error', got {self.group_fallback!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
-        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values"):
+        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantError(f"w4a8kv4: {flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -194,7 +197,8 @@ class W4A8KV4Config(QuantConfig):
                                 if self.kv_cache == "int4" else None),
             "transforms": {"rotate": self.rotate, "smooth_attention": self.smooth_attention,
                            "smooth_outputs": self.smooth_outputs, "smooth_alpha": self.smooth_alpha,
-                           "seed": self.seed, "rotate_values": self.rotate_values},
+                           "seed": self.seed, "rotate_values": self.rotate_values,
+                           "rotate_keys": self.rotate_keys},
             "gptq": self.gptq,
             "ignore": list(self.ignore),
             "layers": dict(sorted((layers or {}).items())),

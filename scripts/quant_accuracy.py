@@ -35,6 +35,8 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "w4a8kv4-g128 no GPTQ (RTN)": ("w4a8kv4", ["--group-size", "128", "--set", "gptq=false"]),
     "w4a8kv4-g128 KV16": ("w4a8kv4", ["--group-size", "128", "--kv", "none"]),
     "w4a8kv4-g128 vrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true"]),
+    "w4a8kv4-g128 kvrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
+                                       "--set", "rotate_keys=true"]),
 }
 GOALS = {"fp8": 0.01}  # max relative perplexity increase vs bf16
 QOQ_ANCHOR = 6.76 / 6.14 - 1  # QoQ W4A8KV4 g128 on Llama-3-8B, WikiText2 (QServe paper)

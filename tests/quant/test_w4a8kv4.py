@@ -141,7 +141,7 @@ def test_config_rejects_bad_values(bad):
 
 def test_value_rotation_alone_runs_the_block_hook(tiny):
     """rotate_values with every other transform off still calibrates (prepare_block is where it runs)
-    and keeps the function; the manifest's transforms record it."""
+    and keeps the function; the manifest's transforms record both rotation options."""
     cfg = W4A8KV4Config(gptq=False, rotate=False, smooth_attention=False, smooth_outputs=False, rotate_values=True)
     assert cfg.needs_calibration() and not cfg.needs_hessians()
     model = tiny.model("llama")
@@ -154,7 +154,8 @@ def test_value_rotation_alone_runs_the_block_hook(tiny):
     assert set(report) == {"qoq_value_rotation"}
     with torch.no_grad():
         assert ((model(ids).logits - ref).norm() / ref.norm()).item() < 1e-5
-    assert W4A8KV4Config(rotate_values=True).hf_quantization_config()["transforms"]["rotate_values"] is True
+    t = W4A8KV4Config(rotate_keys=True).hf_quantization_config()["transforms"]
+    assert t["rotate_keys"] is True and t["rotate_values"] is False
 
 
 def test_needs_calibration():
