@@ -267,3 +267,44 @@ def test_rotate_keys_matches_the_reference_path(prefill, kv4_rotation_artifacts,
     moved = max(abs(a - b) for g, r in zip(out["kvrot", "hf"], out["vrot", "hf"])
                 for a, b in zip(g[0].token_logprobs, r[0].token_logprobs))
     assert moved > 1e-3, moved
+
+
+_GPU_BRANCH = r"""
+import types, torch
+from natix.engines.natix.model import DecoderModel
+from natix.kernels.kv4_cache import KV4Cache
+from natix.kernels.rope import cos_sin_table
+from natix.quant.qoq import head_rotation
+g = torch.Generator().manual_seed(0)
+t, hq, hk, d = 6, 4, 2, 32
+q, k, v = (torch.randn(t, h, d, generator=g) for h in (hq, hk, hk))
+k[..., 5] *= 20
+pos = torch.tensor([0, 1, 2, 3, 7, 9])
+slots = torch.tensor([0, 1, 2, 3, 12, -1])
+cs = cos_sin_table(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), 64)
+out = {}
+for gpu in (False, True):
+    fake = types.SimpleNamespace(ops=types.SimpleNamespace(gpu=gpu), key_rotation=head_rotation(d).float(), cos_sin=cs)
+    c = KV4Cache.empty(4, hk, 8, d)
+    qq, kk = q.clone(), k.clone()
+    DecoderModel._rope_rotate_write(fake, c, qq, kk, v, types.SimpleNamespace(positions=pos, slots=slots))
+    out[gpu] = (qq, kk, c)
+(q0, k0, c0), (q1, k1, c1) = out[False], out[True]
+assert torch.allclose(q0, q1, atol=1e-5) and torch.allclose(k0, k1, atol=1e-5)
+for a, b in zip(c0.tensors(), c1.tensors()):
+    assert (a.float() - b.float()).abs().max() <= (1 if a.dtype == torch.uint8 else 1e-3), (a.dtype,)
+print("ok")
+"""
+
+
+def test_rotate_keys_gpu_branch_in_the_triton_interpreter():
+    """The CUDA branch of the key rotation (rope_triton, the matmul, kv4_write_triton), run by Triton's
+    interpreter on CPU tensors, stores what the CPU branch stores (codes within one step: the two
+    RoPEs may differ by an ulp)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _GPU_BRANCH], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
