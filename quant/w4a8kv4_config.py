@@ -80,6 +80,12 @@ class W4A8KV4Config(QuantConfig):
         # accept a list from JSON/YAML; keep the frozen value hashable
         object.__setattr__(self, "ignore", tuple(self.ignore))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "W4A8KV4Config":
+        """As :meth:`QuantConfig.from_dict`; a config without ``rotate_values`` / ``rotate_keys``
+        (a manifest written before the options existed) had neither, whatever the defaults are now."""
+        return super().from_dict({"rotate_values": False, "rotate_keys": False, **d})  # type: ignore[return-value]
+
     def bits_per_weight(self) -> float:
         return 4.0
 

@@ -158,6 +158,19 @@ def test_value_rotation_alone_runs_the_block_hook(tiny):
     assert t["rotate_keys"] is True and t["rotate_values"] is False
 
 
+def test_manifest_without_rotation_fields_reads_as_before():
+    """An artifact written before rotate_values / rotate_keys existed loads with both off, whatever
+    the defaults; a new manifest round-trips them."""
+    from natix.quant.schemes import config_from_dict
+
+    old = W4A8KV4Config().to_dict()
+    del old["rotate_values"], old["rotate_keys"]
+    cfg = config_from_dict(old)
+    assert cfg.rotate_values is False and cfg.rotate_keys is False
+    new = W4A8KV4Config(rotate_values=True, rotate_keys=True)
+    assert config_from_dict(new.to_dict()) == new
+
+
 def test_needs_calibration():
     assert W4A8KV4Config().needs_calibration()
     assert not W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=False).needs_calibration()
