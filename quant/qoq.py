@@ -428,12 +428,13 @@ def smooth_block(prefix: str, block: Any, run_block: Callable[[], Any], *, alpha
 
 
 def head_rotation(d: int) -> torch.Tensor:
-    """The normalised Hadamard ``H [d, d]`` (float64, ``H Hᵀ = I``, no random signs) used inside
-    every head: a function of ``d`` alone, so an engine rebuilds it from the head dim (the key
-    rotation is applied at run time). Raises :class:`QoqError` for a ``d`` without a Hadamard here."""
+    """The orthogonal ``H [d, d]`` (float64, ``H Hᵀ = I``) used inside every head: the normalised
+    Hadamard of order ``d`` (no random signs) where one can be built, else the seeded (seed 0)
+    random orthogonal matrix of :func:`rotation_matrix`. A function of ``d`` alone, so an engine
+    rebuilds it from the head dim (the key rotation is applied at run time)."""
     h = hadamard_matrix(d)
     if h is None:
-        raise QoqError(f"head_dim {d}: no Hadamard matrix of this order can be built for the head rotation")
+        return rotation_matrix(d, seed=0)[0]
     return h / d ** 0.5
 
 
@@ -445,7 +446,8 @@ def rotate_value_heads(prefix: str, attn: Any) -> dict[str, Any]:
     output for a query head is a convex combination of its kv head's value rows, so it is
     ``a_h H``, and ``o_proj`` columns of query head ``h`` ``W_h ← W_h H`` undo it (``H Hᵀ = I``).
     Exact in real arithmetic (computed in float64), in place; the KV cache then stores ``v H``,
-    whose outlier channels are spread over the head. Returns ``{"prefix", "value_rotation"}``.
+    whose outlier channels are spread over the head. Returns ``{"prefix", "value_rotation"}``
+    (``"hadamard"``, or ``"random-orthogonal"`` for a head dim without a Hadamard matrix here).
     """
     d, n_q, n_kv, _ = _geometry(prefix, attn)
     h = head_rotation(d)
@@ -458,4 +460,4 @@ def rotate_value_heads(prefix: str, attn: Any) -> dict[str, Any]:
     ho = h.to(o.weight.device)
     w = o.weight.double().view(o.out_features, n_q, d)
     o.weight.copy_((w @ ho).reshape(o.weight.shape).to(o.weight.dtype))
-    return {"prefix": prefix, "value_rotation": "hadamard"}
+    return {"prefix": prefix, "value_rotation": "hadamard" if hadamard_matrix(d) is not None else "random-orthogonal"}

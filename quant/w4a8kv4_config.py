@@ -53,8 +53,8 @@ class W4A8KV4Config(QuantConfig):
     smooth_alpha: float = 0.5
     rotate: bool = True
     smooth_outputs: bool = True
-    rotate_values: bool = False
-    rotate_keys: bool = False
+    rotate_values: bool = True
+    rotate_keys: bool = True
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
@@ -82,9 +82,13 @@ class W4A8KV4Config(QuantConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "W4A8KV4Config":
-        """As :meth:`QuantConfig.from_dict`; a config without ``rotate_values`` / ``rotate_keys``
-        (a manifest written before the options existed) had neither, whatever the defaults are now."""
-        return super().from_dict({"rotate_values": False, "rotate_keys": False, **d})  # type: ignore[return-value]
+        """As :meth:`QuantConfig.from_dict`; a config that spells out the QoQ transforms (``rotate``:
+        every manifest does) without ``rotate_values`` / ``rotate_keys`` was written before those
+        options existed and had neither, whatever the defaults are now. A partial config (no
+        ``rotate``) takes the defaults."""
+        if "rotate" in d:
+            d = {"rotate_values": False, "rotate_keys": False, **d}
+        return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
         return 4.0

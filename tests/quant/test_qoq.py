@@ -148,6 +148,20 @@ def test_value_rotation_preserves_logits(tiny, arch: str, bias: bool) -> None:
     assert err_alone < TOL and err_all < TOL
 
 
+def test_value_rotation_without_a_hadamard_order(tiny) -> None:
+    """head_dim 46 (hidden 184, 4 heads) has no Hadamard matrix here: the head rotation is the seeded
+    random orthogonal matrix, and the fold is still exact."""
+    model = _model(tiny, "llama", 184)
+    ids = _ids(model.config.vocab_size)
+    ref = _logits(model, ids)
+    h = head_rotation(46)
+    assert (h @ h.t() - torch.eye(46, dtype=torch.float64)).abs().max() < 1e-12
+    assert torch.equal(h, head_rotation(46))
+    rep = rotate_value_heads("model.layers.0", model.model.layers[0].self_attn)
+    assert rep["value_rotation"] == "random-orthogonal"
+    assert _rel(_logits(model, ids), ref) < TOL
+
+
 def test_value_rotation_spreads_a_value_outlier(tiny) -> None:
     """The planted loud v_proj row (channel 5 of kv head 0) is spread evenly over the head: each
     value channel's range gets within a small factor of the others."""

@@ -154,8 +154,8 @@ def test_value_rotation_alone_runs_the_block_hook(tiny):
     assert set(report) == {"qoq_value_rotation"}
     with torch.no_grad():
         assert ((model(ids).logits - ref).norm() / ref.norm()).item() < 1e-5
-    t = W4A8KV4Config(rotate_keys=True).hf_quantization_config()["transforms"]
-    assert t["rotate_keys"] is True and t["rotate_values"] is False
+    t = W4A8KV4Config(rotate_values=False).hf_quantization_config()["transforms"]
+    assert t["rotate_keys"] is True and t["rotate_values"] is False  # both default on
 
 
 def test_manifest_without_rotation_fields_reads_as_before():
@@ -167,13 +167,16 @@ def test_manifest_without_rotation_fields_reads_as_before():
     del old["rotate_values"], old["rotate_keys"]
     cfg = config_from_dict(old)
     assert cfg.rotate_values is False and cfg.rotate_keys is False
+    assert W4A8KV4Config().rotate_values and W4A8KV4Config().rotate_keys  # the defaults for new exports
+    assert config_from_dict({"scheme": "w4a8kv4", "group_size": -1}).rotate_keys is True  # partial: defaults
     new = W4A8KV4Config(rotate_values=True, rotate_keys=True)
     assert config_from_dict(new.to_dict()) == new
 
 
 def test_needs_calibration():
     assert W4A8KV4Config().needs_calibration()
-    assert not W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=False).needs_calibration()
+    assert not W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=False,
+                             rotate_values=False).needs_calibration()
     assert W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=True).needs_calibration()
 
 
@@ -238,7 +241,7 @@ def test_hf_quantization_config_is_self_describing():
 
 
 def test_hooks_with_transforms_off_are_noops(tiny):
-    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False)
+    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False, rotate_values=False)
     model = tiny.model("qwen2")  # tied embeddings
     report: dict = {}
     cfg.prepare_model(model, report)
