@@ -33,6 +33,12 @@ Prefill (``natix_prefill``, :func:`new_cache`'s ``prefill``), the two semantics 
   is a prefill, so with unquantized prefill attention the KV cache's quantization would never show
   in perplexity, while in generation every decoded token reads it.
 
+Key rotation (``natix_key_rotation``, a w4a8kv4 artifact with ``rotate_keys``; the loader sets
+``model.natix_kv_rotate_keys``): the engines rotate queries and keys after RoPE by the head Hadamard
+``H`` (:func:`natix.quant.qoq.head_rotation`) and the cache stores ``Q(k H)``; ``(q H)·Q(k H)ᵀ`` is
+what attention computes. The reference cache cannot reach the query, so it stores the same codes and
+hands attention ``Q(k H) Hᵀ``, which gives the same scores with the unrotated query (``H Hᵀ = I``).
+
 The values are stored dequantized in the model dtype: the reference measures accuracy, not memory.
 """
 
@@ -48,6 +54,7 @@ KV_MODES = ("none", "int4", "fp8")
 PREFILL_MODES = ("unquantized", "quantized")
 
 __all__ = ["FP8_MAX", "KV_MODES", "PREFILL_MODES", "calibrate_fp8_kv_scales", "fake_quant_fp8", "fake_quant_int4",
+           "fake_quant_int4_rotated",
            "kv_cache_scheme", "new_cache", "quantized_cache_class", "register_kv_scales"]
 
 
@@ -59,6 +66,14 @@ def fake_quant_int4(x: torch.Tensor) -> torch.Tensor:
 
     q, scale, zero = quantize_rows_reference(x)
     return (q.float() * scale.float()[..., None] + zero.float()[..., None]).to(x.dtype)
+
+
+def fake_quant_int4_rotated(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``Q(x H) Hᵀ`` in ``x.dtype``: the KV4 codes of the rotated rows (rotated in float32 and rounded
+    to ``x.dtype`` first, as the engine stores them), dequantized and rotated back. ``h [D, D]``."""
+    hf = h.to(device=x.device, dtype=torch.float32)
+    xr = (x.float() @ hf).to(x.dtype)
+    return (fake_quant_int4(xr).float() @ hf.t()).to(x.dtype)
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -77,20 +92,23 @@ def quantized_cache_class() -> type:
     class QuantizedKVCache(DynamicCache):
         """A ``DynamicCache`` that stores fake-quantized keys/values (see module docstring).
 
-        Set ``natix_kv_mode`` ("int4" | "fp8"), ``natix_prefill`` ("unquantized" | "quantized") and,
-        for fp8, ``natix_kv_scales`` ({layer_idx: (k_scale, v_scale)}) after construction
-        (:func:`new_cache` does)."""
+        Set ``natix_kv_mode`` ("int4" | "fp8"), ``natix_prefill`` ("unquantized" | "quantized"),
+        for fp8 ``natix_kv_scales`` ({layer_idx: (k_scale, v_scale)}) and for int4 with key rotation
+        ``natix_key_rotation`` (``H [D, D]``) after construction (:func:`new_cache` does)."""
 
         natix_kv_mode: str = "int4"
         natix_prefill: str = "quantized"
         natix_kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        natix_key_rotation: torch.Tensor | None = None
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                    *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             raw = (key_states, value_states) if self.natix_prefill == "unquantized" \
                 and self.get_seq_length(layer_idx) == 0 else None
             if self.natix_kv_mode == "int4":
-                key_states, value_states = fake_quant_int4(key_states), fake_quant_int4(value_states)
+                rot = self.natix_key_rotation
+                key_states = fake_quant_int4(key_states) if rot is None else fake_quant_int4_rotated(key_states, rot)
+                value_states = fake_quant_int4(value_states)
             elif self.natix_kv_mode == "fp8":
                 try:
                     ks, vs = self.natix_kv_scales[layer_idx]
@@ -125,7 +143,8 @@ def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
     """The cache for ``getattr(model, "natix_kv_cache", "none")``: None for "none" (use the
     engine's default), else a :func:`quantized_cache_class` instance whose prefill attention reads
     ``prefill`` keys/values (module docstring). fp8 reads every attention module's ``k_scale`` /
-    ``v_scale``; ValueError if there are none or a mode is unknown."""
+    ``v_scale``; ValueError if there are none or a mode is unknown. An int4 model with
+    ``model.natix_kv_rotate_keys`` gets the key rotation (module docstring)."""
     mode = getattr(model, "natix_kv_cache", "none") or "none"
     if mode not in KV_MODES:
         raise ValueError(f"model.natix_kv_cache must be one of {', '.join(KV_MODES)}, got {mode!r}")
@@ -135,6 +154,12 @@ def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
         return None
     cache = _dynamic_cache(quantized_cache_class(), model)
     cache.natix_kv_mode, cache.natix_prefill = mode, prefill
+    if mode == "int4" and getattr(model, "natix_kv_rotate_keys", False):
+        from natix.quant.qoq import head_rotation
+
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache.natix_key_rotation = head_rotation(int(d)).float()
     if mode == "fp8":
         scales = _fp8_scales(model)
         n_layers = getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", None) \

@@ -100,6 +100,9 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     model.to(device).eval()
     # engines read this to quantize the KV cache as the scheme says (natix.quant.kv_quant)
     model.natix_kv_cache = getattr(cfg, "kv_cache", "none")
+    # w4a8kv4 rotate_keys: queries and keys rotated by the head Hadamard after RoPE (kv_quant, the
+    # natix engine's DecoderModel); an artifact from before the option has none
+    model.natix_kv_rotate_keys = bool(getattr(cfg, "rotate_keys", False))
     return model, load_tokenizer(str(p))
 
 

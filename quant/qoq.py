@@ -422,3 +422,42 @@ def smooth_block(prefix: str, block: Any, run_block: Callable[[], Any], *, alpha
         _scale_rows(mlp.up_proj, 1.0 / s)
         report["up_down_scale"] = _stats(s)
     return report
+
+
+# ------------------------------------------------------------------------- head-dim rotations
+
+
+def head_rotation(d: int) -> torch.Tensor:
+    """The orthogonal ``H [d, d]`` (float64, ``H Hᵀ = I``) used inside every head: the normalised
+    Hadamard of order ``d`` (no random signs) where one can be built, else the seeded (seed 0)
+    random orthogonal matrix of :func:`rotation_matrix`. A function of ``d`` alone, so an engine
+    rebuilds it from the head dim (the key rotation is applied at run time)."""
+    h = hadamard_matrix(d)
+    if h is None:
+        return rotation_matrix(d, seed=0)[0]
+    return h / d ** 0.5
+
+
+@torch.no_grad()
+def rotate_value_heads(prefix: str, attn: Any) -> dict[str, Any]:
+    """Rotate every head's values by ``H = head_rotation(d)`` and fold the inverse into ``o_proj``.
+
+    ``v_proj`` rows of kv head ``j`` (+bias) ``W_j ← Hᵀ W_j`` so it emits ``v_j H``; attention's
+    output for a query head is a convex combination of its kv head's value rows, so it is
+    ``a_h H``, and ``o_proj`` columns of query head ``h`` ``W_h ← W_h H`` undo it (``H Hᵀ = I``).
+    Exact in real arithmetic (computed in float64), in place; the KV cache then stores ``v H``,
+    whose outlier channels are spread over the head. Returns ``{"prefix", "value_rotation"}``
+    (``"hadamard"``, or ``"random-orthogonal"`` for a head dim without a Hadamard matrix here).
+    """
+    d, n_q, n_kv, _ = _geometry(prefix, attn)
+    h = head_rotation(d)
+    v, o = attn.v_proj, attn.o_proj
+    hv = h.to(v.weight.device)
+    w = v.weight.double().view(n_kv, d, -1)
+    v.weight.copy_(torch.einsum("ji,kjc->kic", hv, w).reshape(v.weight.shape).to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.copy_((v.bias.double().view(n_kv, d) @ hv).flatten().to(v.bias.dtype))
+    ho = h.to(o.weight.device)
+    w = o.weight.double().view(o.out_features, n_q, d)
+    o.weight.copy_((w @ ho).reshape(o.weight.shape).to(o.weight.dtype))
+    return {"prefix": prefix, "value_rotation": "hadamard" if hadamard_matrix(d) is not None else "random-orthogonal"}

@@ -38,7 +38,10 @@ class W4A8KV4Config(QuantConfig):
     whose K is not a multiple of 128 gets — "channel" (per channel) or "error"; ``kv_cache``:
     "int4" or "none" (KV16, the ablation); ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
-    the QoQ transforms; ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
+    the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
+    into v_proj / o_proj (offline, no runtime cost); ``rotate_keys``: queries and keys rotated by the
+    same Hadamard after RoPE at run time (q·kᵀ unchanged; the KV4 cache stores rotated keys; both
+    engines read it from the manifest's ``transforms``); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
     """
 
     version: int = 1
@@ -50,6 +53,8 @@ class W4A8KV4Config(QuantConfig):
     smooth_alpha: float = 0.5
     rotate: bool = True
     smooth_outputs: bool = True
+    rotate_values: bool = True
+    rotate_keys: bool = True
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
@@ -62,7 +67,7 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: group_fallback must be 'channel' or 'error', got {self.group_fallback!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
-        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs"):
+        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantError(f"w4a8kv4: {flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -74,6 +79,16 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: seed must be an integer, got {self.seed!r}")
         # accept a list from JSON/YAML; keep the frozen value hashable
         object.__setattr__(self, "ignore", tuple(self.ignore))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "W4A8KV4Config":
+        """As :meth:`QuantConfig.from_dict`; a config that spells out the QoQ transforms (``rotate``:
+        every manifest does) without ``rotate_values`` / ``rotate_keys`` was written before those
+        options existed and had neither, whatever the defaults are now. A partial config (no
+        ``rotate``) takes the defaults."""
+        if "rotate" in d:
+            d = {"rotate_values": False, "rotate_keys": False, **d}
+        return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
         return 4.0
@@ -133,7 +148,7 @@ class W4A8KV4Config(QuantConfig):
 
     # ------------------------------------------------------------------------------ QoQ transforms
     def needs_calibration(self) -> bool:
-        return self.gptq or self.smooth_attention or self.smooth_outputs
+        return self.gptq or self.smooth_attention or self.smooth_outputs or self.rotate_values
 
     def needs_hessians(self) -> bool:
         return self.gptq
@@ -146,13 +161,17 @@ class W4A8KV4Config(QuantConfig):
         report["qoq_prepare"] = qoq.prepare_model(model, rotate=self.rotate, seed=self.seed)
 
     def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
-        if not (self.smooth_attention or self.smooth_outputs):
+        if not (self.smooth_attention or self.smooth_outputs or self.rotate_values):
             return
         from natix.quant import qoq
 
-        out = qoq.smooth_block(prefix, block, run_block, alpha=self.smooth_alpha,
-                               smooth_attention=self.smooth_attention, smooth_outputs=self.smooth_outputs)
-        report.setdefault("qoq_smooth", {})[prefix] = out
+        if self.smooth_attention or self.smooth_outputs:
+            out = qoq.smooth_block(prefix, block, run_block, alpha=self.smooth_alpha,
+                                   smooth_attention=self.smooth_attention, smooth_outputs=self.smooth_outputs)
+            report.setdefault("qoq_smooth", {})[prefix] = out
+        if self.rotate_values:
+            # after the smoothing, so the KV4 quantizer sees the final (smoothed, rotated) values
+            report.setdefault("qoq_value_rotation", {})[prefix] = qoq.rotate_value_heads(prefix, block.self_attn)
 
     def prepare_empty_model(self, model: Any) -> None:
         # prepare_model unties lm_head from the embeddings (rotation makes them differ); a model
@@ -188,7 +207,8 @@ class W4A8KV4Config(QuantConfig):
                                 if self.kv_cache == "int4" else None),
             "transforms": {"rotate": self.rotate, "smooth_attention": self.smooth_attention,
                            "smooth_outputs": self.smooth_outputs, "smooth_alpha": self.smooth_alpha,
-                           "seed": self.seed},
+                           "seed": self.seed, "rotate_values": self.rotate_values,
+                           "rotate_keys": self.rotate_keys},
             "gptq": self.gptq,
             "ignore": list(self.ignore),
             "layers": dict(sorted((layers or {}).items())),

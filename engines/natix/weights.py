@@ -61,7 +61,9 @@ class LayerWeights:
 @dataclass
 class ModelWeights:
     """A whole decoder. ``scheme``: dense | fp8 | w4a8kv4; ``kv_cache``: the KV cache the source
-    asks for ("int4" for a w4a8kv4 artifact, else "none"); ``rope``: (inv_freq, scaling)."""
+    asks for ("int4" for a w4a8kv4 artifact, else "none"); ``rope``: (inv_freq, scaling);
+    ``rotate_keys``: the artifact's queries and keys are rotated by the head Hadamard after RoPE
+    (w4a8kv4 ``rotate_keys``; :class:`natix.engines.natix.model.DecoderModel` applies it)."""
 
     spec: ModelSpec
     scheme: str
@@ -72,6 +74,7 @@ class ModelWeights:
     rope: tuple["torch.Tensor", float]
     kv_cache: str = "none"
     info: dict[str, Any] = field(default_factory=dict)
+    rotate_keys: bool = False
 
     def to(self, device: Any, dtype: "torch.dtype") -> "ModelWeights":
         def t(x: "torch.Tensor") -> "torch.Tensor":
@@ -82,7 +85,7 @@ class ModelWeights:
                                L.gate_up.to(device, dtype), L.down.to(device, dtype)) for L in self.layers]
         embed = t(self.embed)
         return ModelWeights(self.spec, self.scheme, embed, layers, t(self.norm), embed if tied else t(self.lm_head),
-                            (self.rope[0].to(device), self.rope[1]), self.kv_cache, dict(self.info))
+                            (self.rope[0].to(device), self.rope[1]), self.kv_cache, dict(self.info), self.rotate_keys)
 
     def nbytes(self) -> int:
         """Bytes of every tensor (a tied lm_head once)."""
@@ -161,7 +164,8 @@ def fuse(mods: list[Any], name: str) -> LinearWeights:
 
 
 def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeights:
-    """Read a transformers Llama-family model (dense, or with natix's quantized reference modules)."""
+    """Read a transformers Llama-family model (dense, or with natix's quantized reference modules);
+    a w4a8kv4 artifact's key rotation comes from ``model.natix_kv_rotate_keys`` (set by the loader)."""
     spec = ModelSpec.from_hf_config(model.config)
     inner = model.model
     layers = []
@@ -180,7 +184,7 @@ def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeigh
     from natix.engines.natix.spec import rope_tables
 
     return ModelWeights(spec, scheme, embed, layers, inner.norm.weight.detach(), lm_head,
-                        rope_tables(model), kv_cache)
+                        rope_tables(model), kv_cache, rotate_keys=bool(getattr(model, "natix_kv_rotate_keys", False)))
 
 
 # ------------------------------------------------------------------------------------ random

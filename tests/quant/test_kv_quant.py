@@ -10,7 +10,9 @@ import torch
 
 from natix.kernels.kv4_cache import KV4Cache, dequantize_pages, kv4_write_reference, quantize_rows_reference
 from natix.quant.kv_quant import (FP8_MAX, calibrate_fp8_kv_scales, fake_quant_fp8, fake_quant_int4,
-                                  kv_cache_scheme, new_cache, quantized_cache_class, register_kv_scales)
+                                  fake_quant_int4_rotated, kv_cache_scheme, new_cache, quantized_cache_class,
+                                  register_kv_scales)
+from natix.quant.qoq import head_rotation
 
 
 def _model(tiny, **kw):
@@ -121,6 +123,46 @@ def test_unquantized_prefill_attends_16_bit_and_stores_quantized(tiny):
     assert raw.get_seq_length() == 11 and step_raw.shape == (2, 1, ref_logits.shape[-1])
     with pytest.raises(ValueError, match="prefill must be one of"):
         new_cache(model, prefill="fp16")
+
+
+def test_key_rotation_keeps_scores_and_stores_rotated_codes():
+    """q·H·(k·H)ᵀ = q·kᵀ in fp32; the reference's Q(kH)·Hᵀ read with q gives the engine's scores
+    (q·H)·Q(kH)ᵀ; and a key with one loud channel loses far less to KV4 when rotated."""
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    h = head_rotation(d).float()
+    q, k = torch.randn(5, 3, d, generator=g), torch.randn(7, 3, d, generator=g)
+    k[..., 3] *= 30.0
+    s = torch.einsum("qhd,khd->hqk", q, k)
+    assert ((torch.einsum("qhd,khd->hqk", q @ h, k @ h) - s).norm() / s.norm()).item() < 1e-6
+    kq = fake_quant_int4(k @ h)  # what the engine stores and reads
+    engine = torch.einsum("qhd,khd->hqk", q @ h, kq)
+    ref = torch.einsum("qhd,khd->hqk", q, fake_quant_int4_rotated(k, h))
+    assert ((ref - engine).norm() / engine.norm()).item() < 1e-6
+    err_plain = (torch.einsum("qhd,khd->hqk", q, fake_quant_int4(k)) - s).norm() / s.norm()
+    err_rot = (engine - s).norm() / s.norm()
+    assert err_rot < 0.5 * err_plain, (err_rot, err_plain)
+
+
+def test_rotated_key_cache(tiny):
+    """model.natix_kv_rotate_keys (the loader's, from rotate_keys): the int4 cache stores Q(kH)Hᵀ for
+    keys (layer 0: exactly), values as before; without a KV4 cache there is nothing to rotate."""
+    model = _model(tiny)
+    model.natix_kv_cache, model.natix_kv_rotate_keys = "int4", True
+    ids = _ids()
+    plain, rot = _plain(model), new_cache(model)
+    h = head_rotation(32).float()
+    assert torch.equal(rot.natix_key_rotation, h)
+    assert new_cache(model, prefill="unquantized").natix_key_rotation is not None
+    _run(model, ids, plain)
+    _run(model, ids, rot)
+    assert torch.equal(rot.layers[0].keys, fake_quant_int4_rotated(plain.layers[0].keys, h))
+    assert torch.equal(rot.layers[0].values, fake_quant_int4(plain.layers[0].values))
+    assert not torch.equal(rot.layers[0].keys, fake_quant_int4(plain.layers[0].keys))
+    model.natix_kv_rotate_keys = False
+    assert new_cache(model).natix_key_rotation is None
+    model.natix_kv_cache, model.natix_kv_rotate_keys = "none", True
+    assert new_cache(model) is None
 
 
 def test_fp8_calibrated_scales_and_cache(tiny):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from natix.quant.errors import QuantError
-from natix.quant.qoq import hadamard_matrix, prepare_model, rotation_matrix, smooth_block
+from natix.quant.qoq import (hadamard_matrix, head_rotation, prepare_model, rotate_value_heads, rotation_matrix,
+                             smooth_block)
 
 TOL = 1e-5
 
@@ -123,6 +124,62 @@ def test_biases_everywhere_preserve_logits(tiny, rotate: bool) -> None:
     err = _rel(_logits(model, ids), ref)
     print(f"llama+biases rotate={rotate}: {err:.2e}")
     assert err < TOL
+
+
+@pytest.mark.parametrize("arch,bias", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_value_rotation_preserves_logits(tiny, arch: str, bias: bool) -> None:
+    """V' = V·H per kv head folded into v_proj rows, Hᵀ into o_proj columns per query head (GQA:
+    4 query heads over 2 kv heads): fp32 logits unchanged, alone and after prepare + smoothing."""
+    model = _model(tiny, arch, 64, bias=bias)
+    ids = _ids(model.config.vocab_size)
+    ref = _logits(model, ids)
+    attn0 = model.model.layers[0].self_attn
+    v_before = attn0.v_proj.weight.detach().clone()
+    reps = [rotate_value_heads(f"model.layers.{i}", layer.self_attn) for i, layer in enumerate(model.model.layers)]
+    assert reps[0] == {"prefix": "model.layers.0", "value_rotation": "hadamard"}
+    assert not torch.allclose(attn0.v_proj.weight, v_before)
+    err_alone = _rel(_logits(model, ids), ref)
+    prepare_model(model, rotate=True, seed=1)
+    _smooth_all(model, ids)
+    for layer in model.model.layers:
+        rotate_value_heads("l", layer.self_attn)
+    err_all = _rel(_logits(model, ids), ref)
+    print(f"{arch} bias={bias}: value rotation {err_alone:.2e}, +prepare/smooth/rotation {err_all:.2e}")
+    assert err_alone < TOL and err_all < TOL
+
+
+def test_value_rotation_without_a_hadamard_order(tiny) -> None:
+    """head_dim 46 (hidden 184, 4 heads) has no Hadamard matrix here: the head rotation is the seeded
+    random orthogonal matrix, and the fold is still exact."""
+    model = _model(tiny, "llama", 184)
+    ids = _ids(model.config.vocab_size)
+    ref = _logits(model, ids)
+    h = head_rotation(46)
+    assert (h @ h.t() - torch.eye(46, dtype=torch.float64)).abs().max() < 1e-12
+    assert torch.equal(h, head_rotation(46))
+    rep = rotate_value_heads("model.layers.0", model.model.layers[0].self_attn)
+    assert rep["value_rotation"] == "random-orthogonal"
+    assert _rel(_logits(model, ids), ref) < TOL
+
+
+def test_value_rotation_spreads_a_value_outlier(tiny) -> None:
+    """The planted loud v_proj row (channel 5 of kv head 0) is spread evenly over the head: each
+    value channel's range gets within a small factor of the others."""
+    model = _model(tiny, "llama", 64)
+    attn = model.model.layers[0].self_attn
+    d = attn.head_dim
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+
+    def spread() -> float:
+        amax = attn.v_proj(x).detach().abs().amax(0)[:d]
+        return (amax.max() / amax.median()).item()
+
+    before = spread()
+    rotate_value_heads("model.layers.0", attn)
+    after = spread()
+    assert before > 5 and after < 2.5, (before, after)
+    h = head_rotation(d)
+    assert torch.allclose(h @ h.t(), torch.eye(d, dtype=torch.float64), atol=1e-12)
 
 
 def test_prepare_model_state(tiny, tmp_path) -> None:

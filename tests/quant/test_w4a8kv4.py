@@ -139,9 +139,44 @@ def test_config_rejects_bad_values(bad):
         config_from_dict({"scheme": "w4a8kv4", **bad})
 
 
+def test_value_rotation_alone_runs_the_block_hook(tiny):
+    """rotate_values with every other transform off still calibrates (prepare_block is where it runs)
+    and keeps the function; the manifest's transforms record both rotation options."""
+    cfg = W4A8KV4Config(gptq=False, rotate=False, smooth_attention=False, smooth_outputs=False, rotate_values=True)
+    assert cfg.needs_calibration() and not cfg.needs_hessians()
+    model = tiny.model("llama")
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report: dict = {}
+    for i, block in enumerate(model.model.layers):
+        cfg.prepare_block(f"model.layers.{i}", block, lambda: None, report)
+    assert set(report) == {"qoq_value_rotation"}
+    with torch.no_grad():
+        assert ((model(ids).logits - ref).norm() / ref.norm()).item() < 1e-5
+    t = W4A8KV4Config(rotate_values=False).hf_quantization_config()["transforms"]
+    assert t["rotate_keys"] is True and t["rotate_values"] is False  # both default on
+
+
+def test_manifest_without_rotation_fields_reads_as_before():
+    """An artifact written before rotate_values / rotate_keys existed loads with both off, whatever
+    the defaults; a new manifest round-trips them."""
+    from natix.quant.schemes import config_from_dict
+
+    old = W4A8KV4Config().to_dict()
+    del old["rotate_values"], old["rotate_keys"]
+    cfg = config_from_dict(old)
+    assert cfg.rotate_values is False and cfg.rotate_keys is False
+    assert W4A8KV4Config().rotate_values and W4A8KV4Config().rotate_keys  # the defaults for new exports
+    assert config_from_dict({"scheme": "w4a8kv4", "group_size": -1}).rotate_keys is True  # partial: defaults
+    new = W4A8KV4Config(rotate_values=True, rotate_keys=True)
+    assert config_from_dict(new.to_dict()) == new
+
+
 def test_needs_calibration():
     assert W4A8KV4Config().needs_calibration()
-    assert not W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=False).needs_calibration()
+    assert not W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=False,
+                             rotate_values=False).needs_calibration()
     assert W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=True).needs_calibration()
 
 
@@ -206,7 +241,7 @@ def test_hf_quantization_config_is_self_describing():
 
 
 def test_hooks_with_transforms_off_are_noops(tiny):
-    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False)
+    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False, rotate_values=False)
     model = tiny.model("qwen2")  # tied embeddings
     report: dict = {}
     cfg.prepare_model(model, report)
@@ -252,11 +287,12 @@ def test_config_module_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_qoq_hooks_preserve_the_function(tiny):
+@pytest.mark.parametrize("rotate_values", [False, True])
+def test_qoq_hooks_preserve_the_function(tiny, rotate_values):
     """prepare_model (untie, fold norms, rotate) and prepare_block (SmoothAttention, output
-    smoothing) through natix.quant.qoq: the float model computes the same logits, the report says
-    what was done, and W4A8 after the transforms stays close to the float model."""
-    cfg = W4A8KV4Config(gptq=False)
+    smoothing, value rotation) through natix.quant.qoq: the float model computes the same logits,
+    the report says what was done, and W4A8 after the transforms stays close to the float model."""
+    cfg = W4A8KV4Config(gptq=False, rotate_values=rotate_values)
     model = tiny.model("qwen2")  # tied embeddings: prepare_model must untie
     ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -266,8 +302,10 @@ def test_qoq_hooks_preserve_the_function(tiny):
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     for i, block in enumerate(model.model.layers):
         cfg.prepare_block(f"model.layers.{i}", block, lambda: model(ids), report)
-    assert set(report) == {"qoq_prepare", "qoq_smooth"}
+    assert set(report) == {"qoq_prepare", "qoq_smooth"} | ({"qoq_value_rotation"} if rotate_values else set())
     assert set(report["qoq_smooth"]) == {"model.layers.0", "model.layers.1"}
+    if rotate_values:
+        assert report["qoq_value_rotation"]["model.layers.1"]["value_rotation"] == "hadamard"
     with torch.no_grad():
         out = model(ids).logits
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
