@@ -154,8 +154,8 @@ def test_value_rotation_alone_runs_the_block_hook(tiny):
     assert set(report) == {"qoq_value_rotation"}
     with torch.no_grad():
         assert ((model(ids).logits - ref).norm() / ref.norm()).item() < 1e-5
-    t = W4A8KV4Config(rotate_values=False).hf_quantization_config()["transforms"]
-    assert t["rotate_keys"] is True and t["rotate_values"] is False  # both default on
+    t = W4A8KV4Config(rotate_keys=True).hf_quantization_config()["transforms"]
+    assert t["rotate_keys"] is True and t["rotate_values"] is False  # both default off (opt-in)
 
 
 def test_manifest_without_rotation_fields_reads_as_before():
@@ -167,8 +167,9 @@ def test_manifest_without_rotation_fields_reads_as_before():
     del old["rotate_values"], old["rotate_keys"]
     cfg = config_from_dict(old)
     assert cfg.rotate_values is False and cfg.rotate_keys is False
-    assert W4A8KV4Config().rotate_values and W4A8KV4Config().rotate_keys  # the defaults for new exports
-    assert config_from_dict({"scheme": "w4a8kv4", "group_size": -1}).rotate_keys is True  # partial: defaults
+    assert not (W4A8KV4Config().rotate_values or W4A8KV4Config().rotate_keys)  # opt-in for new exports
+    partial = config_from_dict({"scheme": "w4a8kv4", "group_size": -1, "rotate_keys": True})  # partial: defaults
+    assert partial.rotate_keys is True and partial.rotate_values is False
     new = W4A8KV4Config(rotate_values=True, rotate_keys=True)
     assert config_from_dict(new.to_dict()) == new
 
