@@ -76,7 +76,8 @@ def resolve(m: Matrix, variant: Variant, scheme: Scheme, kv: str) -> Load:
     # a GPU run calibrates on the GPU (not part of the key: the same export, computed elsewhere)
     from natix.engines.hf_engine import resolve_device
 
-    device = "cuda" if resolve_device(m.device).startswith("cuda") else "cpu"
+    device = resolve_device(m.device)
+    device = device if device.startswith("cuda") else "cpu"  # cuda:N kept; mps calibrates on the CPU
     job = None if (out / "natix_manifest.json").is_file() else {
         "base": m.model, "adapter": adapter, "config": cfg.to_dict(), "out": str(out), "seed": m.seed, **settings,
         "device": device}

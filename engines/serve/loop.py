@@ -194,9 +194,9 @@ class Submission:
         (:func:`~natix.engines.streaming.coalesce`): under load a reader that fell behind catches
         up in one step instead of one per engine step."""
         while self._open:
-            ds = await self._queue.get()
+            ds = list(await self._queue.get())
             while not self._queue.empty():
-                ds = ds + self._queue.get_nowait()
+                ds.extend(self._queue.get_nowait())
             ds = coalesce(ds)
             for d in ds:
                 if d.finished:
