@@ -25,6 +25,7 @@ from natix.engines.natix.kv_cache import SCRATCH_PAGE
 class HasBlocks(Protocol):
     block_table: list[int]
     num_cached_tokens: int
+    inflight: int  # tokens sampled by launched, not yet collected, decode steps (not in token_ids yet)
 
     @property
     def token_ids(self) -> list[int]: ...
@@ -164,8 +165,9 @@ class BlockManager:
         return copy
 
     def needs_page(self, seq: HasBlocks) -> bool:
-        """Whether the position of ``seq``'s newest token (``len(token_ids) - 1``) has no page yet."""
-        return len(seq.block_table) * self.page_size < len(seq.token_ids)
+        """Whether the position of the token ``seq``'s next decode step feeds (``len(token_ids) - 1``,
+        plus its tokens in flight) has no page yet."""
+        return len(seq.block_table) * self.page_size < len(seq.token_ids) + seq.inflight
 
     def can_append(self, seq: HasBlocks) -> bool:
         return not self.needs_page(seq) or self.num_free > 0

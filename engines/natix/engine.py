@@ -51,7 +51,10 @@ class NatixEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         #: what the last step ran: {"prefill": bool, "seqs": rows computed, "tokens": tokens computed}
+        #: (with async scheduling, the decode step whose tokens this step returned)
         self.last_step: dict[str, Any] = {}
+        self._pending: Any = None  # a decode step launched, not yet collected (async scheduling)
+        self.steps_ahead = 0  # decode steps launched before the previous one was read
 
     # ------------------------------------------------------------------------------ load / close
     def load(self, cfg: EngineConfig) -> None:
@@ -135,7 +138,8 @@ class NatixEngine:
                           info={"source_scheme": scheme, "load_format": options.load_format})
 
     def _options(self, cfg: EngineConfig, device: str) -> EngineOptions:
-        defaults = {"max_num_seqs": 256 if device == "cuda" else max(1, cfg.max_batch_size)}
+        defaults = {"max_num_seqs": 256 if device == "cuda" else max(1, cfg.max_batch_size),
+                    "async_scheduling": device == "cuda"}
         return EngineOptions.from_extra(cfg.extra, **defaults)
 
     def load_weights(self, weights: Any, tokenizer: Any = None, eos_ids: Optional[set[int]] = None, *,
@@ -164,10 +168,18 @@ class NatixEngine:
         self._eos = set(eos_ids or ())
         self.weights_scheme = weights.scheme
         self._load_info = {**(info or {}), **weights.info}
+        if device.type == "cuda" and o.warmup != "none":
+            t0 = time.perf_counter()
+            lengths = self.runner.warmup_prefill()
+            t1 = time.perf_counter()
+            self.runner.warmup(modes=tuple(m.strip() for m in o.warmup.split(",")))
+            self._load_info["warmup"] = {"prefill_lengths": lengths, "prefill_s": round(t1 - t0, 3),
+                                         "graphs": len(self.runner.graphs), "graphs_s": round(time.perf_counter() - t1, 3)}
         if self.cfg is None:
             self.cfg = EngineConfig(model="<weights>", device=str(device), dtype=str(weights.embed.dtype))
 
     def close(self) -> None:
+        self._pending = None
         self.runner = None
         self.scheduler = None
         self._requests.clear()
@@ -186,7 +198,8 @@ class NatixEngine:
             "weight_bytes": r.weight_bytes, "max_model_len": self.max_model_len, "max_num_seqs": o.max_num_seqs,
             "max_num_batched_tokens": o.max_num_batched_tokens, "prefill_attention": o.prefill_attention,
             "cuda_graphs": r.use_graphs, "graphs_captured": [f"{b}:{m}:{c}" for b, m, c in sorted(r.graphs)], "graph_capture_s": round(r.capture_s, 3),
-            "prefix_caching": o.enable_prefix_caching, "preemptions": self.scheduler.preemptions,
+            "prefix_caching": o.enable_prefix_caching, "async_scheduling": o.async_scheduling,
+            "decode_steps_ahead": self.steps_ahead, "preemptions": self.scheduler.preemptions,
             "prefix_cache_hit_tokens": self.scheduler.blocks.cache_hit_tokens, **self._load_info,
         }
 
@@ -256,6 +269,11 @@ class NatixEngine:
     def step(self) -> list[RequestDelta]:
         deltas: list[RequestDelta] = []
         self._drain(deltas)
+        if self._pending is not None:  # async scheduling: a decode step is in flight
+            pending, self._pending = self._pending, None
+            self._pending = self._launch_ahead(pending)
+            self._collect(pending, deltas)
+            return deltas
         seqs, prefill = self.scheduler.schedule()
         if not seqs:
             self.last_step = {}
@@ -266,53 +284,117 @@ class NatixEngine:
             for s in seqs:
                 if s.request.started is None:
                     s.request.started = t
-        self.last_step = {"prefill": prefill, "seqs": len(seqs),
-                          "tokens": sum(len(s.token_ids) - s.num_cached_tokens for s in seqs) if prefill else len(seqs)}
-        try:
-            if prefill:
-                logits = runner.prefill(seqs)
-                self._prompt_tokens += sum(len(s.token_ids) - s.num_cached_tokens for s in seqs)
-                rows, sampled = [], []
-                for i, s in enumerate(seqs):
-                    rows.append(i)
-                    sampled.append(s)
-                    req = s.request
-                    if not req.forked and s.index == 0 and len(req.seqs) > 1:
-                        runner.copy_pages(self.scheduler.fork(s))
-                        for c in req.seqs[1:]:
-                            if c.status is Status.RUNNING:
-                                rows.append(i)
-                                sampled.append(c)
-                    elif not req.forked:
-                        req.forked = True
-                if rows != list(range(len(seqs))):
-                    import torch
-
-                    logits = logits[torch.tensor(rows, device=logits.device)]
-                tokens, lps, tops = runner.sample(logits, sampled)
-            else:
-                sampled = seqs
-                tokens, lps, tops = runner.decode(seqs)
-        except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the engine
-            log.exception("natix engine step failed")
-            now = time.perf_counter()
-            if prefill:
-                for s in seqs:
-                    self.scheduler.blocks.forget(s.block_table)
-            for s in {id(x): x for x in seqs}.values():
-                for sib in s.request.seqs:
-                    if not sib.finished:
-                        self.scheduler.finish(sib, "error", now, f"{type(e).__name__}: {e}")
-                        deltas.append(self._delta(sib))
-            self._forget_finished(seqs)
+        else:
+            try:
+                pending = runner.launch_decode(seqs)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the engine
+                self._fail(seqs, e, False, deltas)
+                return deltas
+            self._pending = self._launch_ahead(pending)
+            self._collect(pending, deltas)
             return deltas
+        self.last_step = {"prefill": True, "seqs": len(seqs), "tokens": sum(len(s.token_ids) - s.num_cached_tokens for s in seqs)}
+        try:
+            logits = runner.prefill(seqs)
+            self._prompt_tokens += self.last_step["tokens"]
+            rows, sampled = [], []
+            for i, s in enumerate(seqs):
+                rows.append(i)
+                sampled.append(s)
+                req = s.request
+                if not req.forked and s.index == 0 and len(req.seqs) > 1:
+                    runner.copy_pages(self.scheduler.fork(s))
+                    for c in req.seqs[1:]:
+                        if c.status is Status.RUNNING:
+                            rows.append(i)
+                            sampled.append(c)
+                elif not req.forked:
+                    req.forked = True
+            if rows != list(range(len(seqs))):
+                import torch
+
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            tokens, lps, tops = runner.sample(logits, sampled)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the engine
+            self._fail(seqs, e, True, deltas)
+            return deltas
+        self._emit(sampled, tokens, lps, tops, deltas)
+        return deltas
+
+    def _launch_ahead(self, pending: Any) -> Any:
+        """Async scheduling: launch the next decode step of the running sequences before ``pending``
+        (launched, not collected) is read, its input tokens taken on the device from ``pending``'s. Only
+        when the next step would be that decode anyway: nothing waits to be admitted, every running
+        sequence is in ``pending``, and every page it needs is free (no preemption). A sequence that
+        finishes on ``pending``'s token wastes one token of compute; its result is dropped."""
+        o, sched = self.options, self.scheduler
+        if not o.async_scheduling or sched.waiting or self._inbox:
+            return None
+        members = {id(s) for s in pending.seqs}
+        if any(id(s) not in members for s in sched.running):
+            return None
+        seqs = [s for s in sched.running
+                if s.num_output_tokens + s.inflight < s.request.spec.max_tokens
+                and len(s.token_ids) + s.inflight < self.max_model_len]
+        if not seqs or sum(map(sched.blocks.needs_page, seqs)) > sched.blocks.num_free:
+            return None
+        for s in seqs:
+            sched.blocks.append_slot(s)
+        try:
+            nxt = self.runner.launch_decode(seqs, pending)
+            self.steps_ahead += 1
+            return nxt
+        except Exception:  # noqa: BLE001 - the step is run again, synchronously, after the collect
+            log.exception("natix engine: launching a decode step ahead failed")
+            return None
+
+    def _collect(self, pending: Any, deltas: list[RequestDelta]) -> None:
+        """Read a launched decode step and emit its tokens; sequences that finished (or were aborted)
+        while it ran drop theirs. The step launched ahead of it, if all its sequences are now finished,
+        is dropped as well (its results are never read)."""
+        self.last_step = {"prefill": False, "seqs": len(pending.seqs), "tokens": len(pending.seqs)}
+        try:
+            tokens, lps, tops = self.runner.collect(pending)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the engine
+            self._pending = None
+            self._fail(pending.seqs, e, False, deltas)
+            return
+        live = [j for j, s in enumerate(pending.seqs) if not s.finished]
+        if len(live) < len(pending.seqs):
+            seqs = [pending.seqs[j] for j in live]
+            tokens, lps = [tokens[j] for j in live], [lps[j] for j in live]
+            tops = [tops[j] for j in live] if tops is not None else None
+        else:
+            seqs = pending.seqs
+        self._emit(seqs, tokens, lps, tops, deltas)
+        nxt = self._pending
+        if nxt is not None and all(s.finished for s in nxt.seqs):
+            for s in nxt.seqs:
+                s.inflight = 0
+            self._pending = None
+
+    def _emit(self, sampled: list[Seq], tokens: list[int], lps: list[float], tops: Optional[list[Any]],
+              deltas: list[RequestDelta]) -> None:
         now = time.perf_counter()
         self._generation_tokens += len(sampled)
         for j, s in enumerate(sampled):
             self._append(s, tokens[j], lps[j], tops[j] if tops is not None else None, now)
             deltas.append(self._delta(s))
         self._forget_finished(sampled)
-        return deltas
+
+    def _fail(self, seqs: list[Seq], e: Exception, prefill: bool, deltas: list[RequestDelta]) -> None:
+        log.error("natix engine step failed", exc_info=e)
+        now = time.perf_counter()
+        if prefill:
+            for s in seqs:
+                self.scheduler.blocks.forget(s.block_table)
+        for s in {id(x): x for x in seqs}.values():
+            s.inflight = 0
+            for sib in s.request.seqs:
+                if not sib.finished:
+                    self.scheduler.finish(sib, "error", now, f"{type(e).__name__}: {e}")
+                    deltas.append(self._delta(sib))
+        self._forget_finished(seqs)
 
     def _drain(self, deltas: list[RequestDelta]) -> None:
         now = time.perf_counter()

@@ -9,10 +9,18 @@ is fixed in a graph, and short contexts want fewer splits), captured the first t
 one (or all at once by :meth:`warmup`), sharing one memory pool; a step of B sequences replays the smallest bucket >= B with the rows past
 B padded (they write to the scratch page and their logits are dropped). Inputs go to the device in
 one copy from a pinned host buffer; outputs come back in one copy (the step's only sync).
+
+A decode step is launched (:meth:`ModelRunner.launch_decode`) and collected
+(:meth:`ModelRunner.collect`) separately, so the engine can launch step N+1 before it reads step
+N's tokens (async scheduling): the next step's input tokens are then gathered on the device from
+step N's sampled tokens, and a sequence's positions count its ``inflight`` tokens. The host
+staging and result buffers are double-buffered (pinned), so filling one never races the copy of
+the step still in flight.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -42,6 +50,18 @@ def graph_buckets(max_seqs: int) -> list[int]:
     return sorted(set(out))
 
 
+@dataclass
+class PendingDecode:
+    """A launched decode step: its sequences (row order), the device tensor of its sampled tokens
+    (what a following step's inputs are gathered from), and what :meth:`ModelRunner.collect` reads."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # device [>= len(seqs)], the sampled tokens (any numeric dtype)
+    host: torch.Tensor  # [2, >= len(seqs)] float64 (tokens, logprobs): pinned on CUDA, filled by an async copy
+    event: Any  # torch.cuda.Event recorded after that copy (None off CUDA)
+    tops: Optional[tuple[torch.Tensor, torch.Tensor, list[Any], int]] = None  # top logprobs: vals, ids, specs, n
+
+
 class ModelRunner:
     def __init__(self, weights: ModelWeights, options: EngineOptions, max_model_len: int, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -65,17 +85,22 @@ class ModelRunner:
         self.graph_pool: Any = None
         self.capture_s = 0.0
         g = self.max_graph_batch if self.use_graphs else options.max_num_seqs
-        self._in_len = 4 * g + g * self.max_pages
+        # decode inputs, int32: ids, positions, slots, lengths, source rows (async steps), block tables
+        self._in_len = 5 * g + g * self.max_pages
         pin = device.type == "cuda"
-        self.host_in = torch.zeros(self._in_len, dtype=torch.int32, pin_memory=pin)
-        self.host_np = self.host_in.numpy()
+        self._pin = pin
         self.dev_in = torch.zeros(self._in_len, dtype=torch.int32, device=device)
         self._g = g
         # sampling parameters of a captured step: int64 [top_k, seed, index, position], float32 [temperature, top_p]
-        self.host_si = torch.zeros((4, g), dtype=torch.int64, pin_memory=pin)
-        self.host_sf = torch.zeros((2, g), dtype=torch.float32, pin_memory=pin)
         self.dev_si = torch.zeros((4, g), dtype=torch.int64, device=device)
         self.dev_sf = torch.zeros((2, g), dtype=torch.float32, device=device)
+        # two sets of pinned host buffers (inputs, sampling parameters, results), used alternately
+        self._host = [(torch.zeros(self._in_len, dtype=torch.int32, pin_memory=pin),
+                       torch.zeros((4, g), dtype=torch.int64, pin_memory=pin),
+                       torch.zeros((2, g), dtype=torch.float32, pin_memory=pin),
+                       torch.zeros((2, max(g, options.max_num_seqs)), dtype=torch.float64, pin_memory=pin))
+                      for _ in range(2)]
+        self._turn = 0
 
     # ------------------------------------------------------------------------------ memory
     def _num_pages(self) -> int:
@@ -133,16 +158,23 @@ class ModelRunner:
         with torch.inference_mode():
             return self.model.forward(batch, self.kv)
 
-    def _stage_decode(self, seqs: list[Sequence], rows: int) -> None:
-        """Write the decode inputs of ``seqs`` (padded to ``rows``) into the pinned buffer and copy it."""
+    def _stage_decode(self, seqs: list[Sequence], rows: int, prev: Optional[PendingDecode] = None) -> None:
+        """Write the decode inputs of ``seqs`` (padded to ``rows``) into this turn's pinned buffer and
+        copy it. A sequence with a token in flight (``prev`` not collected yet) takes that token from
+        ``prev``'s device result, gathered after the copy."""
         g, mp, ps = self._g, self.max_pages, self.page_size
-        a = self.host_np
+        host_in = self._host[self._turn][0]
+        a = host_in.numpy()
         b = len(seqs)
-        ids, pos, slots, lens = a[0:g], a[g:2 * g], a[2 * g:3 * g], a[3 * g:4 * g]
-        bt = a[4 * g:].reshape(g, mp)
+        ids, pos, slots, lens, src = a[0:g], a[g:2 * g], a[2 * g:3 * g], a[3 * g:4 * g], a[4 * g:5 * g]
+        bt = a[5 * g:].reshape(g, mp)
+        rows_of = {id(x): j for j, x in enumerate(prev.seqs)} if prev is not None else {}
         for i, s in enumerate(seqs):
-            n = len(s.token_ids)
-            ids[i] = s.token_ids[-1]
+            n = len(s.token_ids) + s.inflight
+            if s.inflight:
+                src[i] = rows_of[id(s)]
+            else:
+                ids[i] = s.token_ids[-1]
             pos[i] = n - 1
             table = s.block_table
             slots[i] = table[(n - 1) // ps] * ps + (n - 1) % ps
@@ -154,58 +186,112 @@ class ModelRunner:
             slots[b:rows] = SCRATCH_PAGE * ps
             lens[b:rows] = 1
             bt[b:rows] = SCRATCH_PAGE
-        self.dev_in.copy_(self.host_in, non_blocking=True)
+        d = self.dev_in
+        d.copy_(host_in, non_blocking=True)
+        if prev is not None and any(s.inflight for s in seqs):
+            flying = [i for i, s in enumerate(seqs) if s.inflight]
+            if len(flying) == b:  # the usual case: every row continues a sequence of prev
+                d[0:b].copy_(prev.tokens.index_select(0, d[4 * g:4 * g + b].long()))
+            else:
+                at = torch.tensor(flying, device=d.device)
+                d[at] = prev.tokens.index_select(0, d[4 * g + at].long()).to(d.dtype)
 
     def _decode_batch(self, rows: int, max_len: int) -> Batch:
         g, mp = self._g, self.max_pages
         d = self.dev_in
         return Batch(input_ids=d[0:rows], positions=d[g:g + rows], slots=d[2 * g:2 * g + rows], is_prefill=False,
-                     block_tables=d[4 * g:].view(g, mp)[:rows], seq_lens=d[3 * g:3 * g + rows], max_len=max_len)
+                     block_tables=d[5 * g:].view(g, mp)[:rows], seq_lens=d[3 * g:3 * g + rows], max_len=max_len)
 
     def decode(self, seqs: list[Sequence]) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
         """One token for each of ``seqs``: forward and sampling (one graph replay where captured)."""
+        return self.collect(self.launch_decode(seqs))
+
+    def launch_decode(self, seqs: list[Sequence], prev: Optional[PendingDecode] = None) -> PendingDecode:
+        """Launch one decode step of ``seqs`` without waiting for it. Sequences with ``inflight``
+        tokens continue from ``prev`` (launched, not collected): their input is its sampled token, on
+        the device. Each sequence's ``inflight`` grows by one; :meth:`collect` reads the result."""
         b = len(seqs)
-        if not self.use_graphs or b > self.max_graph_batch:
-            return self.sample(self.decode_logits(seqs), seqs)
         specs = [s.request.spec for s in seqs]
         mode = _mode(specs)
-        bucket = next(x for x in self.buckets if x >= b)
-        ctx = max(len(s.token_ids) for s in seqs)
+        ctx = max(len(s.token_ids) + s.inflight for s in seqs)
         cb = next(c for c in self.ctx_buckets if c >= ctx)
-        if (bucket, mode, cb) not in self.graphs:
-            self.capture(bucket, mode, cb)
-        self._stage_decode(seqs, bucket)
-        if mode != "greedy":
-            self._stage_sampling(seqs, bucket)
-        graph, logits, res = self.graphs[(bucket, mode, cb)]
-        graph.replay()
         top_n = max(sp.top_logprobs for sp in specs)
-        packed = res[:, :b].cpu()
-        toks = [int(t) for t in packed[0].tolist()]
-        tops = self._tops(logits[:b], specs, top_n) if top_n else None
-        return toks, packed[1].tolist(), tops
+        if self.use_graphs and b <= self.max_graph_batch:
+            bucket = next(x for x in self.buckets if x >= b)
+            if (bucket, mode, cb) not in self.graphs:
+                self.capture(bucket, mode, cb)
+            self._stage_decode(seqs, bucket, prev)
+            if mode != "greedy":
+                self._stage_sampling(seqs, bucket)
+            graph, logits, res = self.graphs[(bucket, mode, cb)]
+            graph.replay()
+            logits, tokens, packed = logits[:b], res[0], res[:, :b]
+        else:
+            self._stage_decode(seqs, b, prev)
+            with torch.inference_mode():
+                logits = self.model.forward(self._decode_batch(b, cb), self.kv)
+            tokens, lps = self._sample_on_device(logits, seqs, specs, mode)
+            packed = torch.stack([tokens.double(), lps.double()])
+        for s in seqs:
+            s.inflight += 1
+        return self._pending(seqs, tokens, packed, logits, specs, top_n)
+
+    def _pending(self, seqs: list[Sequence], tokens: torch.Tensor, packed: torch.Tensor, logits: torch.Tensor,
+                 specs: list[Any], top_n: int) -> PendingDecode:
+        """Start the copy of a step's results to this turn's pinned buffer; flip the turn."""
+        host = self._host[self._turn][3][:, :packed.shape[1]]
+        tops = None
+        with torch.inference_mode():
+            if top_n:
+                vals, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), top_n, dim=-1)
+                tops = (vals, ids, specs, top_n)
+            host.copy_(packed, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._turn ^= 1
+        return PendingDecode(seqs, tokens, host, event, tops)
+
+    def collect(self, p: PendingDecode) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
+        """Wait for a launched step; its tokens, logprobs and (if asked) top logprobs, in row order.
+        Each sequence's ``inflight`` drops by one."""
+        if p.event is not None:
+            p.event.synchronize()
+        for s in p.seqs:
+            s.inflight -= 1
+        toks = [int(t) for t in p.host[0].tolist()]
+        tops = None
+        if p.tops is not None:
+            vals, ids, specs, _ = p.tops
+            ids_l, vals_l = ids.cpu().tolist(), vals.cpu().tolist()
+            tops = [{int(i): float(v) for i, v in zip(ids_l[r][:sp.top_logprobs], vals_l[r][:sp.top_logprobs])}
+                    for r, sp in enumerate(specs)]
+        return toks, p.host[1].tolist(), tops
 
     def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         """The eager decode forward: logits [len(seqs), V] of each sequence's next token. The attention's
         split count follows the context class, as in a captured graph, so both paths compute the same."""
         self._stage_decode(seqs, len(seqs))
+        self._turn ^= 1
         ctx = max(len(s.token_ids) for s in seqs)
         with torch.inference_mode():
             return self.model.forward(self._decode_batch(len(seqs), next(c for c in self.ctx_buckets if c >= ctx)),
                                       self.kv)
 
     def _stage_sampling(self, seqs: list[Sequence], rows: int) -> None:
-        si, sf = self.host_si.numpy(), self.host_sf.numpy()
+        _, host_si, host_sf, _ = self._host[self._turn]
+        si, sf = host_si.numpy(), host_sf.numpy()
         b = len(seqs)
         for i, s in enumerate(seqs):
             sp = s.request.spec
-            si[0, i], si[1, i], si[2, i], si[3, i] = sp.top_k, s.request.seed, s.index, s.num_output_tokens
+            si[0, i], si[1, i], si[2, i], si[3, i] = sp.top_k, s.request.seed, s.index, s.num_output_tokens + s.inflight
             sf[0, i], sf[1, i] = sp.temperature, sp.top_p
         si[:, b:rows] = 0
         sf[0, b:rows] = 0.0
         sf[1, b:rows] = 1.0
-        self.dev_si.copy_(self.host_si, non_blocking=True)
-        self.dev_sf.copy_(self.host_sf, non_blocking=True)
+        self.dev_si.copy_(host_si, non_blocking=True)
+        self.dev_sf.copy_(host_sf, non_blocking=True)
 
     def capture(self, bucket: int, mode: str = "greedy", ctx: Optional[int] = None) -> None:
         """Capture decode + sampling of ``bucket`` rows for contexts up to ``ctx`` tokens (inputs: the
@@ -252,21 +338,49 @@ class ModelRunner:
                     if (bucket, mode, cb) not in self.graphs:
                         self.capture(bucket, mode, cb)
 
+    def warmup_prefill(self, max_tokens: Optional[int] = None) -> list[int]:
+        """Run prefills of lengths that reach every kernel specialization a real prefill can need
+        (each GEMM M bucket, and token counts that are and are not multiples of 16), writing only to
+        the scratch page, so the first requests do not pay Triton's compilation. Returns the lengths."""
+        from types import SimpleNamespace
+
+        from natix.kernels.w4a8_gemm import M_BUCKETS
+
+        top = min(max_tokens or self.options.max_num_batched_tokens, self.max_model_len)
+        lengths = sorted({n for b in M_BUCKETS for n in (b, b - 1, b + 1) if 1 <= n <= top} | {top})
+        ps = self.page_size
+        for n in lengths:
+            fake = SimpleNamespace(token_ids=[0] * n, num_cached_tokens=0, block_table=[SCRATCH_PAGE] * -(-n // ps))
+            logits = self.prefill([fake])  # type: ignore[list-item]
+            z = logits.new_zeros(0)
+            with torch.inference_mode():
+                sample(logits, SamplingBatch(z, z, z, z, z, z, False, False))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return lengths
+
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             self.kv.copy_pages([c[0] for c in copies], [c[1] for c in copies])
 
     # ------------------------------------------------------------------------------ sampling
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float], Optional[list[dict[int, float]]]]:
-        """One token per sequence from its logits row (eager: prefill, and decode without graphs);
-        one device->host copy."""
-        dev = logits.device
+        """One token per sequence from its logits row (eager: the prefill's logits); one device->host copy."""
         specs = [s.request.spec for s in seqs]
-        mode = _mode(specs)
         top_n = max(sp.top_logprobs for sp in specs)
+        with torch.inference_mode():
+            tokens, lps = self._sample_on_device(logits, seqs, specs, _mode(specs))
+            packed = torch.stack([tokens.double(), lps.double()]).cpu()
+        toks = [int(t) for t in packed[0].tolist()]
+        return toks, packed[1].tolist(), self._tops(logits, specs, top_n) if top_n else None
+
+    @staticmethod
+    def _sample_on_device(logits: torch.Tensor, seqs: list[Sequence], specs: list[Any], mode: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         if mode != "greedy":
-            ints = torch.tensor([[sp.top_k for sp in specs], [s.request.seed for s in seqs],
-                                 [s.index for s in seqs], [s.num_output_tokens for s in seqs]], dtype=torch.int64)
+            dev = logits.device
+            ints = torch.tensor([[sp.top_k for sp in specs], [s.request.seed for s in seqs], [s.index for s in seqs],
+                                 [s.num_output_tokens + s.inflight for s in seqs]], dtype=torch.int64)
             flts = torch.tensor([[sp.temperature for sp in specs], [sp.top_p for sp in specs]], dtype=torch.float32)
             ints, flts = ints.to(dev, non_blocking=True), flts.to(dev, non_blocking=True)
             sb = SamplingBatch(flts[0], ints[0], flts[1], ints[1], ints[2], ints[3], True, mode == "filter")
@@ -274,10 +388,7 @@ class ModelRunner:
             z = logits.new_zeros(0)
             sb = SamplingBatch(z, z, z, z, z, z, False, False)
         with torch.inference_mode():
-            tokens, lps = sample(logits, sb)
-            packed = torch.stack([tokens.double(), lps.double()]).cpu()
-        toks = [int(t) for t in packed[0].tolist()]
-        return toks, packed[1].tolist(), self._tops(logits, specs, top_n) if top_n else None
+            return sample(logits, sb)
 
     @staticmethod
     def _tops(logits: torch.Tensor, specs: list[Any], top_n: int) -> list[dict[int, float]]:

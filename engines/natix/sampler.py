@@ -60,23 +60,24 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.
         logits = logits.float()
         t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
         scaled = logits / t[:, None]
-        order = None
         if b.any_filter:
-            scaled, order = torch.sort(scaled, dim=-1, descending=True)
-            vocab = scaled.shape[-1]
-            rank = torch.arange(vocab, device=scaled.device)[None, :]
+            # the filters are decided in sorted order, then mapped back, so the CDF below is always in
+            # vocabulary order: a row without filters draws the same token whether or not another row
+            # of its batch filters (batch invariance of seeded sampling)
+            ranked, order = torch.sort(scaled, dim=-1, descending=True)
+            vocab = ranked.shape[-1]
+            rank = torch.arange(vocab, device=ranked.device)[None, :]
             k = torch.where(b.top_k > 0, b.top_k, torch.full_like(b.top_k, vocab))
             drop = rank >= k[:, None]
-            probs = torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
+            probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
             # the nucleus: drop a token once the mass before it reaches top_p (the first always stays)
             before = torch.cumsum(probs, dim=-1) - probs
             drop |= (before >= b.top_p[:, None]) & (rank > 0)
-            scaled = scaled.masked_fill(drop, float("-inf"))
+            scaled = scaled.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
         cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
         u = uniforms(b.seeds, b.index, b.position)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-        drawn = order.gather(-1, pick[:, None]).squeeze(-1) if order is not None else pick
-        tokens = torch.where(b.temperature > 0, drawn, tokens)
+        tokens = torch.where(b.temperature > 0, pick, tokens)
         chosen = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
     else:
         chosen = best - lse

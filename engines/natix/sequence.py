@@ -22,7 +22,8 @@ class Sequence:
     """Sample ``index`` of ``request``: its tokens (prompt, then generated), its pages, its output.
 
     The KV cache holds the first ``len(token_ids) - 1`` tokens while running (the newest token is
-    computed by the next decode step); ``num_cached_tokens`` counts those a prefill can skip."""
+    computed by the next decode step; with ``inflight`` tokens still on the device, those too);
+    ``num_cached_tokens`` counts those a prefill can skip."""
 
     request: "Request"
     index: int
@@ -44,6 +45,9 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     preemptions: int = 0
+    #: tokens sampled by decode steps that are launched but not collected (async scheduling); the
+    #: next step's position is ``len(token_ids) - 1 + inflight``
+    inflight: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -107,6 +107,12 @@ class EngineOptions:
     QServe's kernels do; the cache still stores them quantized) or ``quantized`` (they attend to
     the stored K/V, the reference path's semantics). ``cuda_graphs``: capture decode per batch
     bucket. ``enable_prefix_caching``: reuse full KV pages of identical prompt prefixes.
+    ``async_scheduling`` (default on CUDA): launch decode step N+1 before reading step N's tokens,
+    so the host's per-step work overlaps the GPU's; a sequence that stops costs one wasted token.
+    ``warmup`` (CUDA): at load, compile the prefill kernels (a prefill of each GEMM M bucket, on the
+    scratch page) and capture the decode graphs of every batch bucket and context class for the
+    listed sampling modes (comma-separated ``greedy``, ``sample``, ``filter``), or ``none``: what
+    is not captured at load is captured by the first step that needs it.
     ``load_format``: ``auto``, or ``dummy`` / ``dummy-fp8`` / ``dummy-w4a8kv4`` /
     ``dummy-w4a8kv4-g128``: random weights of the model directory's config.json shape (benchmarks).
     """
@@ -122,6 +128,8 @@ class EngineOptions:
     prefill_attention: str = "unquantized"
     cuda_graphs: bool = True
     enable_prefix_caching: bool = True
+    async_scheduling: bool = False
+    warmup: str = "greedy,sample"
     load_format: str = "auto"
 
     def __post_init__(self) -> None:
@@ -149,6 +157,10 @@ class EngineOptions:
         if self.prefill_attention not in PREFILL_ATTENTION:
             raise EngineLoadError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, "
                                   f"got {self.prefill_attention!r}")
+        modes = [m.strip() for m in self.warmup.split(",")] if isinstance(self.warmup, str) else [None]
+        if modes != ["none"] and not all(m in ("greedy", "sample", "filter") for m in modes):
+            raise EngineLoadError(f"warmup must be 'none' or a comma-separated list of greedy, sample, filter; "
+                                  f"got {self.warmup!r}")
         if self.load_format not in LOAD_FORMATS:
             raise EngineLoadError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
 

@@ -13,6 +13,7 @@ class S:
     token_ids: list[int]
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    inflight: int = 0
 
 
 def test_allocate_append_free_and_scratch_page_is_never_given():

@@ -41,8 +41,9 @@ def test_is_a_streaming_engine(tiny_arch_dirs, natix_factory):
     assert isinstance(natix_factory(tiny_arch_dirs["llama"], num_kv_pages=16), StreamingEngine)
 
 
-def test_n_samples_share_one_prefill_and_seeds_are_batch_invariant(tiny_arch_dirs, natix_factory):
-    nx = natix_factory(tiny_arch_dirs["llama"], page_size=8, num_kv_pages=128)
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_n_samples_share_one_prefill_and_seeds_are_batch_invariant(asy, tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, page_size=8, num_kv_pages=128)
     spec = SamplingSpec(n=4, temperature=1.0, max_tokens=12, seed=7)
     before = nx.stats().prompt_tokens
     res = nx.generate(PROMPTS[:1], spec)
@@ -65,8 +66,9 @@ def test_top_k_1_and_tiny_top_p_are_greedy(tiny_arch_dirs, natix_factory):
     assert _tokens(nx.generate(PROMPTS, SamplingSpec(temperature=0.9, top_p=1e-6, max_tokens=10, seed=1))) == greedy
 
 
-def test_stop_strings_cut_text_and_streaming_never_shows_them(tiny_arch_dirs, natix_factory):
-    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_stop_strings_cut_text_and_streaming_never_shows_them(asy, tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=64, page_size=8)
     base = nx.generate(PROMPTS[:1], SamplingSpec(max_tokens=20))[0][0]
     stop = base.text[6:9]
     assert len(stop) == 3
@@ -84,8 +86,9 @@ def test_stop_strings_cut_text_and_streaming_never_shows_them(tiny_arch_dirs, na
     assert final is not None and final.completion.text == text == got.text
 
 
-def test_streaming_deltas_add_up_and_requests_join_and_leave(tiny_arch_dirs, natix_factory):
-    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_streaming_deltas_add_up_and_requests_join_and_leave(asy, tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=64, page_size=8)
     # three prompts that run to their max_tokens (no early EOS from this random model)
     p0, p1, p2 = PROMPTS[0], PROMPTS[3], "zzz"
     solo = {p: nx.generate([p], SamplingSpec(max_tokens=m))[0][0] for p, m in ((p0, 15), (p1, 5), (p2, 9))}
@@ -114,8 +117,9 @@ def test_streaming_deltas_add_up_and_requests_join_and_leave(tiny_arch_dirs, nat
     assert max(running) == 3 and running[-1] == 0, running  # all three ran together, then left
 
 
-def test_abort_frees_pages_and_others_go_on(tiny_arch_dirs, natix_factory):
-    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8)
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_abort_frees_pages_and_others_go_on(asy, tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=64, page_size=8)
     keep = nx.add_request("zzz", SamplingSpec(max_tokens=10))
     drop = nx.add_request(PROMPTS[0], SamplingSpec(n=3, temperature=1.0, max_tokens=30))
     reasons = {}
@@ -135,8 +139,9 @@ def test_abort_frees_pages_and_others_go_on(tiny_arch_dirs, natix_factory):
     assert nx.scheduler.blocks.usage() == 0.0
 
 
-def test_request_errors_are_per_request(tiny_arch_dirs, natix_factory):
-    nx = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=9, page_size=8, max_model_len=64, max_num_seqs=4)
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_request_errors_are_per_request(asy, tiny_arch_dirs, natix_factory):
+    nx = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=9, page_size=8, max_model_len=64, max_num_seqs=4)
     ok = nx.add_request(PROMPTS[0], SamplingSpec(max_tokens=8))
     with pytest.raises(RequestError, match="max_model_len"):
         nx.add_request("x" * 60, SamplingSpec(max_tokens=8))
@@ -159,9 +164,10 @@ def test_request_errors_are_per_request(tiny_arch_dirs, natix_factory):
     assert not nx.has_unfinished()  # the refused batch left nothing queued
 
 
-def test_preemption_recomputes_and_loses_nothing(tiny_arch_dirs, natix_factory):
-    big = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=256, page_size=4)
-    small = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=20, page_size=4)  # 19 usable pages = 76 tokens
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_preemption_recomputes_and_loses_nothing(asy, tiny_arch_dirs, natix_factory):
+    big = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=256, page_size=4)
+    small = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=20, page_size=4)  # 19 usable pages = 76 tokens
     prompts = PROMPTS * 2
     spec = SamplingSpec(max_tokens=24)
     want = _tokens(big.generate(prompts, spec))
@@ -172,9 +178,10 @@ def test_preemption_recomputes_and_loses_nothing(tiny_arch_dirs, natix_factory):
     assert small.scheduler.blocks.usage() == 0.0
 
 
-def test_prefix_caching_reuses_pages_with_identical_results(tiny_arch_dirs, natix_factory):
-    on = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=4)
-    off = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=4, enable_prefix_caching=False)
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_prefix_caching_reuses_pages_with_identical_results(asy, tiny_arch_dirs, natix_factory):
+    on = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=64, page_size=4)
+    off = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=64, page_size=4, enable_prefix_caching=False)
     shared = "system: be brief. " * 2
     prompts = [shared + "one", shared + "two", shared + "three"]
     spec = SamplingSpec(max_tokens=12)
@@ -184,6 +191,44 @@ def test_prefix_caching_reuses_pages_with_identical_results(tiny_arch_dirs, nati
     assert on.stats().prefix_cache_hit_tokens - hits0 >= 3 * 32  # the 36-char prefix: 9 full pages each
     assert rest[0] == first[0]
     assert rest == _tokens(off.generate(prompts, spec)) and off.stats().prefix_cache_hit_tokens == 0
+
+
+def test_async_scheduling_computes_what_sync_does(tiny_arch_dirs, natix_factory):
+    """Async scheduling (decode step N+1 launched before step N's tokens are read, its inputs taken
+    from step N's result on the device) gives the same completions as the synchronous loop on a mixed
+    workload: greedy and seeded samples (top-p and plain in one batch), n=3, stop strings that end sequences early (their in-flight
+    token is dropped), different max_tokens, requests joining mid-run; and it did run ahead."""
+    sync = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=4)
+    asy = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=4, async_scheduling=True)
+    base = sync.generate(PROMPTS[:1], SamplingSpec(max_tokens=20))[0][0]
+    stop = base.text[5:7]
+    work = [(PROMPTS[0], SamplingSpec(max_tokens=20, stop=(stop,))), (PROMPTS[1], SamplingSpec(max_tokens=7)),
+            (PROMPTS[2], SamplingSpec(n=3, temperature=1.0, max_tokens=16, seed=11, logprobs=True)),
+            ("zzz", SamplingSpec(temperature=0.8, top_p=0.9, max_tokens=13, seed=2))]
+
+    def run(e):
+        out, step = {}, 0
+        pending = list(enumerate(work))
+        while pending or e.has_unfinished():
+            if pending and step % 3 == 0:
+                i, (p, sp) = pending.pop(0)
+                e.add_request(p, sp, request_id=str(i))
+            for d in e.step():
+                if d.finished:
+                    c = d.completion
+                    out[d.request_id, d.index] = (c.text, c.token_ids, c.token_logprobs, c.finish_reason)
+            step += 1
+        return out
+
+    ahead = asy.steps_ahead
+    want, got = run(sync), run(asy)
+    # the two runs batch requests differently (a request joins one step later under async), so
+    # logprobs may differ in the last bits; tokens, texts and reasons must not
+    assert {k: (v[0], v[1], v[3]) for k, v in got.items()} == {k: (v[0], v[1], v[3]) for k, v in want.items()}
+    assert all(max(abs(a - b) for a, b in zip(got[k][2], want[k][2])) < 1e-4 for k in want if want[k][2])
+    assert want["0", 0][3] == "stop" and len(want["0", 0][1]) < 20
+    assert asy.steps_ahead > ahead and asy.info()["async_scheduling"] is True
+    assert asy._pending is None and asy.scheduler.blocks.usage() == 0.0
 
 
 def test_bad_options_and_architectures(tiny_arch_dirs, tmp_path):
@@ -209,13 +254,14 @@ def test_bad_options_and_architectures(tiny_arch_dirs, tmp_path):
         e.load(EngineConfig(model=str(d)))
 
 
-def test_top_logprobs_match_hf(tiny_arch_dirs, natix_factory):
+@pytest.mark.parametrize("asy", [False, True], ids=["sync", "async"])
+def test_top_logprobs_match_hf(asy, tiny_arch_dirs, natix_factory):
     hf = create_engine("hf")
     hf.load(EngineConfig(model=str(tiny_arch_dirs["llama"])))
     spec = SamplingSpec(max_tokens=6, top_logprobs=3)
     ref = hf.generate(PROMPTS[:2], spec)
     hf.close()
-    got = natix_factory(tiny_arch_dirs["llama"], num_kv_pages=64, page_size=8).generate(PROMPTS[:2], spec)
+    got = natix_factory(tiny_arch_dirs["llama"], async_scheduling=asy, num_kv_pages=64, page_size=8).generate(PROMPTS[:2], spec)
     for g, r in zip(got, ref):
         assert g[0].top_logprobs is not None and len(g[0].top_logprobs) == g[0].num_tokens
         for a, b in zip(g[0].top_logprobs, r[0].top_logprobs):
