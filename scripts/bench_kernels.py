@@ -1,6 +1,6 @@
 """Check and time every natix kernel, shape and baseline on one GPU, in one run; write JSONL.
 
-    python scripts/bench_kernels.py --out reports/kernels.jsonl [--tune] [--sections gemm,kv4,norm,gemlite]
+    python scripts/bench_kernels.py --out reports/kernels.jsonl [--tune] [--sections gemm,kv4,rope,norm,gemlite]
 
 Each line is one measurement: {"kind": ..., shape fields, "impl": ..., "us": median, "rel_err": ...,
 "env": {...}}. Timing: triton.testing.do_bench (median) over a CUDA graph that replays R calls on R
@@ -456,10 +456,63 @@ def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
     out(kind="kv4_write", batch=64, impl="triton", us=us)
 
 
+ROPE_CASES = ((1, 32, 8, 128), (64, 32, 8, 128), (1024, 32, 8, 128))  # (tokens, Hq, Hkv, D): Llama-3-8B
+
+
+def bench_rope_write(out: Out, cases=ROPE_CASES, page: int = 64) -> None:
+    """RoPE + KV4 write per layer and step: the fused launch without and with the head rotation
+    (w4a8kv4 rotate_keys), and the rotation's previous three steps (rope_triton, float32 q·H and k·H
+    matmuls, kv4_write_triton) as the baseline the fused one replaces. Checked against
+    rope_cache_write_reference on the same inputs: rel_err of q, k in place; the key codes' mismatch
+    fraction (of the written ones) and largest step; the key scales' rel_err."""
+    from natix.kernels.kv4_cache import kv4_write_triton
+    from natix.kernels.rope import cos_sin_table, rope_triton
+    from natix.kernels.rope_cache_write import rope_cache_write, rope_cache_write_reference
+    from natix.quant.qoq import head_rotation
+
+    for t, hq, hkv, d in cases:
+        rec = dict(kind="rope_kv4_write", tokens=t, hq=hq, hkv=hkv, d=d, page=page)
+        rot = head_rotation(d).float().to(DEV)
+        table = cos_sin_table(torch.rand(d // 2, device=DEV), 4096)
+        pos = torch.randint(0, 4096, (t,), device=DEV, dtype=torch.int32)
+        pages = -(-t // page) * 2
+        slots = torch.randperm(pages * page, device=DEV)[:t].to(torch.int32)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=DEV, dtype=torch.bfloat16)
+        views = lambda a: (a[:, :hq * d].view(t, hq, d), a[:, hq * d:(hq + hkv) * d].view(t, hkv, d),  # noqa: E731
+                           a[:, (hq + hkv) * d:].view(t, hkv, d))
+        q, k, v = views(qkv)
+        cache = KV4Cache.empty(pages, hkv, page, d, DEV)
+        nbytes = t * (hq + 2 * hkv) * d * 2 * 2 + t * hkv * (d + 8)  # q, k read and written, v read; codes + scales
+        for label, r in (("fused", None), ("fused + rotation", rot)):
+            x, ref = qkv.clone(), qkv.clone()
+            xc, rc = KV4Cache.empty(pages, hkv, page, d, DEV), KV4Cache.empty(pages, hkv, page, d, DEV)
+            rope_cache_write(*views(x), pos, table, slots, kv4=xc, rotation=r)
+            rope_cache_write_reference(*views(ref), pos, table, slots, kv4=rc, rotation=r)
+            codes = [(a.int() >> sh) & 15 for a in (xc.k, rc.k) for sh in (0, 4)]  # k nibbles: lo, hi; ref lo, hi
+            diff = torch.cat([(codes[0] - codes[2]).abs(), (codes[1] - codes[3]).abs()])
+            us = bench_graph([lambda r=r: rope_cache_write(q, k, v, pos, table, slots, kv4=cache, rotation=r)])
+            # the reference's RoPE multiplies in bf16, the kernel's in float32: an ulp there may move a code by one
+            out(**rec, impl=f"triton {label} (1 launch)", us=us, rel_err=rel(x, ref),
+                code_mismatch=float((diff > 0).float().sum() / (t * hkv * d)), code_maxdiff=int(diff.max()),
+                scale_rel_err=rel(xc.k_scale, rc.k_scale), bytes=nbytes, gbps=nbytes / us / 1e3)
+
+        def three_steps():
+            rope_triton(q, k, pos, table, check=False)
+            q.copy_((q.float() @ rot).to(q.dtype))
+            k.copy_((k.float() @ rot).to(k.dtype))
+            kv4_write_triton(cache, k, v, slots)
+
+        us = bench_graph([three_steps])
+        out(**rec, impl="rotation in 3 steps: rope_triton, fp32 matmuls, kv4_write_triton (previous engine path)", us=us,
+            bytes=nbytes, gbps=nbytes / us / 1e3)
+        del cache, qkv
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.jsonl")
-    ap.add_argument("--sections", default="gemm,norm,kv4,gemlite")
+    ap.add_argument("--sections", default="gemm,norm,kv4,rope,gemlite")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tuned-out", default="w4a8_gemm.json")
     ap.add_argument("--gemlite-modes", default="bundled-config,autotune-fast")
@@ -489,6 +542,9 @@ def main() -> None:
     if "kv4" in secs:
         bench_kv4(out, copy_bw, a.tune)
         print(f"[kv4 done {time.time() - t0:.0f}s]", flush=True)
+    if "rope" in secs:
+        bench_rope_write(out)
+        print(f"[rope done {time.time() - t0:.0f}s]", flush=True)
     if "gemm" in secs:
         bench_gemm(out, shapes, ms)
         print(f"[gemm done {time.time() - t0:.0f}s]", flush=True)

@@ -5,7 +5,7 @@ Per layer (W4A8KV4; dense and FP8 differ only where marked):
     x      = add_rmsnorm(h, delta, γ_in)          residual add + norm (+ INT8 quant for W4A8), in place on h
     qkv    = QKV(x)                                one GEMM for q, k and v
     rope(q, k); write(k, v) -> cache               one launch; KV4: quantize on write
-                                                   (rotate_keys: rope, q·H and k·H, then the write)
+                                                   (rotate_keys: q·H and k·H too, same launch)
     a      = attention(q, cache | k, v)            decode: paged kernel; prefill: varlen flash / SDPA
     delta  = O(a)                                  (W4A8: per-token INT8 quant of a first)
     x      = add_rmsnorm(h, delta, γ_post)
@@ -116,35 +116,17 @@ class DecoderModel:
     # ------------------------------------------------------------------------------ KV cache
     def _rope_write(self, kv: PagedKVCache, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     batch: Batch) -> None:
-        """RoPE on q and k in place, and k, v into the cache (one launch on CUDA)."""
+        """RoPE on q and k in place, and k, v into the cache (one launch on CUDA). rotate_keys (KV4
+        cache only): the same launch also rotates q and k by ``key_rotation`` after RoPE (q ← q H,
+        k ← k H in place, a float32 product rounded to the model dtype) and writes the rotated keys."""
         from natix.kernels.rope_cache_write import rope_cache_write, rope_cache_write_reference
 
         c = kv.layer_caches[li]
-        if self.key_rotation is not None:
-            self._rope_rotate_write(c, q, k, v, batch)
-            return
         caches = {"kv4": c} if kv.kind == "int4" else {"k_cache": c[0], "v_cache": c[1]}
+        if self.key_rotation is not None:
+            caches["rotation"] = self.key_rotation
         fn = rope_cache_write if self.ops.gpu else rope_cache_write_reference
         fn(q, k, v, batch.positions, self.cos_sin, batch.slots, **caches)
-
-    def _rope_rotate_write(self, c: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> None:
-        """rotate_keys (KV4 cache only): RoPE in place, then q ← q H and k ← k H in place (a float32
-        matmul rounded to the model dtype), then the KV4 write of the rotated keys. The same kernels as
-        the fused launch, in three steps, so the cache format is unchanged."""
-        h = self.key_rotation
-        if self.ops.gpu:
-            from natix.kernels.kv4_cache import kv4_write_triton as write
-            from natix.kernels.rope import rope_triton
-
-            rope_triton(q, k, batch.positions, self.cos_sin, check=False)
-        else:
-            from natix.kernels.kv4_cache import kv4_write_reference as write
-            from natix.kernels.rope import rope_reference
-
-            rope_reference(q, k, batch.positions, self.cos_sin)
-        q.copy_((q.float() @ h).to(q.dtype))
-        k.copy_((k.float() @ h).to(k.dtype))
-        write(c, k, v, batch.slots)
 
     def _decode_attention(self, kv: PagedKVCache, li: int, q: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[B, Hq, D]: one new token per row over its cached context."""

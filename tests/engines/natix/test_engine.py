@@ -360,13 +360,29 @@ k[..., 5] *= 20
 pos = torch.tensor([0, 1, 2, 3, 7, 9])
 slots = torch.tensor([0, 1, 2, 3, 12, -1])
 cs = cos_sin_table(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), 64)
+import natix.kernels.rope_cache_write as rcw
+launches = []
+rcw._kernel.cache_clear()
+rcw._launcher.cache_clear()
+kern = rcw._kernel()
+class Counting:  # the launcher indexes the jitted kernel by its grid: count those launches
+    def __getitem__(self, grid):
+        launches.append(grid)
+        return kern[grid]
+rcw._kernel = lambda: Counting()
+import natix.kernels.kv4_cache as kv4m, natix.kernels.rope as ropem
+def unused(*a, **kw):
+    raise AssertionError("the separate rope / KV4 write kernels are not the rotate_keys path any more")
+ropem.rope_triton = kv4m.kv4_write_triton = unused
 out = {}
 for gpu in (False, True):
     fake = types.SimpleNamespace(ops=types.SimpleNamespace(gpu=gpu), key_rotation=head_rotation(d).float(), cos_sin=cs)
     c = KV4Cache.empty(4, hk, 8, d)
+    kv = types.SimpleNamespace(layer_caches=[c], kind="int4")
     qq, kk = q.clone(), k.clone()
-    DecoderModel._rope_rotate_write(fake, c, qq, kk, v, types.SimpleNamespace(positions=pos, slots=slots))
+    DecoderModel._rope_write(fake, kv, 0, qq, kk, v, types.SimpleNamespace(positions=pos, slots=slots))
     out[gpu] = (qq, kk, c)
+assert launches == [(t,)], launches  # the CUDA branch: one fused launch, none on the CPU branch
 (q0, k0, c0), (q1, k1, c1) = out[False], out[True]
 assert torch.allclose(q0, q1, atol=1e-5) and torch.allclose(k0, k1, atol=1e-5)
 for a, b in zip(c0.tensors(), c1.tensors()):
@@ -376,9 +392,9 @@ print("ok")
 
 
 def test_rotate_keys_gpu_branch_in_the_triton_interpreter():
-    """The CUDA branch of the key rotation (rope_triton, the matmul, kv4_write_triton), run by Triton's
-    interpreter on CPU tensors, stores what the CPU branch stores (codes within one step: the two
-    RoPEs may differ by an ulp)."""
+    """The CUDA branch of the key rotation (one rope_cache_write launch: RoPE, q·H and k·H, the KV4
+    write), run by Triton's interpreter on CPU tensors, stores what the CPU branch
+    (rope_cache_write_reference) stores (codes within one step: the two RoPEs may differ by an ulp)."""
     import os
     import subprocess
     import sys
