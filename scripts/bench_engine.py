@@ -13,6 +13,11 @@ Sections:
   (``--kv-gb``), per scheme: throughput and the batch reached.
 - ``maj``: one 512-token prompt, 256 new tokens, maj@8 (n=8, T=0.7) vs greedy: latency ratio and
   the KV pages used against one prompt + 8 x generated.
+- ``coldstart``: an engine as natix-serve makes it (``--warmup``, async scheduling on): load time
+  (random weights + warm-up), then the first requests of new shapes (1 x 1024, 8 x 128, 32 x 512
+  tokens) and the same again; run it first in a fresh process with a fresh TRITON_CACHE_DIR to see
+  what a first start costs.
+``engine``, ``qserve`` and ``profile`` run each scheme with async scheduling off and on (``--async``).
 Every line carries the environment (card, driver, versions, git SHA, command, copy bandwidth).
 """
 from __future__ import annotations
@@ -233,10 +238,13 @@ def section_host(out: Out) -> None:
 
 # ------------------------------------------------------------------------------------ engine
 def make_engine(scheme: str, group: int, **opts: Any) -> Any:
+    """An engine on random weights; graphs are captured by each section (warm-up at load off) unless
+    ``opts`` says otherwise."""
     from natix.engines.natix.engine import NatixEngine
     from natix.engines.natix.spec import EngineOptions
     from natix.engines.natix.weights import random_weights
 
+    opts = {"warmup": "none", "async_scheduling": False, **opts}
     t = time.perf_counter()
     w = random_weights(SPEC, scheme, device=DEV, dtype=torch.bfloat16 if DEV.type == "cuda" else torch.float32,
                        group_size=group, seed=0)
@@ -308,6 +316,12 @@ def prompts_of(b: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rnd.randrange(vocab) for _ in range(length)] for _ in range(b)]
 
 
+def set_async(e: Any, on: bool) -> None:
+    import dataclasses
+
+    e.options = dataclasses.replace(e.options, async_scheduling=on)
+
+
 def label(scheme: str, group: int) -> str:
     return {"dense": "bf16", "fp8": "fp8"}.get(scheme, f"w4a8kv4-{'g128' if group == 128 else 'chan'}")
 
@@ -323,14 +337,16 @@ def section_engine(out: Out, a: argparse.Namespace) -> None:
             t = time.perf_counter()
             e.runner.warmup(a.batches, contexts=[a.prompt_len + a.gen])
             warm = time.perf_counter() - t
-            for b in a.batches:
+            for b, asy in ((b, asy) for b in a.batches for asy in a.async_list):
+                set_async(e, asy)
                 spec = SamplingSpec(max_tokens=a.gen)
                 vocab = e.runner.spec.vocab
                 # warm the prefill path at this shape; every run then has fresh prompts (no prefix-cache hits)
                 run_requests(e, prompts_of(b, a.prompt_len, vocab, seed=10**6 + b), spec.replace(max_tokens=2))
                 for rep in range(a.reps):
-                    r = run_requests(e, prompts_of(b, a.prompt_len, vocab, seed=1000 * b + rep), spec)
+                    r = run_requests(e, prompts_of(b, a.prompt_len, vocab, seed=1000 * b + rep + 17 * asy), spec)
                     out(kind="engine", scheme=label(scheme, group), batch=b, prompt_len=a.prompt_len, gen=a.gen, rep=rep,
+                        async_scheduling=asy, steps_ahead=e.steps_ahead,
                         graphs=e.runner.use_graphs, load_s=round(e.load_s, 2), graph_warmup_s=round(warm, 2),
                         weight_gb=round(e.runner.weight_bytes / 2**30, 3), kv_gb=round(e.runner.kv.nbytes / 2**30, 3),
                         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV.type == "cuda" else None,
@@ -363,9 +379,11 @@ def section_qserve(out: Out, a: argparse.Namespace) -> None:
             prompts = prompts_of(b, 1024, e.runner.spec.vocab, seed=7)
             run_requests(e, prompts[:2], SamplingSpec(max_tokens=4))
             e.runner.warmup([b], contexts=[1024 + a.qserve_gen])
-            r = run_requests(e, prompts, SamplingSpec(max_tokens=a.qserve_gen))
-            out(kind="qserve", scheme=label(scheme, group), prompt_len=1024, gen=a.qserve_gen,
-                kv_cache_gb=round(e.runner.kv.nbytes / 2**30, 3), kv_capacity_tokens=cap, concurrency_target=b, **r)
+            for asy in a.async_list:
+                set_async(e, asy)
+                r = run_requests(e, prompts_of(b, 1024, e.runner.spec.vocab, seed=7 + asy), SamplingSpec(max_tokens=a.qserve_gen))
+                out(kind="qserve", scheme=label(scheme, group), prompt_len=1024, gen=a.qserve_gen, async_scheduling=asy,
+                    kv_cache_gb=round(e.runner.kv.nbytes / 2**30, 3), kv_capacity_tokens=cap, concurrency_target=b, **r)
         except Exception as ex:  # noqa: BLE001
             traceback.print_exc()
             out(kind="qserve", scheme=label(scheme, group), error=f"{type(ex).__name__}: {ex}")
@@ -411,7 +429,8 @@ def section_profile(out: Out, a: argparse.Namespace) -> None:
         try:
             e = make_engine(scheme, group, max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.gen + 64,
                             max_num_batched_tokens=max(8192, max(a.batches) * a.prompt_len), kv_cache_memory_gb=a.kv_gb)
-            for b in a.batches:
+            for b, asy in ((b, asy) for b in a.batches for asy in a.async_list):
+                set_async(e, asy)
                 e.runner.warmup([b], contexts=[a.prompt_len + 40])
                 prompts = prompts_of(b, a.prompt_len, e.runner.spec.vocab, seed=b)
                 for p in prompts:
@@ -436,12 +455,43 @@ def section_profile(out: Out, a: argparse.Namespace) -> None:
                                                             else ev.cuda_time_total)
                 total = sum(sum(v) for v in kern.values()) / 20
                 top = sorted(((k, sum(v) / 20, len(v) / 20) for k, v in kern.items()), key=lambda x: -x[1])[:20]
-                out(kind="profile", scheme=label(scheme, group), batch=b, step_wall_ms=round(1e3 * statistics.median(walls), 3),
+                out(kind="profile", scheme=label(scheme, group), batch=b, async_scheduling=asy, step_wall_ms=round(1e3 * statistics.median(walls), 3),
                     gpu_us_per_step=round(total, 1), kernels_per_step=round(sum(len(v) for v in kern.values()) / 20, 1),
                     top=[{"kernel": k[:80], "us_per_step": round(us, 1), "calls_per_step": c} for k, us, c in top])
         except Exception as ex:  # noqa: BLE001
             traceback.print_exc()
             out(kind="profile", scheme=label(scheme, group), error=f"{type(ex).__name__}: {ex}")
+        finally:
+            if e is not None:
+                free(e)
+
+
+def section_coldstart(out: Out, a: argparse.Namespace) -> None:
+    from natix.engines.base import SamplingSpec
+
+    for scheme, group in a.scheme_list:
+        e = None
+        try:
+            before = torch.cuda.memory_reserved() if DEV.type == "cuda" else 0
+            e = make_engine(scheme, group, max_model_len=4096, kv_cache_memory_gb=a.kv_gb, warmup=a.warmup,
+                            async_scheduling=True)
+            info = e.info()
+            rec: dict[str, Any] = {}
+            vocab = e.runner.spec.vocab
+            for again in (False, True):
+                for name, b, plen in (("1x1024", 1, 1024), ("8x128", 8, 128), ("32x512", 32, 512)):
+                    r = run_requests(e, prompts_of(b, plen, vocab, seed=b * 7 + plen + again), SamplingSpec(max_tokens=16))
+                    rec[name + ("_again" if again else "_first")] = {k: r[k] for k in ("wall_s", "ttft_ms_p50", "ttft_ms_p99",
+                                                                                         "itl_ms_p50", "decode_step_ms_p99")}
+            out(kind="coldstart", scheme=label(scheme, group), warmup=a.warmup, load_s=round(e.load_s, 2),
+                warmup_info=info.get("warmup"), graphs_at_load=len(info["graphs_captured"]),
+                graph_capture_s=info["graph_capture_s"], triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"),
+                weight_gb=round(e.runner.weight_bytes / 2**30, 3), kv_gb=round(e.runner.kv.nbytes / 2**30, 3),
+                reserved_gb_after_load=round(((torch.cuda.memory_reserved() if DEV.type == "cuda" else 0) - before) / 2**30, 2),
+                **rec)
+        except Exception as ex:  # noqa: BLE001
+            traceback.print_exc()
+            out(kind="coldstart", scheme=label(scheme, group), warmup=a.warmup, error=f"{type(ex).__name__}: {ex}")
         finally:
             if e is not None:
                 free(e)
@@ -459,6 +509,8 @@ def main() -> None:
     p.add_argument("--kv-gb", type=float, default=24.0, help="KV cache memory per engine (equal for every scheme)")
     p.add_argument("--qserve-gen", type=int, default=512)
     p.add_argument("--qserve-max-seqs", type=int, default=512)
+    p.add_argument("--async", dest="async_modes", default="off,on", help="async scheduling in engine/qserve/profile: off,on")
+    p.add_argument("--warmup", default="greedy,sample", help="the coldstart section's engine option warmup")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model (a dry run of the script, e.g. on CPU)")
     a = p.parse_args()
     global SPEC
@@ -468,6 +520,7 @@ def main() -> None:
     SPEC = LLAMA3_8B if not a.tiny else ModelSpec(arch="llama", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
                                                    intermediate=512, vocab=1000, rms_eps=1e-5, max_positions=4096)
     a.batches = [int(x) for x in a.batches.split(",")]
+    a.async_list = [{"off": False, "on": True}[x] for x in a.async_modes.split(",")]
     a.scheme_list = []
     for s in a.schemes.split(","):
         a.scheme_list.append(("w4a8kv4", 128) if s == "w4a8kv4-g128" else (s, -1))
@@ -480,7 +533,7 @@ def main() -> None:
         t = time.perf_counter()
         {"host": lambda: section_host(out), "engine": lambda: section_engine(out, a),
          "qserve": lambda: section_qserve(out, a), "maj": lambda: section_maj(out, a),
-         "profile": lambda: section_profile(out, a)}[s]()
+         "profile": lambda: section_profile(out, a), "coldstart": lambda: section_coldstart(out, a)}[s]()
         print(f"== section {s}: {time.perf_counter() - t:.1f} s", flush=True)
 
 
