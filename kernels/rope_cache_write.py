@@ -75,7 +75,7 @@ def _kernel():
         q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, rot_ptr, c0, c1, c2, c3, c4, c5,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HQ: tl.constexpr, HK: tl.constexpr, HP: tl.constexpr, HKP: tl.constexpr, HALF: tl.constexpr,
-        PAGE: tl.constexpr, KV4: tl.constexpr, ROT: tl.constexpr,
+        PAGE: tl.constexpr, KV4: tl.constexpr, ROT: tl.constexpr, ROT_SIGNS: tl.constexpr, ROT_SCALE: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -100,10 +100,14 @@ def _kernel():
         q_lo = (x1 * c - x2 * s).to(dt)
         q_hi = (x2 * c + x1 * s).to(dt)
         if ROT:  # on the dtype-rounded RoPE result, in float32, rounded again (the separate path's arithmetic)
-            a = q_lo.to(tl.float32)
-            b = q_hi.to(tl.float32)
-            q_lo = (tl.dot(a, h_ll, input_precision="ieee") + tl.dot(b, h_hl, input_precision="ieee")).to(dt)
-            q_hi = (tl.dot(a, h_lh, input_precision="ieee") + tl.dot(b, h_hh, input_precision="ieee")).to(dt)
+            if ROT_SIGNS:  # 16-bit dots against the +-1 matrix (exact products), float32 sums, then the scale
+                q_lo, q_hi = (((tl.dot(q_lo, h_ll) + tl.dot(q_hi, h_hl)) * ROT_SCALE).to(dt),
+                                ((tl.dot(q_lo, h_lh) + tl.dot(q_hi, h_hh)) * ROT_SCALE).to(dt))
+            else:
+                a = q_lo.to(tl.float32)
+                b = q_hi.to(tl.float32)
+                q_lo = (tl.dot(a, h_ll, input_precision="ieee") + tl.dot(b, h_hl, input_precision="ieee")).to(dt)
+                q_hi = (tl.dot(a, h_lh, input_precision="ieee") + tl.dot(b, h_hh, input_precision="ieee")).to(dt)
         tl.store(qb, q_lo, mask=qok)
         tl.store(qb + HALF, q_hi, mask=qok)
         # keys: rotate in place (rounded to the tensor dtype, as the separate rope kernel stores them)
@@ -115,10 +119,14 @@ def _kernel():
         k_lo = (x1 * c - x2 * s).to(dt)
         k_hi = (x2 * c + x1 * s).to(dt)
         if ROT:
-            a = k_lo.to(tl.float32)
-            b = k_hi.to(tl.float32)
-            k_lo = (tl.dot(a, h_ll, input_precision="ieee") + tl.dot(b, h_hl, input_precision="ieee")).to(dt)
-            k_hi = (tl.dot(a, h_lh, input_precision="ieee") + tl.dot(b, h_hh, input_precision="ieee")).to(dt)
+            if ROT_SIGNS:  # 16-bit dots against the +-1 matrix (exact products), float32 sums, then the scale
+                k_lo, k_hi = (((tl.dot(k_lo, h_ll) + tl.dot(k_hi, h_hl)) * ROT_SCALE).to(dt),
+                                ((tl.dot(k_lo, h_lh) + tl.dot(k_hi, h_hh)) * ROT_SCALE).to(dt))
+            else:
+                a = k_lo.to(tl.float32)
+                b = k_hi.to(tl.float32)
+                k_lo = (tl.dot(a, h_ll, input_precision="ieee") + tl.dot(b, h_hl, input_precision="ieee")).to(dt)
+                k_hi = (tl.dot(a, h_lh, input_precision="ieee") + tl.dot(b, h_hh, input_precision="ieee")).to(dt)
         tl.store(kb, k_lo, mask=kok)
         tl.store(kb + HALF, k_hi, mask=kok)
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -159,7 +167,8 @@ def _kernel():
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(hq: int, hk: int, half: int, page: int, kv4: bool, rot: bool = False):
+def _launcher(hq: int, hk: int, half: int, page: int, kv4: bool, rot: bool = False, signs: bool = False,
+              scale: float = 1.0):
     import triton
 
     from .launch import Launcher
@@ -167,7 +176,20 @@ def _launcher(hq: int, hk: int, half: int, page: int, kv4: bool, rot: bool = Fal
     # tl.dot takes tiles of at least 16 rows: with the rotation the head tiles are padded (masked) to 16
     lo = 16 if rot else 1
     return Launcher(_kernel(), HQ=hq, HK=hk, HP=max(lo, triton.next_power_of_2(hq)),
-                    HKP=max(lo, triton.next_power_of_2(hk)), HALF=half, PAGE=page, KV4=kv4, ROT=rot, num_warps=4)
+                    HKP=max(lo, triton.next_power_of_2(hk)), HALF=half, PAGE=page, KV4=kv4, ROT=rot, ROT_SIGNS=signs,
+                    ROT_SCALE=scale, num_warps=4)
+
+
+def _sign_form(rotation: torch.Tensor, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, float]]:
+    """``(S in dtype, c)`` with ``rotation == c S`` and ``S`` of +-1, or None; computed once and kept
+    on the tensor (the engine passes one rotation for its lifetime)."""
+    forms = rotation.__dict__.setdefault("_natix_sign_forms", {})
+    if (dtype, rotation._version) not in forms:
+        c = float(rotation.abs().max())
+        signs = torch.sign(rotation)
+        exact = c > 0 and bool((signs != 0).all()) and bool(((signs * c - rotation).abs() <= 1e-6 * c).all())
+        forms[dtype, rotation._version] = (signs.to(dtype).contiguous(), c) if exact else None
+    return forms[dtype, rotation._version]
 
 
 def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -190,6 +212,17 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         tensors, page = kv4.tensors(), kv4.page_size
     else:
         tensors, page = (k_cache, v_cache, k_cache, k_cache, k_cache, k_cache), k_cache.shape[2]
-    _launcher(q.shape[1], k.shape[1], q.shape[2] // 2, page, kv4 is not None, rotation is not None)(
-        (t,), q, k, v, positions, cos_sin, slots, q if rotation is None else rotation, *tensors, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+    signs, scale, rot = None, 1.0, q
+    if rotation is not None:
+        rot = rotation
+        # (Triton 3.x's interpreter computes bfloat16 dots wrongly, numpy having no bfloat16: it takes
+        # the float32 path there; fp16 runs the 16-bit path under the interpreter, bf16 on GPUs)
+        interp_bf16 = q.dtype == torch.bfloat16 and not q.is_cuda
+        if q.dtype in (torch.float16, torch.bfloat16) and not interp_bf16:
+            form = _sign_form(rotation, q.dtype)
+            if form is not None:
+                rot, scale = form
+                signs = True
+    _launcher(q.shape[1], k.shape[1], q.shape[2] // 2, page, kv4 is not None, rotation is not None, bool(signs), scale)(
+        (t,), q, k, v, positions, cos_sin, slots, rot, *tensors, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1))

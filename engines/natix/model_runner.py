@@ -57,7 +57,7 @@ class PendingDecode:
 
     seqs: list[Sequence]
     tokens: torch.Tensor  # device [>= len(seqs)], the sampled tokens (any numeric dtype)
-    host: torch.Tensor  # [2, >= len(seqs)] float64 (tokens, logprobs): pinned on CUDA, filled by an async copy
+    host: torch.Tensor  # [len(seqs), 2] float64 (token, logprob) rows: pinned on CUDA, filled by an async copy
     event: Any  # torch.cuda.Event recorded after that copy (None off CUDA)
     tops: Optional[tuple[torch.Tensor, torch.Tensor, list[Any], int]] = None  # top logprobs: vals, ids, specs, n
 
@@ -98,7 +98,7 @@ class ModelRunner:
         self._host = [(torch.zeros(self._in_len, dtype=torch.int32, pin_memory=pin),
                        torch.zeros((4, g), dtype=torch.int64, pin_memory=pin),
                        torch.zeros((2, g), dtype=torch.float32, pin_memory=pin),
-                       torch.zeros((2, max(g, options.max_num_seqs)), dtype=torch.float64, pin_memory=pin))
+                       torch.zeros(2 * max(g, options.max_num_seqs), dtype=torch.float64, pin_memory=pin))
                       for _ in range(2)]
         self._turn = 0
 
@@ -225,21 +225,22 @@ class ModelRunner:
                 self._stage_sampling(seqs, bucket)
             graph, logits, res = self.graphs[(bucket, mode, cb)]
             graph.replay()
-            logits, tokens, packed = logits[:b], res[0], res[:, :b]
+            logits, tokens, packed = logits[:b], res[:, 0], res[:b]
         else:
             self._stage_decode(seqs, b, prev)
             with torch.inference_mode():
                 logits = self.model.forward(self._decode_batch(b, cb), self.kv)
             tokens, lps = self._sample_on_device(logits, seqs, specs, mode)
-            packed = torch.stack([tokens.double(), lps.double()])
+            packed = torch.stack([tokens.double(), lps.double()], dim=1)
         for s in seqs:
             s.inflight += 1
         return self._pending(seqs, tokens, packed, logits, specs, top_n)
 
     def _pending(self, seqs: list[Sequence], tokens: torch.Tensor, packed: torch.Tensor, logits: torch.Tensor,
                  specs: list[Any], top_n: int) -> PendingDecode:
-        """Start the copy of a step's results to this turn's pinned buffer; flip the turn."""
-        host = self._host[self._turn][3][:, :packed.shape[1]]
+        """Start the copy of a step's results (``packed`` [B, 2], contiguous) to this turn's pinned
+        buffer (a contiguous view: a strided pinned destination would make the copy synchronous); flip the turn."""
+        host = self._host[self._turn][3][:packed.numel()].view(packed.shape)
         tops = None
         with torch.inference_mode():
             if top_n:
@@ -260,14 +261,14 @@ class ModelRunner:
             p.event.synchronize()
         for s in p.seqs:
             s.inflight -= 1
-        toks = [int(t) for t in p.host[0].tolist()]
+        toks = [int(t) for t in p.host[:, 0].tolist()]
         tops = None
         if p.tops is not None:
             vals, ids, specs, _ = p.tops
             ids_l, vals_l = ids.cpu().tolist(), vals.cpu().tolist()
             tops = [{int(i): float(v) for i, v in zip(ids_l[r][:sp.top_logprobs], vals_l[r][:sp.top_logprobs])}
                     for r, sp in enumerate(specs)]
-        return toks, p.host[1].tolist(), tops
+        return toks, p.host[:, 1].tolist(), tops
 
     def decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         """The eager decode forward: logits [len(seqs), V] of each sequence's next token. The attention's
@@ -304,13 +305,13 @@ class ModelRunner:
         sb = SamplingBatch(self.dev_sf[0, :bucket], self.dev_si[0, :bucket], self.dev_sf[1, :bucket],
                            self.dev_si[1, :bucket], self.dev_si[2, :bucket], self.dev_si[3, :bucket],
                            mode != "greedy", mode == "filter")
-        res = torch.zeros((2, g), dtype=torch.float64, device=self.device)
+        res = torch.zeros((g, 2), dtype=torch.float64, device=self.device)  # rows of (token, logprob)
 
         def step() -> torch.Tensor:
             logits = self.model.forward(batch, self.kv)
             tokens, lps = sample(logits, sb)
-            res[0, :bucket] = tokens.double()
-            res[1, :bucket] = lps.double()
+            res[:bucket, 0] = tokens.double()
+            res[:bucket, 1] = lps.double()
             return logits
 
         with torch.inference_mode():

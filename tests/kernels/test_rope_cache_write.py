@@ -198,3 +198,17 @@ def test_rotation_errors():
     with pytest.raises(ValueError, match="contiguous"):
         call(torch.eye(2 * d, device=DEVICE)[::2, ::2])
     call(torch.eye(48, device=DEVICE), d=48, fn=rope_cache_write_reference)  # the reference takes any D
+
+
+def test_the_hadamard_takes_the_16bit_sign_path():
+    """head_rotation(D) for a power-of-two D is c S with S of +-1: the fused kernel then runs its dots
+    in the tensors' 16-bit dtype against S (the fp16 cases above run that path; bf16 runs it on GPUs).
+    A matrix that is not of that form keeps the float32 dots."""
+    from natix.kernels.rope_cache_write import _sign_form
+    from natix.quant.qoq import head_rotation
+
+    h = head_rotation(64).float()
+    signs, c = _sign_form(h, torch.float16)
+    assert c == pytest.approx(1 / 8) and signs.dtype == torch.float16 and torch.equal(signs.float() * c, h)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+    assert _sign_form(q.float().contiguous(), torch.float16) is None
