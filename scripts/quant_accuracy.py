@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "smollm2-135m"
 # label -> (scheme or None for the unquantized baseline, extra export flags)
-# rows measured before the head rotations became the default keep them off, so a re-run reproduces them
+# rows measured before value rotation became the default keep the head rotations off, so a re-run
+# reproduces them
 NO_HEAD_ROT = ["--set", "rotate_values=false", "--set", "rotate_keys=false"]
 ROWS: dict[str, tuple[str | None, list[str]]] = {
     "bf16": (None, []),
@@ -46,9 +47,10 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     # the pre-rotation default again, measured with the current eval (hf engine's unquantized prefill
     # attention, reports/kv4-prefill.md): the paired baseline of the rows below
     "w4a8kv4-g128 (re-run)": ("w4a8kv4", ["--group-size", "128", *NO_HEAD_ROT]),
+    # the current default (rotate_values on, rotate_keys off)
     "w4a8kv4-g128 vrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
                                       "--set", "rotate_keys=false"]),
-    # the current default (rotate_values and rotate_keys on)
+    # with rotate_keys (opt-in) too
     "w4a8kv4-g128 kvrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
                                        "--set", "rotate_keys=true"]),
 }

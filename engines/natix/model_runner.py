@@ -88,7 +88,6 @@ class ModelRunner:
         # decode inputs, int32: ids, positions, slots, lengths, source rows (async steps), block tables
         self._in_len = 5 * g + g * self.max_pages
         pin = device.type == "cuda"
-        self._pin = pin
         self.dev_in = torch.zeros(self._in_len, dtype=torch.int32, device=device)
         self._g = g
         # sampling parameters of a captured step: int64 [top_k, seed, index, position], float32 [temperature, top_p]

@@ -155,7 +155,7 @@ def test_value_rotation_alone_runs_the_block_hook(tiny):
     with torch.no_grad():
         assert ((model(ids).logits - ref).norm() / ref.norm()).item() < 1e-5
     t = W4A8KV4Config(rotate_keys=True).hf_quantization_config()["transforms"]
-    assert t["rotate_keys"] is True and t["rotate_values"] is False  # both default off (opt-in)
+    assert t["rotate_keys"] is True and t["rotate_values"] is True  # values on by default, keys opt-in
 
 
 def test_manifest_without_rotation_fields_reads_as_before():
@@ -167,9 +167,9 @@ def test_manifest_without_rotation_fields_reads_as_before():
     del old["rotate_values"], old["rotate_keys"]
     cfg = config_from_dict(old)
     assert cfg.rotate_values is False and cfg.rotate_keys is False
-    assert not (W4A8KV4Config().rotate_values or W4A8KV4Config().rotate_keys)  # opt-in for new exports
+    assert W4A8KV4Config().rotate_values and not W4A8KV4Config().rotate_keys  # new exports: values rotated
     partial = config_from_dict({"scheme": "w4a8kv4", "group_size": -1, "rotate_keys": True})  # partial: defaults
-    assert partial.rotate_keys is True and partial.rotate_values is False
+    assert partial.rotate_keys is True and partial.rotate_values is True
     new = W4A8KV4Config(rotate_values=True, rotate_keys=True)
     assert config_from_dict(new.to_dict()) == new
 
