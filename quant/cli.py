@@ -139,8 +139,10 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
     finally:
         bar.close()
     fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if grouped(cfg) else []
-    console.print(f"[green]exported[/green] {scheme}: {len(res.quantized)} linear layers quantized, "
-                  f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
+    vocab = [n for n, m in res.layers.items() if m.get("bits") == 8]  # w4a8kv4 embed_bits / lm_head_bits = 8
+    console.print(f"[green]exported[/green] {scheme}: {len(res.quantized) - len(vocab)} linear layers quantized, "
+                  + (f"{' and '.join(vocab)} in int8, " if vocab else "")
+                  + f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
                   f"({res.bytes_written / 2**20:.1f} MiB)")
     if fallback:
         console.print(f"[yellow]note:[/yellow] {len(fallback)} layers have in_features not divisible by the "

@@ -267,6 +267,7 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
         _check_groups(model, cfg)
         transforms: dict[str, Any] = {}
         cfg.prepare_model(model, transforms)
+        vocab = cfg.quantize_vocab(model, transforms)  # e.g. int8 embeddings / lm_head (w4a8kv4)
         calib_info: dict[str, Any] | None = None
         if calibrated:
             from natix.quant.calib import load_calibration
@@ -283,6 +284,7 @@ def export(base: str, cfg: QuantConfig, out: str | Path, *, adapter: str | None 
         else:
             say(f"quantizing ({cfg.scheme})")
             quantized, skipped = quantize_model(model, cfg, progress)
+        quantized = [*quantized, *vocab]
         model.to(torch_dtype)  # quantized modules keep their storage dtypes (see Fp8Linear._apply)
 
         layers = {n: _layer_record(model.get_submodule(n)) for n in quantized}

@@ -74,10 +74,10 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     for name, meta in layers.items():
         try:
             old = model.get_submodule(name)
+            new = cfg.empty_module(name, old, torch_dtype, meta)
         except AttributeError as e:
-            raise ArtifactError(f"artifact {p}: quantized layer {name} has no module in the model") from e
-        model.set_submodule(name, cfg.empty_linear(old.in_features, old.out_features, old.bias is not None,
-                                                   torch_dtype, meta))
+            raise ArtifactError(f"artifact {p}: quantized layer {name} has no module of its kind in the model") from e
+        model.set_submodule(name, new)
     # Tied tensors are stored once; their second name is legitimately missing.
     expected = model.state_dict()
     first: dict[tuple[int, int], str] = {}

@@ -79,6 +79,12 @@ class QuantConfig:
         (``meta``: that module's ``layer_meta()``)."""
         raise NotImplementedError
 
+    def empty_module(self, name: str, old: Any, dtype: Any, meta: dict[str, Any] | None = None) -> Any:
+        """The loader's replacement for module ``name`` (``old``, as built from config.json) of a
+        quantized layer whose manifest record is ``meta``: :meth:`empty_linear` for a Linear; a scheme
+        that quantizes other modules (e.g. the embedding table) overrides this."""
+        return self.empty_linear(old.in_features, old.out_features, old.bias is not None, dtype, meta)
+
     def tensor_layout(self, out_features: int, in_features: int, meta: dict[str, Any]
                       ) -> dict[str, tuple[str, tuple[int, ...]]]:
         """The tensors one quantized layer stores (its bias aside): name suffix -> (safetensors
@@ -115,6 +121,12 @@ class QuantConfig:
         """Whole-model, function-preserving transforms before any layer is quantized (e.g.
         untie embeddings, fold norms, rotate the residual stream). Runs on the fp32 model;
         record what was done in ``report`` (it lands in the manifest)."""
+
+    def quantize_vocab(self, model: Any, report: dict[str, Any]) -> list[str]:
+        """After :meth:`prepare_model`, before the Linears are quantized: replace modules outside the
+        Linear path (the embedding table, lm_head) by quantized ones; returns their names (each gets a
+        manifest record from its ``layer_meta()``, ``out_features`` and ``in_features``). Default: none."""
+        return []
 
     def prepare_block(self, prefix: str, block: Any, run_block: Any, report: dict[str, Any]) -> None:
         """Per decoder layer, before its Hessians are collected: ``run_block()`` runs the

@@ -25,8 +25,13 @@ from typing import Any
 from natix.quant.errors import QuantError
 from natix.quant.schemes import QuantConfig, register_scheme
 
+# the layer_meta "format" of natix.quant.w8a16's modules (kept here: this module is torch-free)
+EMBEDDING_FORMAT = "int8_embedding"
+LINEAR_FORMAT = "w8a16"
+
 QUANT_METHOD = "natix-w4a8kv4"
 GROUP_SIZE = 128  # the kernel format's only group size (natix.kernels.packing.GROUP_SIZE)
+VOCAB_BITS = (16, 8)  # embed_bits / lm_head_bits: the model dtype, or int8 rows (natix.quant.w8a16)
 
 
 @register_scheme("w4a8kv4")
@@ -41,7 +46,12 @@ class W4A8KV4Config(QuantConfig):
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
     into v_proj / o_proj (offline, no runtime cost); ``rotate_keys``: queries and keys rotated by the
     same Hadamard after RoPE at run time (q·kᵀ unchanged; the KV4 cache stores rotated keys; both
-    engines read it from the manifest's ``transforms``); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float.
+    engines read it from the manifest's ``transforms``); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float
+    (by the 4-bit path: lm_head is ``lm_head_bits``'s). ``embed_bits`` / ``lm_head_bits``: 16 (the
+    model dtype) or 8 — the embedding table as int8 per token row and lm_head as a W8A16 linear (int8
+    per output channel, activations unquantized), each with float32 row scales
+    (:mod:`natix.quant.w8a16`); 8 by default (measured: reports/quant-accuracy.md, "8-bit embeddings
+    and lm_head"); an artifact written before the options existed has both 16.
     """
 
     version: int = 1
@@ -58,6 +68,8 @@ class W4A8KV4Config(QuantConfig):
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
+    embed_bits: int = 8
+    lm_head_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.group_size not in (GROUP_SIZE, -1) or isinstance(self.group_size, bool):
@@ -79,15 +91,24 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: seed must be an integer, got {self.seed!r}")
         # accept a list from JSON/YAML; keep the frozen value hashable
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        for name in ("embed_bits", "lm_head_bits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v not in VOCAB_BITS:
+                raise QuantError(f"w4a8kv4: {name} must be one of {', '.join(map(str, VOCAB_BITS))} "
+                                 f"(16: the model dtype; 8: int8 rows with float32 scales), got {v!r}")
+        if self.lm_head_bits != 16 and not self.skips("lm_head"):
+            raise QuantError("w4a8kv4: lm_head_bits=8 makes lm_head an int8 W8A16 linear, but 'lm_head' is not in "
+                             "ignore, which asks for W4A8 there; keep 'lm_head' in ignore, or set lm_head_bits=16")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "W4A8KV4Config":
         """As :meth:`QuantConfig.from_dict`; a config that spells out the QoQ transforms (``rotate``:
-        every manifest does) without ``rotate_values`` / ``rotate_keys`` was written before those
-        options existed and had neither, whatever the defaults are now. A partial config (no
-        ``rotate``) takes the defaults."""
+        every manifest does) without ``rotate_values`` / ``rotate_keys`` / ``embed_bits`` /
+        ``lm_head_bits`` was written before those options existed and had none of them (16-bit
+        embedding and lm_head), whatever the defaults are now. A partial config (no ``rotate``) takes
+        the defaults."""
         if "rotate" in d:
-            d = {"rotate_values": False, "rotate_keys": False, **d}
+            d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16, **d}
         return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
@@ -130,6 +151,10 @@ class W4A8KV4Config(QuantConfig):
                      meta: dict[str, Any] | None = None) -> Any:
         from natix.quant.w4a8 import W4A8Linear
 
+        if (meta or {}).get("format") == LINEAR_FORMAT:
+            from natix.quant.w8a16 import W8A16Linear
+
+            return W8A16Linear(in_features, out_features, bias=bias, dtype=dtype)
         gs = (meta or {}).get("group_size")
         if gs is None:
             gs = self.layer_group_size(in_features, out_features)
@@ -138,6 +163,8 @@ class W4A8KV4Config(QuantConfig):
     def tensor_layout(self, out_features: int, in_features: int, meta: dict[str, Any]
                       ) -> dict[str, tuple[str, tuple[int, ...]]]:
         n, k = out_features, in_features
+        if meta.get("format") in (EMBEDDING_FORMAT, LINEAR_FORMAT):  # embed_bits / lm_head_bits = 8
+            return {"qweight": ("I8", (n, k)), "scale": ("F32", (n,))}
         out = {"qweight": ("U8", (n // 2, k)), "scale": ("F32", (n,))}  # rows j and j + N/2 share a byte
         if int(meta["group_size"]) == GROUP_SIZE:
             out["group_scale"] = ("U8", (k // GROUP_SIZE, n))
@@ -145,6 +172,49 @@ class W4A8KV4Config(QuantConfig):
         else:
             out["zero"] = ("U8", (n,))
         return out
+
+    def empty_module(self, name: str, old: Any, dtype: Any, meta: dict[str, Any] | None = None) -> Any:
+        if (meta or {}).get("format") == EMBEDDING_FORMAT:
+            from natix.quant.w8a16 import Int8Embedding
+
+            return Int8Embedding(old.num_embeddings, old.embedding_dim, dtype=dtype)
+        return super().empty_module(name, old, dtype, meta)
+
+    # ------------------------------------------------------------------------------ vocabulary tensors
+    def quantize_vocab(self, model: Any, report: dict[str, Any]) -> list[str]:
+        """``embed_bits`` / ``lm_head_bits`` = 8: replace the embedding table by an
+        :class:`~natix.quant.w8a16.Int8Embedding` and lm_head by a
+        :class:`~natix.quant.w8a16.W8A16Linear` (round to nearest, per row). Runs after
+        :meth:`prepare_model` (so on the rotated, norm-folded tensors) and before calibration (so
+        every layer is calibrated on the embeddings it will be served). Returns the replaced names."""
+        if self.embed_bits == 16 and self.lm_head_bits == 16:
+            return []
+        import torch
+        from torch import nn
+
+        from natix.quant.w8a16 import Int8Embedding, W8A16Linear
+
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        _untie(model)  # each of the two gets its own codes; a tied bf16 one must not change with the other
+        done = []
+        with torch.no_grad():
+            if self.embed_bits == 8:
+                if type(emb) is not nn.Embedding:
+                    raise QuantError(f"w4a8kv4: embed_bits=8 needs an nn.Embedding input embedding, got "
+                                     f"{type(emb).__name__}")
+                q = Int8Embedding.from_embedding(emb)
+                model.set_submodule(names[id(emb)], q)
+                done.append(names[id(emb)])
+            if self.lm_head_bits == 8:
+                if type(head) is not nn.Linear:
+                    raise QuantError(f"w4a8kv4: lm_head_bits=8 needs an nn.Linear output embedding, got "
+                                     f"{type(head).__name__}")
+                model.set_submodule(names[id(head)], W8A16Linear.from_linear(head))
+                done.append(names[id(head)])
+        report["vocab_int8"] = {"embed_bits": self.embed_bits, "lm_head_bits": self.lm_head_bits, "modules": done,
+                                "format": "int8 rows, symmetric absmax, float32 scale per row"}
+        return done
 
     # ------------------------------------------------------------------------------ QoQ transforms
     def needs_calibration(self) -> bool:
@@ -174,19 +244,13 @@ class W4A8KV4Config(QuantConfig):
             report.setdefault("qoq_value_rotation", {})[prefix] = qoq.rotate_value_heads(prefix, block.self_attn)
 
     def prepare_empty_model(self, model: Any) -> None:
-        # prepare_model unties lm_head from the embeddings (rotation makes them differ); a model
-        # rebuilt from a config that still says "tied" must be untied before loading two tensors
-        if not (self.rotate or self.smooth_attention or self.smooth_outputs):
+        # prepare_model unties lm_head from the embeddings (rotation makes them differ), and so does
+        # quantize_vocab; a model rebuilt from a config that still says "tied" must be untied before
+        # loading two tensors
+        if not (self.rotate or self.smooth_attention or self.smooth_outputs
+                or self.embed_bits != 16 or self.lm_head_bits != 16):
             return
-        import torch
-
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if head is not None and emb is not None and head.weight is emb.weight:
-            head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-            model.config.tie_word_embeddings = False
-            text = getattr(model.config, "get_text_config", None)
-            if text is not None:
-                text(decoder=True).tie_word_embeddings = False
+        _untie(model)
 
     # ------------------------------------------------------------------------------ artifact
     def hf_quantization_config(self, layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -211,13 +275,33 @@ class W4A8KV4Config(QuantConfig):
                            "rotate_keys": self.rotate_keys},
             "gptq": self.gptq,
             "ignore": list(self.ignore),
+            # 8: int8 rows + float32 row scales (tensors qweight, scale; natix.quant.w8a16); the
+            # layers of that format are the records below whose "format" says so
+            "embed_bits": self.embed_bits,
+            "lm_head_bits": self.lm_head_bits,
             "layers": dict(sorted((layers or {}).items())),
         }
 
     def engines(self) -> dict[str, str]:
+        vocab = self.embed_bits != 16 or self.lm_head_bits != 16
         return {
             "natix hf": "reference W4A8Linear + KV4 cache via natix.quant.loader.load_artifact (CPU/GPU, slow)",
             "natix kernels": "Triton w4a8_gemm / kv4 cache (natix.kernels; CUDA sm80+)",
-            "vllm": "natix's vLLM plugin (natix.engines.vllm_plugin, found through its entry point; tensor "
-                    "parallel; KV cache in vLLM's dtype, not KV4)",
+            "vllm": ("not this artifact: natix's vLLM plugin serves 16-bit embeddings and lm_head only (re-export "
+                     "with --set embed_bits=16 --set lm_head_bits=16)" if vocab else
+                     "natix's vLLM plugin (natix.engines.vllm_plugin, found through its entry point; tensor "
+                     "parallel; KV cache in vLLM's dtype, not KV4)"),
         }
+
+
+def _untie(model: Any) -> None:
+    """Give a tied lm_head its own copy of the embedding table; the config then says untied."""
+    import torch
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and emb is not None and getattr(head, "weight", None) is getattr(emb, "weight", False):
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        text = getattr(model.config, "get_text_config", None)
+        if text is not None:
+            text(decoder=True).tie_word_embeddings = False

@@ -60,6 +60,7 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
 DERIVED: dict[str, tuple[str, dict[str, object]]] = {
     "w4a8kv4-g128 kvrot": ("w4a8kv4-g128 vrot", {"rotate_keys": True}),
 }
+KEEP_MARKER = "<!-- sections below are not rendered from the JSONL; --render-only keeps them -->"
 GOALS = {"fp8": 0.01, "fp8-mse": 0.01}  # max relative perplexity increase vs bf16
 QOQ_ANCHOR = 6.76 / 6.14 - 1  # QoQ W4A8KV4 g128 on Llama-3-8B, WikiText2 (QServe paper)
 
@@ -221,7 +222,11 @@ def main() -> None:
             ap.error(f"unknown rows {unknown}; known: {list(ROWS)}")
         run_rows(labels, args)
     md = Path(args.jsonl).with_suffix(".md")
-    md.write_text(render(Path(args.jsonl)))
+    # sections written by hand below the marker (measured with other settings than the table's) stay
+    kept = ""
+    if md.exists() and KEEP_MARKER in md.read_text():
+        kept = md.read_text()[md.read_text().index(KEEP_MARKER):]
+    md.write_text(render(Path(args.jsonl)) + ("\n" + kept if kept else ""))
     print(md)
 
 

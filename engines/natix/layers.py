@@ -149,3 +149,72 @@ class W4A8Linear(Linear):
 def make_linear(lw: LinearWeights, ops: Ops, dtype: torch.dtype, name: str) -> Linear:
     cls = {"dense": DenseLinear, "fp8": Fp8Linear, "w4a8": W4A8Linear}[lw.kind]
     return cls(lw, ops, dtype, name)
+
+
+class VocabTables:
+    """The embedding lookup and the lm_head GEMM over :class:`~natix.engines.natix.weights.ModelWeights`'
+    ``embed`` / ``lm_head``: dense tensors in the model dtype, or ``Int8Rows``.
+
+    Int8 rows on CUDA stay 8-bit in memory: the embedding is a gather of int8 rows times their float32
+    scales (`natix.kernels.w8a16_linear.int8_rows_embedding`, the reference's own ops), lm_head the
+    Triton W8A16 GEMM (weight-only, dequantized in registers). Elsewhere they are dequantized once here:
+    the embedding table to the model dtype (the same numbers as gather-then-scale), lm_head to a float32
+    weight multiplied in float32 (`w8a16_linear_reference`, the definition)."""
+
+    def __init__(self, embed: Any, lm_head: Any, ops: Ops, dtype: torch.dtype) -> None:
+        from natix.engines.natix.weights import Int8Rows
+
+        self.ops, self.dtype = ops, dtype
+        self.embed_int8 = isinstance(embed, Int8Rows)
+        self.head_int8 = isinstance(lm_head, Int8Rows)
+        self.embed = embed.dequantized(dtype) if self.embed_int8 and not ops.gpu else embed
+        self.lm_head: Any = lm_head
+        self.head_f32: Optional[torch.Tensor] = None
+        self._head_launch: dict[int, Any] = {}
+        if self.head_int8:
+            if ops.gpu:
+                from natix.kernels.w8a16_linear import _check
+
+                probe = torch.empty((0, lm_head.shape[1]), dtype=dtype, device=lm_head.device)
+                try:
+                    _check(probe, lm_head.qweight, lm_head.scale, None)
+                except ValueError as e:
+                    raise EngineLoadError(f"lm_head: the W8A16 kernel cannot take it: {e}") from e
+            else:
+                self.head_f32 = lm_head.dequantized(torch.float32)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_int8 and self.ops.gpu:
+            from natix.kernels.w8a16_linear import int8_rows_embedding
+
+            return int8_rows_embedding(ids, self.embed.qweight, self.embed.scale, self.dtype)
+        return torch.nn.functional.embedding(ids, self.embed)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.head_int8:
+            return torch.nn.functional.linear(x, self.lm_head)
+        if not self.ops.gpu:
+            from natix.kernels.w8a16_linear import w8a16_linear_reference
+
+            return w8a16_linear_reference(x, self.lm_head.qweight, self.lm_head.scale, weight=self.head_f32)
+        return self._w8a16(x.contiguous())
+
+    def _w8a16(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton W8A16 GEMM through a lean `natix.kernels.launch.Launcher` (one per tile config)."""
+        from natix.kernels.launch import Launcher
+        from natix.kernels.w8a16_linear import _kernel, w8a16_config
+
+        w = self.lm_head
+        m, k = x.shape
+        n = w.qweight.shape[0]
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if m == 0:
+            return y
+        cfg = w8a16_config(m)
+        key = cfg["BM"]
+        lau = self._head_launch.get(key)
+        if lau is None:
+            lau = self._head_launch[key] = Launcher(_kernel(), HAS_BIAS=False, DOT_F32=False, **cfg)
+        grid = (-(-n // cfg["BN"]), -(-m // cfg["BM"]))
+        lau(grid, x, w.qweight, w.scale, w.scale, y, m, n, k, x.stride(0), w.qweight.stride(0), y.stride(0))
+        return y

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from natix.engines.natix.kv_cache import PagedKVCache
-from natix.engines.natix.layers import Ops, make_linear
+from natix.engines.natix.layers import Ops, VocabTables, make_linear
 from natix.engines.natix.weights import ModelWeights
 
 
@@ -67,7 +67,10 @@ class DecoderModel:
         self.kv_kind = kv_kind
         self.prefill_quantized = prefill_attention == "quantized"
         self.max_model_len = max_model_len
-        self.embed, self.norm, self.lm_head = weights.embed, weights.norm, weights.lm_head
+        self.norm = weights.norm
+        # dense, or int8 rows (w4a8kv4 embed_bits / lm_head_bits = 8): 8-bit on CUDA, dequantized once on CPU
+        self.vocab = VocabTables(weights.embed, weights.lm_head, self.ops, dtype)
+        self.embed, self.lm_head = self.vocab.embed, self.vocab.lm_head
         self.layers = []
         for i, L in enumerate(weights.layers):
             mk = lambda lw, nm: make_linear(lw, self.ops, dtype, f"layer {i} {nm}")  # noqa: E731
@@ -90,7 +93,7 @@ class DecoderModel:
         """Logits [S, vocab] (model dtype) of ``batch.logits_rows`` (all rows if None)."""
         s = self.spec
         t = batch.input_ids.shape[0]
-        h = torch.nn.functional.embedding(batch.input_ids, self.embed)  # the residual stream [T, D]
+        h = self.vocab.embedding(batch.input_ids)  # the residual stream [T, D]
         delta: Optional[torch.Tensor] = None
         qw, kw = s.q_width, s.kv_width
         for li, (g_in, g_post, qkv_l, o_l, gu_l, down_l) in enumerate(self.layers):
@@ -111,7 +114,7 @@ class DecoderModel:
         if batch.logits_rows is not None:
             h, delta = h[batch.logits_rows], delta[batch.logits_rows]  # type: ignore[index]
         x = self.ops.add_rmsnorm(h, delta, self.norm, s.rms_eps, False)
-        return torch.nn.functional.linear(x, self.lm_head)
+        return self.vocab.logits(x)
 
     # ------------------------------------------------------------------------------ KV cache
     def _rope_write(self, kv: PagedKVCache, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -5,6 +5,11 @@ fused gate/up linear and a down projection, plus its two RMSNorm weights. A line
 model dtype), FP8 (e4m3 per channel, `natix.kernels.fp8_linear`) or W4A8 (the packed format of
 `natix.kernels.packing`). Fusing concatenates output rows (W4A8: through `concat_packed`).
 
+The embedding table and lm_head are the model dtype, or int8 rows with float32 row scales
+(:class:`Int8Rows`: a w4a8kv4 artifact's ``embed_bits`` / ``lm_head_bits`` = 8, the format of
+`natix.kernels.w8a16_linear`), which :class:`~natix.engines.natix.model.DecoderModel` keeps 8-bit on
+CUDA (gather x scale; the W8A16 GEMM) and dequantizes once on CPU.
+
 Sources: :func:`from_hf_model` reads the modules of a model loaded by natix's loaders (a base
 model, base + merged adapter, or a quantized artifact whose quantized linears are the scheme's
 reference modules), so every check those loaders make applies; :func:`random_weights` draws a
@@ -21,6 +26,41 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 SCHEMES = ("dense", "fp8", "w4a8kv4")
+VOCAB_BITS = (16, 8)
+
+
+@dataclass
+class Int8Rows:
+    """An embedding table or lm_head weight [V, D] stored as int8 rows (``qweight``, symmetric) with a
+    float32 ``scale`` [V] per row; it reads as a ``dtype`` [V, D] tensor (``W[v] = scale[v] * qweight[v]``),
+    so ``.dtype`` / ``.device`` / ``.shape`` answer as the dense tensor it stands for would."""
+
+    qweight: "torch.Tensor"
+    scale: "torch.Tensor"
+    dtype: "torch.dtype"
+
+    @property
+    def device(self) -> "torch.device":
+        return self.qweight.device
+
+    @property
+    def shape(self) -> "torch.Size":
+        return self.qweight.shape
+
+    def to(self, device: Any, dtype: "torch.dtype") -> "Int8Rows":
+        return Int8Rows(self.qweight.to(device).contiguous(), self.scale.to(device).float().contiguous(), dtype)
+
+    def dequantized(self, dtype: Optional["torch.dtype"] = None) -> "torch.Tensor":
+        from natix.kernels.w8a16_linear import dequantize_int8_rows
+
+        return dequantize_int8_rows(self.qweight, self.scale, dtype or self.dtype)
+
+    @classmethod
+    def quantize(cls, w: "torch.Tensor") -> "Int8Rows":
+        from natix.kernels.w8a16_linear import quantize_int8_rows
+
+        q, s = quantize_int8_rows(w)
+        return cls(q, s, w.dtype)
 
 
 @dataclass
@@ -60,24 +100,27 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    """A whole decoder. ``scheme``: dense | fp8 | w4a8kv4; ``kv_cache``: the KV cache the source
+    """A whole decoder. ``scheme``: dense | fp8 | w4a8kv4; ``embed`` / ``lm_head``: [V, D] in the model
+    dtype or :class:`Int8Rows` (the same object when tied); ``kv_cache``: the KV cache the source
     asks for ("int4" for a w4a8kv4 artifact, else "none"); ``rope``: (inv_freq, scaling);
     ``rotate_keys``: the artifact's queries and keys are rotated by the head Hadamard after RoPE
     (w4a8kv4 ``rotate_keys``; :class:`natix.engines.natix.model.DecoderModel` applies it)."""
 
     spec: ModelSpec
     scheme: str
-    embed: "torch.Tensor"
+    embed: "torch.Tensor | Int8Rows"
     layers: list[LayerWeights]
     norm: "torch.Tensor"
-    lm_head: "torch.Tensor"
+    lm_head: "torch.Tensor | Int8Rows"
     rope: tuple["torch.Tensor", float]
     kv_cache: str = "none"
     info: dict[str, Any] = field(default_factory=dict)
     rotate_keys: bool = False
 
     def to(self, device: Any, dtype: "torch.dtype") -> "ModelWeights":
-        def t(x: "torch.Tensor") -> "torch.Tensor":
+        def t(x: Any) -> Any:
+            if isinstance(x, Int8Rows):
+                return x.to(device, dtype)
             return x.to(device=device, dtype=dtype).contiguous()
 
         tied = self.lm_head is self.embed
@@ -177,24 +220,45 @@ def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeigh
             gate_up=fuse([m.gate_proj, m.up_proj], f"layer {i} gate/up"), down=fuse([m.down_proj], f"layer {i} down_proj"),
         ))
     head = model.get_output_embeddings()
-    if _linear_kind(head) != "dense":
-        raise EngineLoadError("the natix engine keeps lm_head in the model dtype; this model's is quantized")
-    embed = inner.embed_tokens.weight.detach()
-    lm_head = embed if head.weight is inner.embed_tokens.weight else head.weight.detach()
+    dtype = inner.norm.weight.dtype  # the model dtype (quantized modules keep their own storage dtypes)
+    embed = _vocab_tensor(inner.embed_tokens, "embed_tokens", dtype)
+    if getattr(head, "weight", None) is not None and head.weight is getattr(inner.embed_tokens, "weight", False):
+        lm_head = embed
+    else:
+        lm_head = _vocab_tensor(head, "lm_head", dtype)
     from natix.engines.natix.spec import rope_tables
 
     return ModelWeights(spec, scheme, embed, layers, inner.norm.weight.detach(), lm_head,
                         rope_tables(model), kv_cache, rotate_keys=bool(getattr(model, "natix_kv_rotate_keys", False)))
 
 
+def _vocab_tensor(mod: Any, name: str, dtype: "torch.dtype") -> "torch.Tensor | Int8Rows":
+    """The [V, D] table of an embedding or lm_head module: dense (nn.Embedding / nn.Linear without
+    bias) or natix.quant.w8a16's int8 rows (Int8Embedding / W8A16Linear), read as ``dtype``."""
+    from torch import nn
+
+    from natix.quant.w8a16 import Int8Embedding, W8A16Linear
+
+    if isinstance(mod, (Int8Embedding, W8A16Linear)) and getattr(mod, "bias", None) is None:
+        return Int8Rows(mod.qweight.detach(), mod.scale.detach(), dtype)
+    if type(mod) is nn.Embedding or (type(mod) is nn.Linear and mod.bias is None):
+        return mod.weight.detach()
+    raise EngineLoadError(f"the natix engine runs {name} in the model dtype or as int8 rows (w4a8kv4 "
+                          f"embed_bits / lm_head_bits = 8), without a bias; this model's is a {type(mod).__name__}"
+                          + (" with a bias" if getattr(mod, "bias", None) is not None else ""))
+
+
 # ------------------------------------------------------------------------------------ random
 def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: Any = None, group_size: int = -1,
                    seed: int = 0, rope_theta: float = 500000.0,
-                   rope: tuple["torch.Tensor", float] | None = None) -> ModelWeights:
+                   rope: tuple["torch.Tensor", float] | None = None, embed_bits: int = 16,
+                   lm_head_bits: int = 16) -> ModelWeights:
     """A random model of shape ``spec`` (weights ~ N(0, 0.02²), norms 1), quantized by round to
     nearest for ``fp8`` / ``w4a8kv4`` (``group_size`` 128 or -1 = per channel). For speed: what the
     GEMMs and caches see is exactly a served artifact's layout. ``rope``: (inv_freq, attention
-    scaling) as transformers computes them for a config; by default plain RoPE at ``rope_theta``."""
+    scaling) as transformers computes them for a config; by default plain RoPE at ``rope_theta``.
+    ``embed_bits`` / ``lm_head_bits``: 16 (the model dtype) or 8 (:class:`Int8Rows`, as a w4a8kv4
+    artifact exported with ``embed_bits=8`` / ``lm_head_bits=8``; a tied pair stays one object)."""
     import torch
 
     from natix.kernels.fp8_linear import quantize_fp8_weight
@@ -202,6 +266,9 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
 
     if scheme not in SCHEMES:
         raise EngineLoadError(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
+    for name, bits in (("embed_bits", embed_bits), ("lm_head_bits", lm_head_bits)):
+        if bits not in VOCAB_BITS or isinstance(bits, bool):
+            raise EngineLoadError(f"{name} must be one of {', '.join(map(str, VOCAB_BITS))}, got {bits!r}")
     dtype = dtype or torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -225,6 +292,11 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
                            lin(spec.hidden, spec.intermediate, spec.mlp_bias)) for _ in range(spec.layers)]
     embed = rnd(spec.vocab, spec.hidden)
     lm_head = embed if spec.tie_embeddings else rnd(spec.vocab, spec.hidden)
+    if spec.tie_embeddings and embed_bits == lm_head_bits == 8:
+        embed = lm_head = Int8Rows.quantize(embed)
+    else:
+        embed = Int8Rows.quantize(embed) if embed_bits == 8 else embed
+        lm_head = Int8Rows.quantize(lm_head) if lm_head_bits == 8 else lm_head
     if rope is None:
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32, device=device)
                                          / spec.head_dim))
@@ -232,7 +304,9 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
     else:
         rope = (rope[0].to(device), rope[1])
     return ModelWeights(spec, scheme, embed, layers, ones.clone(), lm_head, rope,
-                        "int4" if scheme == "w4a8kv4" else "none", {"random": True, "group_size": group_size})
+                        "int4" if scheme == "w4a8kv4" else "none",
+                        {"random": True, "group_size": group_size, "embed_bits": embed_bits,
+                         "lm_head_bits": lm_head_bits})
 
 
 LLAMA3_8B = ModelSpec(arch="llama", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336,

@@ -69,6 +69,14 @@ class ArtifactSpec:
                 f"natix vLLM plugin: this {QUANT_METHOD} artifact has format version {version!r}, but this natix "
                 f"({_natix_version()}) reads version {FORMAT_VERSION}; re-export it with this natix "
                 "(`natix-quant export --scheme w4a8kv4`) or serve it with the natix version that wrote it")
+        # embed_bits / lm_head_bits (absent before the options existed: 16): vLLM's embedding and
+        # lm_head are its own 16-bit modules, which cannot take int8 rows
+        vocab = {k: qc.get(k, 16) for k in ("embed_bits", "lm_head_bits")}
+        if any(v != 16 for v in vocab.values()):
+            raise PluginRefused(
+                f"natix vLLM plugin: this artifact stores its embedding / lm_head in 8 bits "
+                f"({', '.join(f'{k}={v}' for k, v in vocab.items())}); the plugin serves 16-bit ones only. "
+                "Re-export with `--set embed_bits=16 --set lm_head_bits=16`, or serve it with natix's engines")
         raw_layers = qc.get("layers")
         if not isinstance(raw_layers, dict) or not raw_layers:
             raise PluginRefused(f"natix vLLM plugin: quantization_config.layers must map each quantized Linear to "

@@ -76,4 +76,6 @@ def test_every_scheme_verifies(wide_base, calib_file, tmp_path):
     for cfg in (GptqConfig(actorder="group", symmetric=False), W4A8KV4Config(gptq=False)):
         out = export(str(wide_base), cfg, tmp_path / cfg.scheme, dtype="bf16", calib=str(calib_file),
                      calib_samples=4).out
-        assert describe_artifact(out)["quantized_layers"] == 14
+        # w4a8kv4: the 14 linears, and the embedding / lm_head where they are 8-bit
+        vocab = (getattr(cfg, "embed_bits", 16) == 8) + (getattr(cfg, "lm_head_bits", 16) == 8)
+        assert describe_artifact(out)["quantized_layers"] == 14 + vocab

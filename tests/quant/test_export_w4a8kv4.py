@@ -36,13 +36,20 @@ def test_export_load_generate(wide_base, calib_file, tmp_path, tiny, hf_generate
     r = _export(wide_base, out, calib_file, "--group-size", group)
     assert r.exit_code == 0, r.output
     info = describe_artifact(out)
-    assert info["scheme"] == "w4a8kv4" and info["quantized_layers"] == 14
-    # 4-bit codes + per-channel fp32 scale (+ uint8 s1/sz per group of 128): ~4.3-4.4 bits incl. scales
-    assert 4.0 < info["effective_bits_quantized"] < 4.6
+    # 14 W4A8 linears, and (embed_bits = lm_head_bits = 8 by default) the int8 embedding and lm_head
+    assert info["scheme"] == "w4a8kv4" and info["quantized_layers"] == 16
+    assert info["unquantized_bytes"] < 4096  # norms only: nothing of the vocabulary is left in float
     m = info["manifest"]["details"]
+    w4 = [n for n in m["layers"] if n not in ("model.embed_tokens", "lm_head")]
+    assert len(w4) == 14
+    # 4-bit codes + fp32 scales (+ uint8 s1/sz per group of 128) for the linears, int8 + fp32 row scales for
+    # the [128, 128] embedding and lm_head: between 4 and 8 bits a weight incl. scales
+    assert 4.5 < info["effective_bits_quantized"] < 6
     assert m["calibration"]["samples"] == 8
     assert set(m["transforms"]["qoq_prepare"]) >= {"rotation", "folded_norms", "untied"}
-    assert {v["group_size"] for v in m["layers"].values()} == {int(group)}
+    assert {m["layers"][n]["group_size"] for n in w4} == {int(group)}
+    assert m["layers"]["lm_head"] == {"format": "w8a16", "bits": 8, "shape": [128, 128]}
+    assert m["layers"]["model.embed_tokens"] == {"format": "int8_embedding", "bits": 8, "shape": [128, 128]}
     model, _ = load_artifact(out)
     assert isinstance(model.model.layers[0].mlp.down_proj, W4A8Linear) and model.natix_kv_cache == "int4"
     # quantized logits stay close to the float model's (4-bit weights, 8-bit activations, 4-bit KV)
@@ -109,3 +116,71 @@ def test_out_exists_needs_force(base_dirs, calib_file, tmp_path):
     r = _export(base_dirs["llama"], out, calib_file, "--set", "gptq=false")
     assert r.exit_code != 0 and "--force" in r.output
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("bits", [(16, 16), (8, 16), (16, 8)])
+def test_vocab_bits_export_and_load(wide_base, calib_file, tmp_path, hf_generate, bits):
+    """--set embed_bits / lm_head_bits: what is written (int8 + float32 scales, or the model dtype), the
+    manifest and config.json record it, inspect verifies it, and the loader rebuilds modules that
+    compute exactly dequant(weight); a 16-bit one stays the plain module."""
+    import json
+
+    from safetensors import safe_open
+
+    from natix.kernels.w8a16_linear import dequantize_int8_rows
+    from natix.quant.loader import describe_artifact, load_artifact
+    from natix.quant.w8a16 import Int8Embedding, W8A16Linear
+
+    e, h = bits
+    out = tmp_path / "a"
+    r = _export(wide_base, out, calib_file, "--set", "gptq=false", "--set", f"embed_bits={e}",
+                "--set", f"lm_head_bits={h}")
+    assert r.exit_code == 0, r.output
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+    for name, b in (("model.embed_tokens", e), ("lm_head", h)):
+        if b == 8:
+            assert dtypes[f"{name}.qweight"] == "I8" and dtypes[f"{name}.scale"] == "F32"
+            assert f"{name}.weight" not in keys
+        else:
+            assert dtypes[f"{name}.weight"] == "F32" and f"{name}.qweight" not in keys
+    manifest = json.loads((out / "natix_manifest.json").read_text())["details"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert manifest["quant_config"]["embed_bits"] == qc["embed_bits"] == e
+    assert manifest["quant_config"]["lm_head_bits"] == qc["lm_head_bits"] == h
+    assert ("model.embed_tokens" in manifest["layers"]) == (e == 8) and ("lm_head" in manifest["layers"]) == (h == 8)
+    info = describe_artifact(out)
+    assert info["quantized_layers"] == 14 + (e == 8) + (h == 8)
+    model, _ = load_artifact(out)
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert type(emb) is (Int8Embedding if e == 8 else torch.nn.Embedding)
+    assert type(head) is (W8A16Linear if h == 8 else torch.nn.Linear)
+    ids = torch.tensor([[4, 9, 100, 4]])
+    x = torch.randn(3, 128)
+    if e == 8:
+        assert torch.equal(emb(ids), dequantize_int8_rows(emb.qweight, emb.scale)[ids])
+    if h == 8:
+        assert torch.equal(head(x), torch.nn.functional.linear(x, dequantize_int8_rows(head.qweight, head.scale)))
+    assert hf_generate(out).num_tokens >= 1
+
+
+def test_artifact_without_vocab_fields_loads_16_bit(wide_base, calib_file, tmp_path):
+    """An artifact written before embed_bits / lm_head_bits (its manifest lacks them; bf16 tensors) loads
+    as before: plain embedding and lm_head."""
+    import json
+
+    from natix.quant.loader import load_artifact
+
+    out = tmp_path / "old"
+    assert _export(wide_base, out, calib_file, "--set", "gptq=false", "--set", "embed_bits=16", "--set",
+                   "lm_head_bits=16").exit_code == 0
+    for f, path in (("natix_manifest.json", ("details", "quant_config")), ("config.json", ("quantization_config",))):
+        d = json.loads((out / f).read_text())
+        node = d
+        for k in path:
+            node = node[k]
+        del node["embed_bits"], node["lm_head_bits"]
+        (out / f).write_text(json.dumps(d))
+    model, _ = load_artifact(out)
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear

@@ -242,7 +242,8 @@ def test_hf_quantization_config_is_self_describing():
 
 
 def test_hooks_with_transforms_off_are_noops(tiny):
-    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False, rotate_values=False)
+    cfg = W4A8KV4Config(rotate=False, smooth_attention=False, smooth_outputs=False, rotate_values=False,
+                        embed_bits=16, lm_head_bits=16)
     model = tiny.model("qwen2")  # tied embeddings
     report: dict = {}
     cfg.prepare_model(model, report)
@@ -316,3 +317,97 @@ def test_qoq_hooks_preserve_the_function(tiny, rotate_values):
     with torch.no_grad():
         q = model(ids).logits
     assert ((q - ref).norm() / ref.norm()).item() < 0.2
+
+
+# ------------------------------------------------------------------------------ 8-bit embedding / lm_head
+
+
+def test_vocab_bits_round_trip_and_old_manifests():
+    """embed_bits / lm_head_bits: JSON round trip, recorded in hf_quantization_config; a full manifest
+    written before the options existed reads both as 16 (its embedding and lm_head are bf16); a
+    partial config takes the defaults (8)."""
+    for e, h in ((16, 16), (8, 16), (16, 8), (8, 8)):
+        cfg = W4A8KV4Config(embed_bits=e, lm_head_bits=h)
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert d["embed_bits"] == e and d["lm_head_bits"] == h
+        assert config_from_dict(d) == cfg
+        qc = cfg.hf_quantization_config()
+        assert qc["embed_bits"] == e and qc["lm_head_bits"] == h
+    assert W4A8KV4Config().embed_bits == 8 and W4A8KV4Config().lm_head_bits == 8  # the measured default
+    old = W4A8KV4Config().to_dict()
+    del old["embed_bits"], old["lm_head_bits"], old["rotate_values"], old["rotate_keys"]
+    back = config_from_dict(old)
+    assert back.embed_bits == 16 and back.lm_head_bits == 16
+    assert config_from_dict({"scheme": "w4a8kv4", "group_size": -1}).embed_bits == 8
+    assert "not this artifact" in W4A8KV4Config().engines()["vllm"]
+    assert "not this artifact" not in W4A8KV4Config(embed_bits=16, lm_head_bits=16).engines()["vllm"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"embed_bits": 5}, r"embed_bits must be one of 16, 8.*got 5"),
+    ({"lm_head_bits": 4}, r"lm_head_bits must be one of 16, 8.*got 4"),
+    ({"embed_bits": "8"}, r"embed_bits must be one of 16, 8.*got '8'"),
+    ({"embed_bits": True}, "embed_bits"),
+    ({"embed_bits": 8.0}, "embed_bits"),
+    ({"ignore": []}, r"lm_head_bits=8.*ignore.*lm_head_bits=16"),
+])
+def test_vocab_bits_bad_values_name_the_option(bad, match):
+    with pytest.raises(QuantError, match=match):
+        config_from_dict({"scheme": "w4a8kv4", **bad})
+    W4A8KV4Config(ignore=[], lm_head_bits=16)  # W4A8 lm_head as before: fine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied, tied
+def test_quantize_vocab_modules_compute_dequant_exactly(tiny, arch):
+    """quantize_vocab: the embedding becomes int8 rows (per token) whose lookup is exactly the gather of
+    dequant(E), lm_head a W8A16 linear that is exactly x.float() @ dequant(W).T; a tied pair is
+    untied first; dtypes survive model.to(bf16); the empty modules the loader builds take the state
+    dict and tensor_layout describes it."""
+    from natix.kernels.w8a16_linear import dequantize_int8_rows, quantize_int8_rows
+    from natix.quant.w8a16 import Int8Embedding, W8A16Linear
+
+    cfg = W4A8KV4Config(gptq=False)
+    model = tiny.model(arch)
+    e0, h0 = model.model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    report: dict = {}
+    names = cfg.quantize_vocab(model, report)
+    assert names == ["model.embed_tokens", "lm_head"] and report["vocab_int8"]["modules"] == names
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, Int8Embedding) and isinstance(head, W8A16Linear)
+    assert model.config.tie_word_embeddings is False
+    for mod, w in ((emb, e0), (head, h0)):
+        q, s = quantize_int8_rows(w)
+        assert torch.equal(mod.qweight, q) and torch.equal(mod.scale, s)
+    ids = torch.tensor([[0, 5, 127, 5], [9, 3, 3, 1]])
+    assert torch.equal(emb(ids), torch.nn.functional.embedding(ids, dequantize_int8_rows(emb.qweight, emb.scale)))
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(head(x), torch.nn.functional.linear(x, dequantize_int8_rows(head.qweight, head.scale)))
+    assert ((head(x) - x @ h0.T).norm() / (x @ h0.T).norm()).item() < 0.02  # and 8 bits are close
+    model.to(torch.bfloat16)
+    assert emb.qweight.dtype == torch.int8 and emb.scale.dtype == torch.float32 and emb(ids).dtype == torch.bfloat16
+    assert head.qweight.dtype == torch.int8 and head.scale.dtype == torch.float32
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(head(xb), torch.nn.functional.linear(xb.float(), head.dequantized()).to(torch.bfloat16))
+    assert torch.equal(emb(ids), dequantize_int8_rows(emb.qweight, emb.scale, torch.bfloat16)[ids])
+    for name, mod in (("model.embed_tokens", emb), ("lm_head", head)):
+        meta = mod.layer_meta()
+        layout = cfg.tensor_layout(mod.out_features, mod.in_features, meta)
+        dt = {torch.int8: "I8", torch.float32: "F32"}
+        assert layout == {k: (dt[v.dtype], tuple(v.shape)) for k, v in mod.state_dict().items()}
+        old = torch.nn.Embedding(128, 64) if name.startswith("model") else torch.nn.Linear(64, 128, bias=False)
+        empty = cfg.empty_module(name, old, torch.bfloat16, meta)
+        assert type(empty) is type(mod)
+        empty.load_state_dict(mod.state_dict())
+        args = (ids,) if name.startswith("model") else (xb,)
+        assert torch.equal(empty(*args), mod(*args))
+
+
+def test_vocab_bits_16_changes_nothing(tiny):
+    cfg = W4A8KV4Config(embed_bits=16, lm_head_bits=16)
+    model = tiny.model("qwen2")
+    report: dict = {}
+    assert cfg.quantize_vocab(model, report) == [] and report == {}
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and model.lm_head.weight is model.model.embed_tokens.weight
+    only_head = W4A8KV4Config(embed_bits=16)
+    assert only_head.quantize_vocab(model, report) == ["lm_head"]
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and model.config.tie_word_embeddings is False

@@ -402,3 +402,120 @@ def test_rotate_keys_gpu_branch_in_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", _GPU_BRANCH], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def int8_vocab_artifacts(tiny_llama_builder, tmp_path_factory):
+    """w4a8kv4 artifacts (RTN, fp32) of one tiny Llama (hidden 128, a char vocabulary of awkward size)
+    with an int8 embedding and a W8A16 lm_head, and with the lm_head alone in 8 bits."""
+    from natix.quant.export import export
+    from natix.quant.w4a8kv4_config import W4A8KV4Config
+
+    root = tmp_path_factory.mktemp("natix-int8-vocab")
+    base = tiny_llama_builder(root / "base", hidden=128, max_positions=256)
+    out = {}
+    for name, (e, h) in {"e8h8": (8, 8), "e16h8": (16, 8)}.items():
+        cfg = W4A8KV4Config(gptq=False, embed_bits=e, lm_head_bits=h)
+        out[name] = export(str(base), cfg, root / name, dtype="fp32", calib="pydoc", calib_samples=4,
+                           calib_max_length=64).out
+    return out
+
+
+def test_int8_vocab_matches_the_reference_path(int8_vocab_artifacts, natix_factory):
+    """embed_bits / lm_head_bits = 8: the natix engine on CPU (the embedding dequantized once at load, lm_head
+    as x.float() @ dequant(W).T) generates what the hf engine's reference modules do."""
+    import torch
+
+    from natix.engines.natix.weights import Int8Rows
+
+    spec = SamplingSpec(max_tokens=16)
+    for name, art in int8_vocab_artifacts.items():
+        nx = natix_factory(art, page_size=8, num_kv_pages=64, prefill_attention="quantized")
+        vocab = nx.runner.model.vocab
+        assert vocab.head_int8 and vocab.embed_int8 == (name == "e8h8")
+        assert isinstance(vocab.embed, torch.Tensor) and vocab.embed.dtype == torch.float32  # CPU: dequantized once
+        assert isinstance(vocab.lm_head, Int8Rows) and vocab.head_f32 is not None
+        got = nx.generate(PROMPTS, spec)
+        e = create_engine("hf")
+        e.load(EngineConfig(model=str(art), extra={"prefill_attention": "quantized"}))
+        ref = e.generate(PROMPTS, spec)
+        e.close()
+        assert _tokens(got) == _tokens(ref), name
+        gaps = sorted(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g[0].token_logprobs, r[0].token_logprobs))
+        assert gaps[len(gaps) // 2] < 1e-5 and gaps[-1] < 0.2, (name, gaps[-8:])
+
+
+def test_int8_vocab_weights_and_random_weights():
+    """from_hf_model's Int8Rows read as the dense tensor they stand for (dtype, device, shape) and travel
+    with ModelWeights.to; random_weights(embed_bits=8, lm_head_bits=8) draws them (tied: one object), and
+    the engine runs them as the dense model of their dequantized tensors."""
+    import dataclasses
+
+    import torch
+
+    from natix.engines.natix.engine import NatixEngine
+    from natix.engines.natix.spec import EngineLoadError, EngineOptions, ModelSpec
+    from natix.engines.natix.weights import Int8Rows, random_weights
+
+    small = ModelSpec(arch="llama", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                      vocab=301, rms_eps=1e-5, max_positions=512)
+    w16 = random_weights(small, "w4a8kv4", dtype=torch.float32, seed=3)
+    w8 = random_weights(small, "w4a8kv4", dtype=torch.float32, seed=3, embed_bits=8, lm_head_bits=8)
+    assert isinstance(w8.embed, Int8Rows) and isinstance(w8.lm_head, Int8Rows)
+    assert w8.embed.dtype == torch.float32 and w8.embed.shape == (301, 64) and w8.embed.device.type == "cpu"
+    assert w8.info["embed_bits"] == 8 and w8.info["lm_head_bits"] == 8
+    # int8 + a float32 scale per row instead of float32 rows, for both tables
+    assert w16.nbytes() - w8.nbytes() == 2 * (301 * 64 * 3 - 301 * 4)
+    moved = w8.to(torch.device("cpu"), torch.bfloat16)
+    assert isinstance(moved.lm_head, Int8Rows) and moved.lm_head.dtype == torch.bfloat16
+    assert moved.lm_head.scale.dtype == torch.float32 and moved.lm_head.qweight.dtype == torch.int8
+    tied = random_weights(dataclasses.replace(small, tie_embeddings=True), "dense", embed_bits=8, lm_head_bits=8)
+    assert tied.embed is tied.lm_head and tied.to(torch.device("cpu"), torch.float32).embed is not None
+    with pytest.raises(EngineLoadError, match="embed_bits must be one of 16, 8"):
+        random_weights(small, "dense", embed_bits=4)
+    dense = dataclasses.replace(w8, embed=w8.embed.dequantized(), lm_head=w8.lm_head.dequantized())
+    opts = dict(num_kv_pages=32, max_model_len=128, kv_cache="none")
+    runs = []
+    for w in (w8, dense):
+        e = NatixEngine()
+        e.load_weights(w, options=EngineOptions(**opts))
+        runs.append(e.generate([[1, 2, 3, 4], [7] * 9], SamplingSpec(max_tokens=8)))
+        e.close()
+    assert _tokens(runs[0]) == _tokens(runs[1])
+    assert max(abs(a - b) for g, r in zip(*runs) for a, b in zip(g[0].token_logprobs, r[0].token_logprobs)) < 1e-5
+
+
+_VOCAB_GPU_BRANCH = r"""
+import types, torch
+from natix.engines.natix.layers import VocabTables
+from natix.engines.natix.weights import Int8Rows
+g = torch.Generator().manual_seed(0)
+V, D, dt = 203, 96, torch.float16  # the interpreter's bf16 dot is wrong (natix.kernels.paged_attention)
+emb = Int8Rows.quantize(torch.randn(V, D, generator=g) * 0.05).to("cpu", dt)
+head = Int8Rows.quantize(torch.randn(V, D, generator=g) * 0.05).to("cpu", dt)
+ids = torch.tensor([0, 5, 202, 5, 17])
+x = torch.randn(5, D, generator=g).to(dt)
+out = {}
+for gpu in (False, True):
+    vt = VocabTables(emb, head, types.SimpleNamespace(gpu=gpu), dt)
+    assert isinstance(vt.embed, Int8Rows) == gpu  # CUDA keeps the int8 table
+    out[gpu] = (vt.embedding(ids), vt.logits(x), vt.logits(x[:0]))
+(e0, l0, z0), (e1, l1, z1) = out[False], out[True]
+assert torch.equal(e0, e1) and e1.dtype == dt
+assert (l0.float() - l1.float()).abs().max() <= 2e-3 * l0.float().abs().max(), (l0 - l1).abs().max()
+assert z1.shape == (0, V)
+print("ok")
+"""
+
+
+def test_int8_vocab_gpu_branch_in_the_triton_interpreter():
+    """The CUDA branch of the 8-bit embedding (gather x scale on the int8 table) and lm_head (the W8A16
+    kernel through its Launcher), run by Triton's interpreter on CPU tensors, equals the CPU branch
+    (the embedding exactly; the logits to float32 summation order and one fp16 rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _VOCAB_GPU_BRANCH], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -144,3 +144,27 @@ def test_async_scheduling_and_warmup_on_cuda(scheme, group):
         same = sum(x == y for x, y in zip(a, b))
         assert same >= len(prompts) - (0 if scheme == "w4a8kv4" else 1), (spec, same)
     assert asy.steps_ahead > 0 and set(asy.runner.graphs) == captured  # nothing captured after load
+
+
+def test_int8_vocab_gpu_matches_cpu_reference_and_graphs():
+    """embed_bits / lm_head_bits = 8 (w4a8kv4): the int8 embedding gather and the W8A16 lm_head kernel on
+    CUDA against the CPU reference path, and CUDA graphs against eager; the tables stay int8 on the GPU."""
+    from natix.engines.natix.weights import Int8Rows
+
+    w = random_weights(SMALL, "w4a8kv4", device="cpu", dtype=torch.float32, seed=2, embed_bits=8, lm_head_bits=8)
+    cpu = _engine(w)
+    gpu = _engine(w.to(torch.device("cuda"), torch.bfloat16))
+    vocab = gpu.runner.model.vocab
+    assert isinstance(vocab.embed, Int8Rows) and vocab.embed.qweight.dtype == torch.int8 and vocab.head_f32 is None
+    rnd = random.Random(2)
+    for n in (5, 70, 130):
+        ids = [rnd.randrange(SMALL.vocab) for _ in range(n)]
+        pc, dc = _forced_logits(cpu, ids, 17)
+        pg, dg = _forced_logits(gpu, ids, 17)
+        assert _rel(pg, pc) < 3e-2 and _rel(dg, dc) < 0.1, (n, _rel(pg, pc), _rel(dg, dc))
+    wg = random_weights(SMALL, "w4a8kv4", device="cuda", dtype=torch.bfloat16, seed=3, embed_bits=8, lm_head_bits=8)
+    graphs, eager = _engine(wg, cuda_graphs=True), _engine(wg, cuda_graphs=False)
+    prompts = [[rnd.randrange(SMALL.vocab) for _ in range(n)] for n in (3, 40, 77, 9)]
+    a = graphs.generate(prompts, SamplingSpec(max_tokens=16))
+    b = eager.generate(prompts, SamplingSpec(max_tokens=16))
+    assert graphs.runner.graphs and [x[0].token_ids for x in a] == [y[0].token_ids for y in b]

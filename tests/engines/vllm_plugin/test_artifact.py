@@ -20,7 +20,8 @@ def artifact(tiny_llama_builder, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("plugin-artifact")
     base = tiny_llama_builder(root / "base", hidden=128, max_positions=256)
-    return export(str(base), W4A8KV4Config(gptq=False), root / "w4a8kv4", dtype="fp32", calib="pydoc",
+    # 16-bit embedding and lm_head: what the plugin serves (the 8-bit default is refused, below)
+    return export(str(base), W4A8KV4Config(gptq=False, embed_bits=16, lm_head_bits=16), root / "w4a8kv4", dtype="fp32", calib="pydoc",
                   calib_samples=4, calib_max_length=64).out
 
 
@@ -56,6 +57,9 @@ CONFIG_CASES = {
     "newer format": (lambda q: q.update(version=2), "has format version 2, but this natix"),
     "version true": (lambda q: q.update(version=True), "has format version True"),
     "no layers": (lambda q: q.pop("layers"), "quantization_config.layers must map"),
+    "8-bit embedding": (lambda q: q.update(embed_bits=8), "(embed_bits=8, lm_head_bits=16); the plugin serves "
+                                                         "16-bit ones only. Re-export with `--set embed_bits=16"),
+    "8-bit lm_head": (lambda q: q.update(lm_head_bits=8), "lm_head_bits=8"),
     "group size 64": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(group_size=64),
                       "layer model.layers.0.mlp.up_proj: group_size must be 128 or -1, got 64"),
     "no shape": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].pop("shape"),

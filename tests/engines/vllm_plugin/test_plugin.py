@@ -53,12 +53,13 @@ SMOL_QUESTIONS = ["What is 12 + 5 - 3?", "What is 40 - 17 + 6?", "What is 23 + 1
 
 
 def _export(base: str, out: Path, adapter: str | None = None, dtype: str = "fp32") -> str:
-    """A w4a8kv4 artifact as `natix-quant export --scheme w4a8kv4 --set gptq=false` writes it (RTN
-    weights, every QoQ transform, KV4 in the config), calibrated on 8 pydoc samples."""
+    """A w4a8kv4 artifact as `natix-quant export --scheme w4a8kv4 --set gptq=false --set embed_bits=16
+    --set lm_head_bits=16` writes it (RTN weights, every QoQ transform, KV4 in the config, 16-bit
+    embedding and lm_head: the plugin refuses 8-bit ones), calibrated on 8 pydoc samples."""
     from natix.quant.export import export
     from natix.quant.w4a8kv4_config import W4A8KV4Config
 
-    return str(export(base, W4A8KV4Config(gptq=False), out, adapter=adapter, dtype=dtype, calib="pydoc",
+    return str(export(base, W4A8KV4Config(gptq=False, embed_bits=16, lm_head_bits=16), out, adapter=adapter, dtype=dtype, calib="pydoc",
                       calib_samples=8, calib_max_length=128).out)
 
 
