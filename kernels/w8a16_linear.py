@@ -23,6 +23,7 @@ reference only in float32 summation order (and ``scale · Σ x q`` vs ``Σ x (q 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -126,6 +127,11 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Op
         raise ValueError(f"scale must be contiguous float32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be contiguous [{n}]")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("w8a16_linear runs the Triton kernel: CUDA tensors (or CPU ones under TRITON_INTERPRET=1); "
+                         "w8a16_linear_reference computes the same on CPU")
+    if not (qweight.device == scale.device == x.device):
+        raise ValueError(f"x, qweight and scale must be on one device, got {x.device}, {qweight.device}, {scale.device}")
 
 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -69,7 +69,12 @@ def make_llama(out: Path, shape: str, tokenizer: str = "smollm2-135m", layers: i
 
     from natix.quant.models import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
+    if Path(tokenizer).is_dir():  # a saved tokenizer directory (no model in it)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        tok = load_tokenizer(tokenizer)
     dims = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     cfg = LlamaConfig(**dims, vocab_size=len(tok), max_position_embeddings=2048,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

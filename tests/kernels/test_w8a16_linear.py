@@ -44,13 +44,13 @@ def test_w8a16_kernel_equals_reference(dtype, m, n, k, bias):
 
 
 def test_w8a16_strided_rows_and_empty():
-    q, s = quantize_int8_rows(torch.randn(48, 64))
-    big = torch.randn(5, 96).to(torch.bfloat16)
+    q, s = (t.to(DEVICE) for t in quantize_int8_rows(torch.randn(48, 64)))
+    big = torch.randn(5, 96).to(torch.bfloat16).to(DEVICE)
     x = big[:, :64]  # rows strided, columns contiguous
     got = w8a16_linear(x, q, s)
     exact = torch.nn.functional.linear(x.float(), dequantize_int8_rows(q, s))
     assert (got.float() - exact).abs().max().item() <= exact.abs().max().item() * 2 ** -7
-    assert w8a16_linear(torch.empty(0, 64, dtype=torch.bfloat16), q, s).shape == (0, 48)
+    assert w8a16_linear(torch.empty(0, 64, dtype=torch.bfloat16, device=DEVICE), q, s).shape == (0, 48)
 
 
 def test_w8a16_bad_inputs_are_named():
