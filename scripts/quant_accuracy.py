@@ -226,7 +226,7 @@ def main() -> None:
     kept = ""
     if md.exists() and KEEP_MARKER in md.read_text():
         kept = md.read_text()[md.read_text().index(KEEP_MARKER):]
-    md.write_text(render(Path(args.jsonl)) + ("\n" + kept if kept else ""))
+    md.write_text(render(Path(args.jsonl)).rstrip("\n") + "\n\n" + kept if kept else render(Path(args.jsonl)))
     print(md)
 
 
