@@ -106,11 +106,16 @@ def _kernel():
 
 def w8a16_config(m: int) -> dict:
     """Tile sizes for ``m`` rows: decode-sized M takes the smallest MMA tile (16) and streams wide
-    weight tiles; larger M reuses each weight tile over more rows."""
+    weight tiles; larger M reuses each weight tile over more rows. The M <= 8 and 16 < M <= 64 tiles
+    are the winners of ``scripts/bench_w8a16.py --sweep`` on an H200 at the Llama-3-8B lm_head
+    (128256 x 4096): 150.7 us at M=1 and 257.1 us at M=64 against cuBLAS bf16's 267 / 294 us
+    (``reports/engine_notes.md``). Past M=64 the kernel measured 0.57-0.75x of bf16 (M=128, 256)."""
+    if m <= 8:
+        return dict(BM=16, BN=256, BK=128, num_warps=8, num_stages=3)
     if m <= 16:
         return dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
     if m <= 64:
-        return dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=3)
+        return dict(BM=64, BN=256, BK=64, num_warps=8, num_stages=3)
     return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
 

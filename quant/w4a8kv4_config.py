@@ -68,8 +68,8 @@ class W4A8KV4Config(QuantConfig):
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
-    embed_bits: int = 8
-    lm_head_bits: int = 8
+    embed_bits: int = 16  # 8: int8 rows (opt-in: the vLLM plugin serves 16-bit tables; reports/quant-accuracy.md)
+    lm_head_bits: int = 16
 
     def __post_init__(self) -> None:
         if self.group_size not in (GROUP_SIZE, -1) or isinstance(self.group_size, bool):

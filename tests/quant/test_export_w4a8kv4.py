@@ -33,10 +33,12 @@ def test_export_load_generate(wide_base, calib_file, tmp_path, tiny, hf_generate
     from natix.quant.w4a8 import W4A8Linear
 
     out = tmp_path / "a"
-    r = _export(wide_base, out, calib_file, "--group-size", group)
+    # the 8-bit vocabulary tables (opt-in) ride along: the 16-bit default is the 14-layer case of
+    # test_vocab_bits_export_and_load below
+    r = _export(wide_base, out, calib_file, "--group-size", group, "--set", "embed_bits=8", "--set", "lm_head_bits=8")
     assert r.exit_code == 0, r.output
     info = describe_artifact(out)
-    # 14 W4A8 linears, and (embed_bits = lm_head_bits = 8 by default) the int8 embedding and lm_head
+    # 14 W4A8 linears, and the int8 embedding and lm_head
     assert info["scheme"] == "w4a8kv4" and info["quantized_layers"] == 16
     assert info["unquantized_bytes"] < 4096  # norms only: nothing of the vocabulary is left in float
     m = info["manifest"]["details"]

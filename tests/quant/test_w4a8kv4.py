@@ -333,14 +333,14 @@ def test_vocab_bits_round_trip_and_old_manifests():
         assert config_from_dict(d) == cfg
         qc = cfg.hf_quantization_config()
         assert qc["embed_bits"] == e and qc["lm_head_bits"] == h
-    assert W4A8KV4Config().embed_bits == 8 and W4A8KV4Config().lm_head_bits == 8  # the measured default
+    assert W4A8KV4Config().embed_bits == 16 and W4A8KV4Config().lm_head_bits == 16  # opt-in (reports/quant-accuracy.md)
     old = W4A8KV4Config().to_dict()
     del old["embed_bits"], old["lm_head_bits"], old["rotate_values"], old["rotate_keys"]
     back = config_from_dict(old)
     assert back.embed_bits == 16 and back.lm_head_bits == 16
-    assert config_from_dict({"scheme": "w4a8kv4", "group_size": -1}).embed_bits == 8
-    assert "not this artifact" in W4A8KV4Config().engines()["vllm"]
-    assert "not this artifact" not in W4A8KV4Config(embed_bits=16, lm_head_bits=16).engines()["vllm"]
+    assert config_from_dict({"scheme": "w4a8kv4", "group_size": -1, "embed_bits": 8}).embed_bits == 8
+    assert "not this artifact" not in W4A8KV4Config().engines()["vllm"]  # the default: vLLM's plugin serves it
+    assert "not this artifact" in W4A8KV4Config(embed_bits=8).engines()["vllm"]
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -349,7 +349,7 @@ def test_vocab_bits_round_trip_and_old_manifests():
     ({"embed_bits": "8"}, r"embed_bits must be one of 16, 8.*got '8'"),
     ({"embed_bits": True}, "embed_bits"),
     ({"embed_bits": 8.0}, "embed_bits"),
-    ({"ignore": []}, r"lm_head_bits=8.*ignore.*lm_head_bits=16"),
+    ({"ignore": [], "lm_head_bits": 8}, r"lm_head_bits=8.*ignore.*lm_head_bits=16"),
 ])
 def test_vocab_bits_bad_values_name_the_option(bad, match):
     with pytest.raises(QuantError, match=match):
@@ -366,7 +366,7 @@ def test_quantize_vocab_modules_compute_dequant_exactly(tiny, arch):
     from natix.kernels.w8a16_linear import dequantize_int8_rows, quantize_int8_rows
     from natix.quant.w8a16 import Int8Embedding, W8A16Linear
 
-    cfg = W4A8KV4Config(gptq=False)
+    cfg = W4A8KV4Config(gptq=False, embed_bits=8, lm_head_bits=8)
     model = tiny.model(arch)
     e0, h0 = model.model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
     report: dict = {}
@@ -408,6 +408,6 @@ def test_vocab_bits_16_changes_nothing(tiny):
     report: dict = {}
     assert cfg.quantize_vocab(model, report) == [] and report == {}
     assert type(model.model.embed_tokens) is torch.nn.Embedding and model.lm_head.weight is model.model.embed_tokens.weight
-    only_head = W4A8KV4Config(embed_bits=16)
+    only_head = W4A8KV4Config(lm_head_bits=8)
     assert only_head.quantize_vocab(model, report) == ["lm_head"]
     assert type(model.model.embed_tokens) is torch.nn.Embedding and model.config.tie_word_embeddings is False
