@@ -351,7 +351,7 @@ class NatixEngine:
     def _collect(self, pending: Any, deltas: list[RequestDelta]) -> None:
         """Read a launched decode step and emit its tokens; sequences that finished (or were aborted)
         while it ran drop theirs. The step launched ahead of it, if all its sequences are now finished,
-        is dropped as well (its results are never read)."""
+        is collected and dropped."""
         self.last_step = {"prefill": False, "seqs": len(pending.seqs), "tokens": len(pending.seqs)}
         try:
             tokens, lps, tops = self.runner.collect(pending)
@@ -369,8 +369,8 @@ class NatixEngine:
         self._emit(seqs, tokens, lps, tops, deltas)
         nxt = self._pending
         if nxt is not None and all(s.finished for s in nxt.seqs):
-            for s in nxt.seqs:
-                s.inflight = 0
+            # waited for, not read: its pinned buffers are then free for the steps after it
+            self.runner.collect(nxt)
             self._pending = None
 
     def _emit(self, sampled: list[Seq], tokens: list[int], lps: list[float], tops: Optional[list[Any]],
