@@ -138,8 +138,7 @@ class NatixEngine:
                           info={"source_scheme": scheme, "load_format": options.load_format})
 
     def _options(self, cfg: EngineConfig, device: str) -> EngineOptions:
-        defaults = {"max_num_seqs": 256 if device == "cuda" else max(1, cfg.max_batch_size),
-                    "async_scheduling": device == "cuda"}
+        defaults = {"max_num_seqs": 256 if device == "cuda" else max(1, cfg.max_batch_size)}
         return EngineOptions.from_extra(cfg.extra, **defaults)
 
     def load_weights(self, weights: Any, tokenizer: Any = None, eos_ids: Optional[set[int]] = None, *,
@@ -150,7 +149,13 @@ class NatixEngine:
         from natix.engines.natix.model_runner import ModelRunner
         from natix.engines.natix.scheduler import Scheduler
 
-        self.options = o = options or EngineOptions()
+        o = options or EngineOptions()
+        device = weights.embed.device
+        if o.async_scheduling is None:
+            import dataclasses
+
+            o = dataclasses.replace(o, async_scheduling=device.type == "cuda")
+        self.options = o
         spec = weights.spec
         max_len = o.max_model_len or min(spec.max_positions, 4096)
         if max_len > spec.max_positions:
@@ -159,7 +164,6 @@ class NatixEngine:
         if spec.sliding_window and spec.sliding_window < max_len:
             raise EngineLoadError(f"this model uses sliding-window attention ({spec.sliding_window} tokens), which the "
                                   f"natix engine does not implement; set max_model_len <= {spec.sliding_window}")
-        device = weights.embed.device
         self.max_model_len = max_len
         self.runner = ModelRunner(weights, o, max_len, device, weights.embed.dtype)
         self.scheduler = Scheduler(BlockManager(self.runner.kv.num_pages, o.page_size, o.enable_prefix_caching),

@@ -128,7 +128,7 @@ class EngineOptions:
     prefill_attention: str = "unquantized"
     cuda_graphs: bool = True
     enable_prefix_caching: bool = True
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA, off elsewhere (resolved at load)
     warmup: str = "greedy,sample"
     load_format: str = "auto"
 
