@@ -170,7 +170,7 @@ class VocabTables:
         self.embed = embed.dequantized(dtype) if self.embed_int8 and not ops.gpu else embed
         self.lm_head: Any = lm_head
         self.head_f32: Optional[torch.Tensor] = None
-        self._head_launch: dict[int, Any] = {}
+        self._head_launch: dict[tuple, Any] = {}
         if self.head_int8:
             if ops.gpu:
                 from natix.kernels.w8a16_linear import _check
@@ -211,7 +211,7 @@ class VocabTables:
         if m == 0:
             return y
         cfg = w8a16_config(m)
-        key = cfg["BM"]
+        key = tuple(sorted(cfg.items()))  # every constexpr: two M buckets may share BM with other tiles
         lau = self._head_launch.get(key)
         if lau is None:
             lau = self._head_launch[key] = Launcher(_kernel(), HAS_BIAS=False, DOT_F32=False, **cfg)

@@ -494,15 +494,19 @@ V, D, dt = 203, 96, torch.float16  # the interpreter's bf16 dot is wrong (natix.
 emb = Int8Rows.quantize(torch.randn(V, D, generator=g) * 0.05).to("cpu", dt)
 head = Int8Rows.quantize(torch.randn(V, D, generator=g) * 0.05).to("cpu", dt)
 ids = torch.tensor([0, 5, 202, 5, 17])
-x = torch.randn(5, D, generator=g).to(dt)
+x = torch.randn(12, D, generator=g).to(dt)
 out = {}
 for gpu in (False, True):
     vt = VocabTables(emb, head, types.SimpleNamespace(gpu=gpu), dt)
     assert isinstance(vt.embed, Int8Rows) == gpu  # CUDA keeps the int8 table
-    out[gpu] = (vt.embedding(ids), vt.logits(x), vt.logits(x[:0]))
-(e0, l0, z0), (e1, l1, z1) = out[False], out[True]
+    # 5 and 12 rows: two M buckets with the same BM and different tiles, through one VocabTables
+    # (the 12-row one first: a launcher cached by BM alone would then run 5 rows with 64-wide tiles on a 256-wide grid)
+    m_, l_ = vt.logits(x), vt.logits(x[:5])
+    out[gpu] = (vt.embedding(ids), l_, m_, vt.logits(x[:0]))
+(e0, l0, m0, z0), (e1, l1, m1, z1) = out[False], out[True]
 assert torch.equal(e0, e1) and e1.dtype == dt
-assert (l0.float() - l1.float()).abs().max() <= 2e-3 * l0.float().abs().max(), (l0 - l1).abs().max()
+for a, b in ((l0, l1), (m0, m1)):
+    assert (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max(), (a - b).abs().max()
 assert z1.shape == (0, V)
 print("ok")
 """
