@@ -140,9 +140,11 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Op
 
 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 *, check: bool = True) -> torch.Tensor:
+                 *, check: bool = True, launchers: Optional[dict] = None) -> torch.Tensor:
     """x [M, K] fp16/bf16 @ dequant(W [N, K]).T (+ bias) -> [M, N] in x.dtype, by the Triton kernel
-    (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    (CUDA, or CPU tensors under TRITON_INTERPRET=1). ``launchers``: a dict the caller keeps per weight;
+    each tile config's compiled kernel is then called through a lean `natix.kernels.launch.Launcher`
+    cached there (keyed by every constexpr) instead of Triton's JIT dispatch."""
     if check:
         _check(x, qweight, scale, bias)
     m, k = x.shape
@@ -150,6 +152,21 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
+    cfg = w8a16_config(m)
+    grid = (-(-n // cfg["BN"]), -(-m // cfg["BM"]))
+    consts = dict(HAS_BIAS=bias is not None, DOT_F32=not x.is_cuda, **cfg)
+    args = (x, qweight, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), qweight.stride(0), y.stride(0))
+    if launchers is None:
+        _kernel()[grid](*args, **consts)
+        return y
+    key = tuple(sorted(consts.items()))
+    launch = launchers.get(key)
+    if launch is None:
+        from .launch import Launcher
+
+        launch = launchers[key] = Launcher(_kernel(), **consts)
+    launch(grid, *args)
+    return y
     cfg = w8a16_config(m)
     grid = (-(-n // cfg["BN"]), -(-m // cfg["BM"]))
     _kernel()[grid](x, qweight, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),

@@ -200,21 +200,7 @@ class VocabTables:
         return self._w8a16(x.contiguous())
 
     def _w8a16(self, x: torch.Tensor) -> torch.Tensor:
-        """The Triton W8A16 GEMM through a lean `natix.kernels.launch.Launcher` (one per tile config)."""
-        from natix.kernels.launch import Launcher
-        from natix.kernels.w8a16_linear import _kernel, w8a16_config
+        """The Triton W8A16 GEMM through lean launchers (one per tile config, cached per lm_head)."""
+        from natix.kernels.w8a16_linear import w8a16_linear
 
-        w = self.lm_head
-        m, k = x.shape
-        n = w.qweight.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        if m == 0:
-            return y
-        cfg = w8a16_config(m)
-        key = tuple(sorted(cfg.items()))  # every constexpr: two M buckets may share BM with other tiles
-        lau = self._head_launch.get(key)
-        if lau is None:
-            lau = self._head_launch[key] = Launcher(_kernel(), HAS_BIAS=False, DOT_F32=False, **cfg)
-        grid = (-(-n // cfg["BN"]), -(-m // cfg["BM"]))
-        lau(grid, x, w.qweight, w.scale, w.scale, y, m, n, k, x.stride(0), w.qweight.stride(0), y.stride(0))
-        return y
+        return w8a16_linear(x, self.lm_head.qweight, self.lm_head.scale, check=False, launchers=self._head_launch)
