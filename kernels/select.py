@@ -13,12 +13,13 @@ from typing import Callable, Optional, Union
 import torch
 
 from .fp8_linear import Fp8Weight, can_implement_scaled_mm, fp8_linear, fp8_linear_reference
-from .packing import GROUP_SIZE, W4A8Weight
+from .packing import GROUP_SIZES, W4A8Weight
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """scheme: 'w4a8_g128' | 'w4a8_channel' | 'fp8'; n, k the weight shape; device where it runs."""
+    """scheme: 'w4a8_g128' (or g64 / g32: progressive in groups of that many input channels) |
+    'w4a8_channel' | 'fp8'; n, k the weight shape; device where it runs."""
 
     scheme: str
     n: int
@@ -42,12 +43,14 @@ def _triton_ok(device: torch.device) -> tuple[bool, str]:
 
 
 def can_implement_w4a8(spec: LinearSpec) -> tuple[bool, str]:
-    if spec.scheme not in ("w4a8_g128", "w4a8_channel"):
+    groups = {f"w4a8_g{g}": g for g in GROUP_SIZES}
+    if spec.scheme not in groups and spec.scheme != "w4a8_channel":
         return False, f"scheme {spec.scheme!r} is not W4A8"
     if spec.n % 2:
         return False, f"N={spec.n} is odd: the packed format pairs rows j and j+N/2"
-    if spec.scheme == "w4a8_g128" and spec.k % GROUP_SIZE:
-        return False, f"K={spec.k} is not a multiple of the group size {GROUP_SIZE}"
+    g = groups.get(spec.scheme)
+    if g and spec.k % g:
+        return False, f"K={spec.k} is not a multiple of the group size {g}"
     if spec.out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False, f"out_dtype {spec.out_dtype} unsupported"
     return _triton_ok(torch.device(spec.device))

@@ -1,7 +1,7 @@
 """W4A8 GEMM: INT8 per-token activations x UINT4 weights on INT8 tensor cores (QServe QoQ).
 
 ``out[m, n] = x_scale[m] * scale[n] * sum_k xq[m, k] * Wi[n, k] (+ bias[n])`` where ``Wi`` is the
-integer weight of `natix.kernels.packing` (g128: ``q4*s1 - sz``, per-channel: ``q4 - zero``, the
+integer weight of `natix.kernels.packing` (progressive: ``q4*s1 - sz``, per-channel: ``q4 - zero``, the
 latter applied in the epilogue as ``- x_sum[m] * zero[n]``). Accumulation is int32 and exact.
 
 Kernel shape: swap-AB. The program computes ``acc[BNH, BM] = Wtile[BNH, BK] @ xq^T[BK, BM]`` twice
@@ -104,7 +104,7 @@ def default_config(m: int, n: int, k: int, grouped: bool, num_sms: int = 132) ->
 
 
 def get_config(m: int, n: int, k: int, grouped: bool, device: torch.device) -> dict:
-    variant = "g128" if grouped else "channel"
+    variant = "g128" if grouped else "channel"  # every progressive group size uses the g128 tiles (`fit_block_k`)
     table = _load_configs().get(device_key(device), {}).get(variant, {}).get(f"{n},{k}")
     if table:
         bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
@@ -130,6 +130,7 @@ def _kernel():
         M, N, K, stride_xm, stride_om,
         GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_OUT: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BNH: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+        GS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -167,7 +168,7 @@ def _kernel():
             # level-1 (s1, sz) are byte loads that the pipeliner does not stage: prefetch them one
             # iteration ahead by hand so the loop never waits on their latency
             # (group index clamped to the last group: always a valid address, no extra mask)
-            g_off = tl.minimum((it0 * BK) // 128, (K - 1) // 128) * N + offs_j
+            g_off = tl.minimum((it0 * BK) // GS, (K - 1) // GS) * N + offs_j
             g_ok = j_ok
             s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
             z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
@@ -190,7 +191,7 @@ def _kernel():
                 c_lo = ((256 - z_lo_n.to(tl.int32)) * 0x10001)[:, None]
                 s_hi = s_hi_n.to(tl.int32)[:, None]
                 c_hi = ((256 - z_hi_n.to(tl.int32)) * 0x10001)[:, None]
-                g_off = tl.minimum(((it + 1) * BK) // 128, (K - 1) // 128) * N + offs_j
+                g_off = tl.minimum(((it + 1) * BK) // GS, (K - 1) // GS) * N + offs_j
                 g_ok = j_ok
                 s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
                 z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
@@ -283,9 +284,7 @@ def w4a8_gemm_triton(
     grouped = w.group_scale is not None
     _check(x_q, x_scale, x_sum, w, bias, out_dtype)
     cfg = dict(config) if config else get_config(m, n, k, grouped, x_q.device)
-    if grouped:
-        if GROUP_SIZE % cfg["BK"]:
-            cfg["BK"] = GROUP_SIZE  # the kernel reads one level-1 (s1, sz) per BK: BK must divide 128
+    cfg["BK"] = fit_block_k(cfg["BK"], w.group_size)
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
@@ -301,9 +300,16 @@ def w4a8_gemm_triton(
         m, n, k, x_q.stride(0), out.stride(0),
         GROUPED=grouped, HAS_BIAS=bias is not None, RAW_OUT=out_dtype == torch.int32, EVEN_K=k % cfg["BK"] == 0,
         BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg.get("GROUP_M", 8),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        GS=w.group_size or GROUP_SIZE, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out
+
+
+def fit_block_k(bk: int, group_size: int) -> int:
+    """The K-block a tuned config's ``bk`` becomes for weights in groups of ``group_size`` (0: per
+    channel): the kernel reads one level-1 (s1, sz) per K-block, so the block must divide the group.
+    The tuned tables hold g128 tiles; a smaller group keeps their M/N tiles with a shorter K-block."""
+    return group_size if group_size and group_size % bk else bk
 
 
 def _check(x_q, x_scale, x_sum, w: W4A8Weight, bias, out_dtype) -> None:

@@ -8,8 +8,9 @@ byte of the same k on CUDA cores, accumulating elementwise in int32 registers an
 
 - per channel: ``acc[n] = sum_k x[k] * q4[n, k]``; the zero point is subtracted in the epilogue
   (``- z[n] * sum_k x[k]``) exactly as the GEMM does;
-- g128: within a 128-wide group the level-1 scale and zero are constant, so
-  ``sum_k x (q4 s1 - sz) = s1 * sum_k x q4 - sz * sum_k x`` per group: no per-element dequantization.
+- progressive: within a group the level-1 scale and zero are constant, so
+  ``sum_k x (q4 s1 - sz) = s1 * sum_k x q4 - sz * sum_k x`` per group: no per-element dequantization
+  (the K-block is the group: ``BK == G``).
 
 Split-K over ``SPLIT_K`` programs per column block; the last to finish (atomic ticket, as in
 `natix.kernels.w4a8_gemm`) sums the int32 partials and runs the float epilogue, so one launch.
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .packing import GROUP_SIZE, W4A8Weight
+from .packing import W4A8Weight
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,8 +72,8 @@ def _kernel():
                 if GROUPED:
                     xs_blk += xb
             if GROUPED:
-                # BK == 128 == the group: one (s1, sz) per row and block
-                g = kb // 128
+                # BK == the group size: one (s1, sz) per row and block
+                g = it
                 s_lo = tl.load(gs_ptr + g * N + offs_j, mask=j_ok, other=0).to(tl.int32)
                 z_lo = tl.load(gz_ptr + g * N + offs_j, mask=j_ok, other=0).to(tl.int32)
                 s_hi = tl.load(gs_ptr + g * N + offs_j + NH, mask=j_ok, other=0).to(tl.int32)
@@ -123,8 +124,9 @@ def _kernel():
     return w4a8_gemv_kernel
 
 
-def gemv_config(n: int, k: int, grouped: bool, device: torch.device) -> Optional[dict]:
-    """The tuned entry for (device, variant, N, K) in configs/w4a8_gemv.json, or None. The table
+def gemv_config(n: int, k: int, group_size: int, device: torch.device) -> Optional[dict]:
+    """The tuned entry for (device, variant, N, K) in configs/w4a8_gemv.json, or None; the variant
+    is ``g<G>`` for progressive weights in groups of ``group_size`` G (0: ``channel``). The table
     only holds shapes where the GEMV measured faster than the tensor-core GEMM at M = 1
     (scripts/tune_gemv.py; on the H200: g128 on three of the four Llama-3-8B shapes, 3-11%, and no
     per-channel shape, where the GEMM's int8 MMAs won by 9-31%), so elsewhere the GEMM runs."""
@@ -135,13 +137,14 @@ def gemv_config(n: int, k: int, grouped: bool, device: torch.device) -> Optional
 
     path = Path(__file__).with_name("configs") / "w4a8_gemv.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    cfg = table.get(device_key(device), {}).get("g128" if grouped else "channel", {}).get(f"{n},{k}")
+    variant = f"g{group_size}" if group_size else "channel"
+    cfg = table.get(device_key(device), {}).get(variant, {}).get(f"{n},{k}")
+    if cfg and group_size and cfg["BK"] != group_size:
+        raise ValueError(f"configs/w4a8_gemv.json {variant} {n},{k}: BK must be the group size, got {cfg['BK']}")
     return dict(cfg) if cfg else None
 
 
 def can_implement_gemv(w: W4A8Weight) -> tuple[bool, str]:
-    if w.group_scale is not None and w.k % GROUP_SIZE:
-        return False, f"g128 needs K % 128 == 0, got {w.k}"
     if w.k % 4:
         return False, f"K={w.k}: weight rows are read as int32 words"
     return True, "ok"

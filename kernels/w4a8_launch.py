@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .packing import GROUP_SIZE, W4A8Weight, integer_weight
-from .w4a8_gemm import M_BUCKETS, _counters, _kernel, get_config, int_matmul_exact
+from .w4a8_gemm import M_BUCKETS, _counters, _kernel, fit_block_k, get_config, int_matmul_exact
 
 
 class W4A8Gemm:
@@ -38,6 +38,7 @@ class W4A8Gemm:
         self.weight, self.bias, self.out_dtype = weight, bias, out_dtype
         self.n, self.k = weight.n, weight.k
         self.grouped = weight.group_scale is not None
+        self.group_size = weight.group_size  # 0: per channel
         dev = weight.qweight.device
         # None: the kernel on CUDA and under the interpreter; an engine that runs references on CPU says False
         self.triton = (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") if use_triton is None else use_triton
@@ -48,7 +49,7 @@ class W4A8Gemm:
         #: one row (batch-1 decode) goes to the CUDA-core GEMV (`natix.kernels.w4a8_gemv`) where it measured faster
         self._gemv_cfg: Optional[dict] = None
         if gemv and self.triton and can_implement_gemv(weight)[0]:
-            self._gemv_cfg = gemv_config(self.n, self.k, self.grouped, dev)
+            self._gemv_cfg = gemv_config(self.n, self.k, self.group_size, dev)
         self.gemv = self._gemv_cfg is not None
         w = weight
         dummy = w.scale
@@ -62,8 +63,7 @@ class W4A8Gemm:
         cfg = self._configs.get(bucket)
         if cfg is None:
             cfg = get_config(bucket, self.n, self.k, self.grouped, self.weight.qweight.device)
-            if self.grouped and GROUP_SIZE % cfg["BK"]:
-                cfg["BK"] = GROUP_SIZE
+            cfg["BK"] = fit_block_k(cfg["BK"], self.group_size)
             cfg = dict(cfg, EVEN_K=self.k % cfg["BK"] == 0, GROUP_M=cfg.get("GROUP_M", 8),
                        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
             from .launch import Launcher
@@ -71,7 +71,8 @@ class W4A8Gemm:
             cfg["launch"] = Launcher(
                 _kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
                 EVEN_K=cfg["EVEN_K"], BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
-                GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
             self._configs[bucket] = cfg
         return cfg
 

@@ -75,7 +75,8 @@ def merge(base: str, adapter: str, out: Path, dtype: str, tolerance: float | Non
 @click.option("--out", "out", required=True, metavar="DIR", type=PathArg(path_type=Path),
               help="Output artifact directory (must not exist unless --force; never an input).")
 @click.option("--group-size", type=int, default=None,
-              help="Weight group size: 128 or -1 (per output channel); gptq: -1 or a power of two 16..1024.")
+              help="Weight group size: w4a8kv4 128, 64, 32 or -1 (per output channel); gptq -1 or a power of two "
+                   "16..1024. A layer it does not divide gets --set group_fallback (finer, channel or error).")
 @click.option("--act-order", type=click.Choice(["group", "weight"]), default=None,
               help="GPTQ activation order (gptq): 'group' permutes groups (g_idx), 'weight' keeps them contiguous.")
 @click.option("--kv", "kv", type=click.Choice(["none", "fp8", "int4"]), default=None,
@@ -138,15 +139,20 @@ def export(base: str, adapter: str | None, scheme: str, out: Path, group_size: i
                          status=lambda m: bar.start(m, None, None), progress=progress, device=device)
     finally:
         bar.close()
-    fallback = [n for n, m in res.layers.items() if m.get("group_size") == -1] if grouped(cfg) else []
+    fallback: dict[int, list[str]] = {}  # group size -> layers that got it instead of cfg.group_size
+    if grouped(cfg):
+        for n, m in res.layers.items():
+            if m.get("bits") != 8 and m.get("group_size") not in (None, cfg.group_size):
+                fallback.setdefault(m["group_size"], []).append(n)
     vocab = [n for n, m in res.layers.items() if m.get("bits") == 8]  # w4a8kv4 embed_bits / lm_head_bits = 8
     console.print(f"[green]exported[/green] {scheme}: {len(res.quantized) - len(vocab)} linear layers quantized, "
                   + (f"{' and '.join(vocab)} in int8, " if vocab else "")
                   + f"{len(res.skipped)} kept ({', '.join(res.skipped) or 'none'}) -> {escape(str(out))} "
                   f"({res.bytes_written / 2**20:.1f} MiB)")
-    if fallback:
-        console.print(f"[yellow]note:[/yellow] {len(fallback)} layers have in_features not divisible by the "
-                      f"group size {cfg.group_size} and were quantized per output channel (group_fallback="
+    for g, names in sorted(fallback.items(), reverse=True):
+        how = "per output channel" if g == -1 else f"in groups of {g}"
+        console.print(f"[yellow]note:[/yellow] {len(names)} layers have in_features not divisible by the "
+                      f"group size {cfg.group_size} and were quantized {how} (group_fallback="
                       f"{cfg.group_fallback!r}; see the manifest's details.layers)")
 
 

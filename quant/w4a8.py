@@ -9,8 +9,8 @@ name                dtype     shape          meaning
 ``qweight``         uint8     [N // 2, K]    two UINT4 codes per byte: rows ``j`` (low nibble) and
                                              ``j + N/2`` (high nibble)
 ``scale``           float32   [N]            level-0 per-output-channel scale
-``group_scale``     uint8     [K // 128, N]  g128 only: level-1 integer scale ``s1``
-``group_zero``      uint8     [K // 128, N]  g128 only: level-1 scaled zero ``z * s1``
+``group_scale``     uint8     [K // G, N]    progressive only: level-1 integer scale ``s1``
+``group_zero``      uint8     [K // G, N]    progressive only: level-1 scaled zero ``z * s1``
 ``zero``            uint8     [N]            per-channel only: UINT4 zero point
 ``bias``            model     [N]            optional; follows the model dtype
 ==================  ========  =============  ====================================================
@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from natix.kernels.packing import GROUP_SIZE, W4A8Weight, pack_channel, quantize_channel, quantize_g128
+from natix.kernels.packing import (GROUP_SIZE, GROUP_SIZES, W4A8Weight, describe, pack_channel, quantize_channel,
+                                   quantize_progressive)
 from natix.quant.errors import QuantError
 
 if TYPE_CHECKING:
@@ -37,10 +38,25 @@ if TYPE_CHECKING:
 __all__ = ["W4A8Linear"]
 
 
+def _check_group(in_features: int, out_features: int, group_size: int) -> None:
+    if out_features % 2:
+        raise QuantError(f"W4A8 needs an even out_features (the packed format stores rows j and j + N/2 in one "
+                         f"byte), got Linear({in_features}, {out_features})")
+    if isinstance(group_size, bool) or group_size not in (*GROUP_SIZES, -1):
+        raise QuantError(f"W4A8 group_size must be one of {GROUP_SIZES} (progressive) or -1 (per channel), "
+                         f"got {group_size!r}")
+    if group_size > 0 and in_features % group_size:
+        fits = [g for g in reversed(GROUP_SIZES) if in_features % g == 0]
+        hint = f"group_size={fits[0]} divides it, or " if fits else ""
+        raise QuantError(f"W4A8 g{group_size} needs in_features % {group_size} == 0, got Linear({in_features}, "
+                         f"{out_features}); {hint}group_size=-1 (per channel)")
+
+
 class W4A8Linear(nn.Module):
     """Drop-in for ``nn.Linear`` holding a packed W4A8 weight.
 
-    ``group_size``: 128 (QoQ progressive, needs ``K % 128 == 0``) or -1 (per-channel UINT4).
+    ``group_size``: 128, 64 or 32 (QoQ progressive in groups of that many input channels, needs
+    ``K % group_size == 0``) or -1 (per-channel UINT4).
     ``out_features`` must be even (the format pairs rows ``j`` and ``j + N/2`` in one byte).
     ``model.to(dtype)`` never changes ``scale`` (fp32) or the uint8 buffers: a cast would change the
     numbers the kernel reads. ``bias`` follows the model dtype like any other parameter.
@@ -49,22 +65,15 @@ class W4A8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = GROUP_SIZE,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__()
-        if out_features % 2:
-            raise QuantError(f"W4A8Linear needs an even out_features (the packed format stores rows j and "
-                             f"j + N/2 in one byte), got {out_features}")
-        if group_size not in (GROUP_SIZE, -1):
-            raise QuantError(f"W4A8Linear group_size must be {GROUP_SIZE} or -1 (per channel), got {group_size}")
-        if group_size == GROUP_SIZE and in_features % GROUP_SIZE:
-            raise QuantError(f"W4A8Linear g128 needs in_features % 128 == 0, got {in_features}; "
-                             "use group_size=-1 (per channel)")
+        _check_group(in_features, out_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         n, k = out_features, in_features
         u8 = dict(dtype=torch.uint8, device=device)
         self.register_buffer("qweight", torch.zeros(n // 2, k, **u8))
         self.register_buffer("scale", torch.ones(n, dtype=torch.float32, device=device))
-        if group_size == GROUP_SIZE:
-            self.register_buffer("group_scale", torch.ones(k // GROUP_SIZE, n, **u8))
-            self.register_buffer("group_zero", torch.zeros(k // GROUP_SIZE, n, **u8))
+        if group_size > 0:
+            self.register_buffer("group_scale", torch.ones(k // group_size, n, **u8))
+            self.register_buffer("group_zero", torch.zeros(k // group_size, n, **u8))
         else:
             self.register_buffer("zero", torch.zeros(n, **u8))
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
@@ -75,12 +84,12 @@ class W4A8Linear(nn.Module):
     def from_packed(cls, w: W4A8Weight, bias: torch.Tensor | None = None) -> "W4A8Linear":
         """Wrap a packed weight (``w.validate()`` is run) and an optional ``bias [N]``."""
         w.validate()
-        gs = GROUP_SIZE if w.group_scale is not None else -1
+        gs = w.group_size or -1
         mod = cls(w.k, w.n, bias=bias is not None, group_size=gs,
                   dtype=bias.dtype if bias is not None else torch.float32, device=w.qweight.device)
         mod.qweight.copy_(w.qweight)
         mod.scale.copy_(w.scale)
-        if gs == GROUP_SIZE:
+        if gs > 0:
             mod.group_scale.copy_(w.group_scale)
             mod.group_zero.copy_(w.group_zero)
         else:
@@ -91,7 +100,7 @@ class W4A8Linear(nn.Module):
 
     @classmethod
     def from_gptq(cls, result: "GptqResult", grid: "Grid", bias: torch.Tensor | None = None) -> "W4A8Linear":
-        """From a :func:`natix.quant.gptq.gptq_quantize` result: ``ProgressiveGrid`` (g128) or a
+        """From a :func:`natix.quant.gptq.gptq_quantize` result: ``ProgressiveGrid`` (grouped) or a
         4-bit asymmetric ``AffineGrid`` with ``group_size=-1`` (per channel)."""
         from natix.quant.gptq import AffineGrid, ProgressiveGrid
 
@@ -103,25 +112,21 @@ class W4A8Linear(nn.Module):
         if isinstance(grid, AffineGrid) and grid.bits == 4 and not grid.symmetric and result.group_size == -1:
             w = pack_channel(result.codes.to(torch.uint8), result.zero[:, 0].to(torch.uint8), result.scale[:, 0])
             return cls.from_packed(w, bias)
-        raise QuantError(f"weight {(n, k)}: W4A8 takes ProgressiveGrid (g128) or AffineGrid(bits=4, asymmetric) "
+        raise QuantError(f"weight {(n, k)}: W4A8 takes ProgressiveGrid (grouped) or AffineGrid(bits=4, asymmetric) "
                          f"per channel (group_size=-1), got {grid!r} with group_size={result.group_size}")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = GROUP_SIZE) -> "W4A8Linear":
         """Round-to-nearest quantization of ``linear`` (no calibration)."""
-        n, k = linear.out_features, linear.in_features
-        if n % 2:
-            raise QuantError(f"W4A8 needs an even out_features, got Linear({k}, {n})")
-        if group_size == GROUP_SIZE and k % GROUP_SIZE:
-            raise QuantError(f"W4A8 g128 needs in_features % 128 == 0, got Linear({k}, {n}); use group_size=-1")
+        _check_group(linear.in_features, linear.out_features, group_size)
         w = linear.weight.detach()
-        packed = quantize_g128(w) if group_size == GROUP_SIZE else quantize_channel(w)
+        packed = quantize_progressive(w, group_size) if group_size > 0 else quantize_channel(w)
         return cls.from_packed(packed, linear.bias)
 
     # -------------------------------------------------------------------------------- behaviour
     def packed(self) -> W4A8Weight:
         """The buffers as the kernels' :class:`W4A8Weight` (views, no copy)."""
-        if self.group_size == GROUP_SIZE:
+        if self.group_size > 0:
             return W4A8Weight(self.qweight, self.scale, group_scale=self.group_scale, group_zero=self.group_zero)
         return W4A8Weight(self.qweight, self.scale, zero=self.zero)
 
@@ -164,7 +169,7 @@ class W4A8Linear(nn.Module):
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         from natix.kernels.select import LinearSpec, can_implement
 
-        scheme = "w4a8_g128" if self.group_size == GROUP_SIZE else "w4a8_channel"
+        scheme = f"w4a8_g{self.group_size}" if self.group_size > 0 else "w4a8_channel"
         ok, _ = can_implement(LinearSpec(scheme, self.out_features, self.in_features, str(x.device), x.dtype))
         # the kernel reads qweight rows as int32 words, which can_implement does not check
         return ok and self.in_features % 4 == 0
@@ -179,6 +184,6 @@ class W4A8Linear(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
     def extra_repr(self) -> str:
-        g = "g128 progressive" if self.group_size == GROUP_SIZE else "per channel"
+        g = f"{describe(self.group_size)} progressive" if self.group_size > 0 else "per channel"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"weight=uint4 {g}, act=int8/token dynamic")

@@ -1,10 +1,12 @@
 """``W4A8KV4Config``: QServe QoQ — UINT4 weights, INT8 per-token activations, UINT4 KV cache.
 
 Weights: GPTQ (or round to nearest) on the W4A8 grid of :mod:`natix.kernels.packing` — progressive
-g128 (INT8 per channel in [-119, 119], then UINT4 per group of 128 with integer scale/zero) or one
-UINT4 level per channel. Layers whose ``in_features`` is not a multiple of 128 (SmolLM2-135M's
-hidden size is 576, so q/k/v/o/gate/up) fall back to per channel with ``group_fallback="channel"``;
-the group size each layer actually got is its ``layer_meta()`` and lands in the manifest.
+(INT8 per channel in [-119, 119], then UINT4 per group of 128, 64 or 32 input channels with integer
+scale/zero) or one UINT4 level per channel. Layers whose ``in_features`` the group size does not
+divide (SmolLM2-135M's hidden size is 576 = 4.5 x 128, so q/k/v/o/gate/up at g128) get the
+``group_fallback``: ``"finer"`` (the default: the largest of 64 and 32 that divides, 576 -> g64; per
+channel if none does), ``"channel"`` or ``"error"``. The group size each layer actually got is its
+``layer_meta()`` and lands in the manifest.
 
 Before quantizing: the function-preserving QoQ transforms of :mod:`natix.quant.qoq` (fold norms,
 optional residual rotation, SmoothAttention on q/k, SmoothQuant-style smoothing of the o_proj and
@@ -30,7 +32,9 @@ EMBEDDING_FORMAT = "int8_embedding"
 LINEAR_FORMAT = "w8a16"
 
 QUANT_METHOD = "natix-w4a8kv4"
-GROUP_SIZE = 128  # the kernel format's only group size (natix.kernels.packing.GROUP_SIZE)
+GROUP_SIZE = 128  # QServe's group size, the default (natix.kernels.packing.GROUP_SIZE)
+GROUP_SIZES = (32, 64, 128)  # what the kernels take (natix.kernels.packing.GROUP_SIZES; this module is torch-free)
+GROUP_FALLBACKS = ("finer", "channel", "error")
 VOCAB_BITS = (16, 8)  # embed_bits / lm_head_bits: the model dtype, or int8 rows (natix.quant.w8a16)
 
 
@@ -39,8 +43,9 @@ VOCAB_BITS = (16, 8)  # embed_bits / lm_head_bits: the model dtype, or int8 rows
 class W4A8KV4Config(QuantConfig):
     """QoQ W4A8KV4 config (see module docstring).
 
-    ``group_size``: 128 (progressive) or -1 (per channel); ``group_fallback``: what a g128 layer
-    whose K is not a multiple of 128 gets — "channel" (per channel) or "error"; ``kv_cache``:
+    ``group_size``: 128, 64 or 32 (progressive) or -1 (per channel); ``group_fallback``: what a
+    layer whose K the group size does not divide gets — "finer" (the largest smaller group size
+    that divides K, else per channel), "channel" (per channel) or "error"; ``kv_cache``:
     "int4" or "none" (KV16, the ablation); ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
@@ -50,13 +55,13 @@ class W4A8KV4Config(QuantConfig):
     (by the 4-bit path: lm_head is ``lm_head_bits``'s). ``embed_bits`` / ``lm_head_bits``: 16 (the
     model dtype) or 8 — the embedding table as int8 per token row and lm_head as a W8A16 linear (int8
     per output channel, activations unquantized), each with float32 row scales
-    (:mod:`natix.quant.w8a16`); 8 by default (measured: reports/quant-accuracy.md, "8-bit embeddings
+    (:mod:`natix.quant.w8a16`); 16 by default (measured: reports/quant-accuracy.md, "8-bit embeddings
     and lm_head"); an artifact written before the options existed has both 16.
     """
 
     version: int = 1
     group_size: int = GROUP_SIZE
-    group_fallback: str = "channel"
+    group_fallback: str = "finer"
     kv_cache: str = "int4"
     gptq: bool = True
     smooth_attention: bool = True
@@ -72,11 +77,12 @@ class W4A8KV4Config(QuantConfig):
     lm_head_bits: int = 16
 
     def __post_init__(self) -> None:
-        if self.group_size not in (GROUP_SIZE, -1) or isinstance(self.group_size, bool):
-            raise QuantError(f"w4a8kv4: group_size must be {GROUP_SIZE} (progressive) or -1 (per channel), "
-                             f"got {self.group_size!r}")
-        if self.group_fallback not in ("channel", "error"):
-            raise QuantError(f"w4a8kv4: group_fallback must be 'channel' or 'error', got {self.group_fallback!r}")
+        if self.group_size not in (*GROUP_SIZES, -1) or isinstance(self.group_size, bool):
+            raise QuantError(f"w4a8kv4: group_size must be one of {', '.join(map(str, GROUP_SIZES))} (progressive) "
+                             f"or -1 (per channel), got {self.group_size!r}")
+        if self.group_fallback not in GROUP_FALLBACKS:
+            raise QuantError(f"w4a8kv4: group_fallback must be one of {', '.join(GROUP_FALLBACKS)}, "
+                             f"got {self.group_fallback!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
         for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys"):
@@ -105,10 +111,12 @@ class W4A8KV4Config(QuantConfig):
         """As :meth:`QuantConfig.from_dict`; a config that spells out the QoQ transforms (``rotate``:
         every manifest does) without ``rotate_values`` / ``rotate_keys`` / ``embed_bits`` /
         ``lm_head_bits`` was written before those options existed and had none of them (16-bit
-        embedding and lm_head), whatever the defaults are now. A partial config (no ``rotate``) takes
-        the defaults."""
+        embedding and lm_head), whatever the defaults are now; so does one without ``group_fallback``
+        (it meant "channel" then; each layer's group size is in its own record either way). A partial
+        config (no ``rotate``) takes the defaults."""
         if "rotate" in d:
-            d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16, **d}
+            d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16,
+                 "group_fallback": "channel", **d}
         return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
@@ -116,19 +124,23 @@ class W4A8KV4Config(QuantConfig):
 
     # ------------------------------------------------------------------------------ weights
     def layer_group_size(self, in_features: int, out_features: int, name: str = "") -> int:
-        """The group size a Linear(in_features, out_features) called ``name`` gets (128 or -1), or
-        QuantError when the format cannot hold it."""
+        """The group size a Linear(in_features, out_features) called ``name`` gets (128, 64, 32 or
+        -1), or QuantError when the format cannot hold it."""
         layer = f"layer {name!r}" if name else "a layer"
         if out_features % 2:
             raise QuantError(f"w4a8kv4: {layer} has out_features={out_features}; the W4A8 format needs an even "
                              f"N — add it to ignore to keep it in float")
-        if self.group_size == GROUP_SIZE and in_features % GROUP_SIZE:
+        g = self.group_size
+        if g > 0 and in_features % g:
             if self.group_fallback == "error":
                 raise QuantError(
-                    f"w4a8kv4: {layer} has in_features={in_features}, not a multiple of {GROUP_SIZE}; set "
-                    f"group_fallback='channel' (per-channel for such layers) or group_size=-1, or ignore it")
+                    f"w4a8kv4: {layer} has in_features={in_features}, not a multiple of {g}; set "
+                    f"group_fallback='finer' (a smaller group size that divides it) or 'channel' (per channel "
+                    f"for such layers), or group_size=-1, or ignore it")
+            if self.group_fallback == "finer":
+                return next((f for f in reversed(GROUP_SIZES) if f < g and in_features % f == 0), -1)
             return -1
-        return self.group_size
+        return g
 
     def quantize_linear(self, linear: Any, *, name: str = "", hessian: Any = None) -> Any:
         from natix.quant.gptq import AffineGrid, GptqError, ProgressiveGrid, gptq_quantize
@@ -137,9 +149,9 @@ class W4A8KV4Config(QuantConfig):
         gs = self.layer_group_size(linear.in_features, linear.out_features, name)
         if hessian is None or not self.gptq:
             return W4A8Linear.from_linear(linear, group_size=gs)
-        grid = ProgressiveGrid() if gs == GROUP_SIZE else AffineGrid(bits=4)
+        grid = ProgressiveGrid() if gs > 0 else AffineGrid(bits=4)
         try:
-            # g128 groups must stay contiguous (the format has no g_idx), so no act-order there; per
+            # progressive groups must stay contiguous (the format has no g_idx), so no act-order there; per
             # channel there is one group, and act-order's column order is free
             result = gptq_quantize(linear.weight.detach(), hessian, grid, percdamp=self.percdamp, group_size=gs,
                                    act_order=gs == -1)
@@ -166,9 +178,10 @@ class W4A8KV4Config(QuantConfig):
         if meta.get("format") in (EMBEDDING_FORMAT, LINEAR_FORMAT):  # embed_bits / lm_head_bits = 8
             return {"qweight": ("I8", (n, k)), "scale": ("F32", (n,))}
         out = {"qweight": ("U8", (n // 2, k)), "scale": ("F32", (n,))}  # rows j and j + N/2 share a byte
-        if int(meta["group_size"]) == GROUP_SIZE:
-            out["group_scale"] = ("U8", (k // GROUP_SIZE, n))
-            out["group_zero"] = ("U8", (k // GROUP_SIZE, n))
+        g = int(meta["group_size"])
+        if g > 0:
+            out["group_scale"] = ("U8", (k // g, n))
+            out["group_zero"] = ("U8", (k // g, n))
         else:
             out["zero"] = ("U8", (n,))
         return out

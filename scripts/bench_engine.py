@@ -332,7 +332,7 @@ def set_async(e: Any, on: bool) -> None:
 def label(scheme: str, group: int) -> str:
     return {"dense": "bf16", "fp8": "fp8", "w4a8kv4-kvrot": "w4a8kv4-chan-kvrot",
             "w4a8kv4-vocab8": "w4a8kv4-chan-vocab8"}.get(
-        scheme, f"w4a8kv4-{'g128' if group == 128 else 'chan'}")
+        scheme, f"w4a8kv4-{f'g{group}' if group > 0 else 'chan'}")
 
 
 def section_engine(out: Out, a: argparse.Namespace) -> None:
@@ -510,7 +510,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="host,engine,qserve,maj")
-    p.add_argument("--schemes", default="dense,w4a8kv4", help="dense, fp8, w4a8kv4 (per channel), w4a8kv4-g128, w4a8kv4-kvrot (per channel, rotate_keys), w4a8kv4-vocab8 (per channel, 8-bit embedding and lm_head)")
+    p.add_argument("--schemes", default="dense,w4a8kv4", help="dense, fp8, w4a8kv4 (per channel), w4a8kv4-g128 (or -g64, -g32), w4a8kv4-kvrot (per channel, rotate_keys), w4a8kv4-vocab8 (per channel, 8-bit embedding and lm_head)")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
@@ -532,7 +532,8 @@ def main() -> None:
     a.async_list = [{"off": False, "on": True}[x] for x in a.async_modes.split(",")]
     a.scheme_list = []
     for s in a.schemes.split(","):
-        a.scheme_list.append(("w4a8kv4", 128) if s == "w4a8kv4-g128" else (s, -1))
+        g = s.removeprefix("w4a8kv4-g")  # w4a8kv4-g128, -g64, -g32: progressive groups
+        a.scheme_list.append(("w4a8kv4", int(g)) if g != s and g.isdigit() else (s, -1))
     torch.manual_seed(0)
     env = environment()
     env["copy_gbps"] = copy_gbps()

@@ -159,11 +159,13 @@ def candidates(m: int, grouped: bool = True) -> list[dict]:
     return c
 
 
-def make_gemm_inputs(m, n, k, grouped, r):
+def make_gemm_inputs(m, n, k, group, r):
+    """``r`` rotated input sets; ``group``: the progressive group size (True: 128), 0 / False per channel."""
+    group = 128 if group is True else int(group)
     sets = []
     for _ in range(r):
         w = torch.randn(n, k, device=DEV)
-        pw = packing.quantize_g128(w) if grouped else packing.quantize_channel(w)
+        pw = packing.quantize_progressive(w, group) if group else packing.quantize_channel(w)
         del w
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         xq, xs, xsum = quantize_per_token(x)
@@ -214,16 +216,17 @@ def tune(out: Out, tuned_path: str, shapes, ms, variants, deadline: float = floa
     g._load_configs.cache_clear()
 
 
-def bench_gemm(out: Out, shapes, ms) -> None:
+def bench_gemm(out: Out, shapes, ms, groups=(128, 0)) -> None:
     for n, k in shapes:
         for m in ms:
             rec = dict(kind="gemm", n=n, k=k, m=m)
             wb = n * k * 2
             r = copies(wb // 4 + m * k)
-            # --- ours: both variants; gemm only and quant + gemm
-            for grouped in (True, False):
-                vname = "w4a8_g128" if grouped else "w4a8_channel"
-                sets = make_gemm_inputs(m, n, k, grouped, r)
+            # --- ours: the progressive group sizes asked for and per channel; gemm only and quant + gemm
+            for group in groups:
+                grouped = group > 0
+                vname = f"w4a8_g{group}" if grouped else "w4a8_channel"
+                sets = make_gemm_inputs(m, n, k, group, r)
                 x, xq, xs, xsum, pw = sets[0]
                 y = g.w4a8_gemm_triton(xq, xs, xsum, pw, None, torch.bfloat16)
                 yi = g.w4a8_gemm_triton(xq, xs, xsum, pw, None, torch.int32)
@@ -514,6 +517,7 @@ def main() -> None:
     ap.add_argument("--out", default="kernels.jsonl")
     ap.add_argument("--sections", default="gemm,norm,kv4,rope,gemlite")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--groups", default="128,0", help="gemm section: progressive group sizes to time, 0 = per channel")
     ap.add_argument("--tuned-out", default="w4a8_gemm.json")
     ap.add_argument("--gemlite-modes", default="bundled-config,autotune-fast")
     ap.add_argument("--quick", action="store_true", help="two shapes, three M (smoke test)")
@@ -546,7 +550,7 @@ def main() -> None:
         bench_rope_write(out)
         print(f"[rope done {time.time() - t0:.0f}s]", flush=True)
     if "gemm" in secs:
-        bench_gemm(out, shapes, ms)
+        bench_gemm(out, shapes, ms, tuple(int(x) for x in a.groups.split(",")))
         print(f"[gemm done {time.time() - t0:.0f}s]", flush=True)
     if "gemlite" in secs:
         gshapes, shape_ms = [], []

@@ -26,6 +26,8 @@ BASE = "smollm2-135m"
 # rows measured before value rotation became the default keep the head rotations off, so a re-run
 # reproduces them
 NO_HEAD_ROT = ["--set", "rotate_values=false", "--set", "rotate_keys=false"]
+# rows measured before group_fallback="finer" became the default quantized the 576-wide layers per channel
+CH = ["--set", "group_fallback=channel"]
 ROWS: dict[str, tuple[str | None, list[str]]] = {
     "bf16": (None, []),
     # the first fp8 row was exported before weight_scale existed: absmax, which the flag now spells out
@@ -35,24 +37,30 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "fp8-mse down_proj 2,11 bf16": ("fp8", ["--set", "weight_scale=mse", "--set",
                                             'ignore=["lm_head","model.layers.2.mlp.down_proj",'
                                             '"model.layers.11.mlp.down_proj"]']),
-    "gptq-g128": ("gptq", ["--group-size", "128"]),
+    "gptq-g128": ("gptq", ["--group-size", "128", *CH]),
     "gptq-channel": ("gptq", ["--group-size", "-1"]),
-    "w4a8kv4-g128": ("w4a8kv4", ["--group-size", "128", *NO_HEAD_ROT]),
+    "w4a8kv4-g128": ("w4a8kv4", ["--group-size", "128", *CH, *NO_HEAD_ROT]),
     "w4a8kv4-channel": ("w4a8kv4", ["--group-size", "-1", *NO_HEAD_ROT]),
     "w4a8kv4-g128 no SmoothAttention": ("w4a8kv4", ["--group-size", "128", "--set", "smooth_attention=false",
-                                                    *NO_HEAD_ROT]),
-    "w4a8kv4-g128 no rotation": ("w4a8kv4", ["--group-size", "128", "--set", "rotate=false", *NO_HEAD_ROT]),
-    "w4a8kv4-g128 no GPTQ (RTN)": ("w4a8kv4", ["--group-size", "128", "--set", "gptq=false", *NO_HEAD_ROT]),
-    "w4a8kv4-g128 KV16": ("w4a8kv4", ["--group-size", "128", "--kv", "none", *NO_HEAD_ROT]),
+                                                    *CH, *NO_HEAD_ROT]),
+    "w4a8kv4-g128 no rotation": ("w4a8kv4", ["--group-size", "128", "--set", "rotate=false", *CH, *NO_HEAD_ROT]),
+    "w4a8kv4-g128 no GPTQ (RTN)": ("w4a8kv4", ["--group-size", "128", "--set", "gptq=false", *CH, *NO_HEAD_ROT]),
+    "w4a8kv4-g128 KV16": ("w4a8kv4", ["--group-size", "128", "--kv", "none", *CH, *NO_HEAD_ROT]),
     # the pre-rotation default again, measured with the current eval (hf engine's unquantized prefill
     # attention, reports/kv4-prefill.md): the paired baseline of the rows below
-    "w4a8kv4-g128 (re-run)": ("w4a8kv4", ["--group-size", "128", *NO_HEAD_ROT]),
+    "w4a8kv4-g128 (re-run)": ("w4a8kv4", ["--group-size", "128", *CH, *NO_HEAD_ROT]),
     # the current default (rotate_values on, rotate_keys off)
     "w4a8kv4-g128 vrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
-                                      "--set", "rotate_keys=false"]),
+                                      "--set", "rotate_keys=false", *CH]),
     # with rotate_keys (opt-in) too
     "w4a8kv4-g128 kvrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
-                                       "--set", "rotate_keys=true"]),
+                                       "--set", "rotate_keys=true", *CH]),
+    # group_fallback="finer": the 576-wide layers (q/k/v/o/gate/up) in groups of 64, down_proj (1536) g128
+    "w4a8kv4-g128 vrot finer": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
+                                            "--set", "rotate_values=true", "--set", "rotate_keys=false"]),
+    "w4a8kv4-g64 vrot": ("w4a8kv4", ["--group-size", "64", "--set", "rotate_values=true",
+                                     "--set", "rotate_keys=false"]),
+    "gptq-g128 finer": ("gptq", ["--group-size", "128", "--set", "group_fallback=finer"]),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
 # (rotate_keys is applied at run time), the source row's artifact is copied and the fields are set in

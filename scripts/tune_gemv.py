@@ -46,7 +46,7 @@ def graph_us(fns: list, reps: int = 10) -> float:
 
 
 def main() -> None:
-    from natix.kernels.packing import quantize_channel, quantize_g128
+    from natix.kernels.packing import quantize_channel, quantize_progressive
     from natix.kernels.rmsnorm_quant import quantize_per_token
     from natix.kernels.w4a8_gemm import device_key, w4a8_gemm_reference
     from natix.kernels.w4a8_launch import W4A8Gemm
@@ -66,7 +66,7 @@ def main() -> None:
         for n, k in SHAPES:
             if time.perf_counter() > t_end:
                 break
-            q = quantize_g128 if variant == "g128" else quantize_channel
+            q = quantize_progressive if variant == "g128" else quantize_channel
             sets = max(2, -(-200 * 2**20 // (n * k // 2)))
             ws = [q(torch.randn(n, k, device=DEV) * 0.02) for _ in range(sets)]
             bf = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for _ in range(max(2, sets // 4))]

@@ -254,7 +254,7 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
                    rope: tuple["torch.Tensor", float] | None = None, embed_bits: int = 16,
                    lm_head_bits: int = 16) -> ModelWeights:
     """A random model of shape ``spec`` (weights ~ N(0, 0.02²), norms 1), quantized by round to
-    nearest for ``fp8`` / ``w4a8kv4`` (``group_size`` 128 or -1 = per channel). For speed: what the
+    nearest for ``fp8`` / ``w4a8kv4`` (``group_size`` 128, 64, 32 or -1 = per channel). For speed: what the
     GEMMs and caches see is exactly a served artifact's layout. ``rope``: (inv_freq, attention
     scaling) as transformers computes them for a config; by default plain RoPE at ``rope_theta``.
     ``embed_bits`` / ``lm_head_bits``: 16 (the model dtype) or 8 (:class:`Int8Rows`, as a w4a8kv4
@@ -262,7 +262,7 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
     import torch
 
     from natix.kernels.fp8_linear import quantize_fp8_weight
-    from natix.kernels.packing import quantize_channel, quantize_g128
+    from natix.kernels.packing import quantize_channel, quantize_progressive
 
     if scheme not in SCHEMES:
         raise EngineLoadError(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
@@ -282,7 +282,7 @@ def random_weights(spec: ModelSpec, scheme: str, *, device: Any = "cpu", dtype: 
             return LinearWeights("dense", n, k, w, b)
         if scheme == "fp8":
             return LinearWeights("fp8", n, k, quantize_fp8_weight(w), b)
-        packed = quantize_g128(w) if group_size == 128 else quantize_channel(w)
+        packed = quantize_progressive(w, group_size) if group_size > 0 else quantize_channel(w)
         return LinearWeights("w4a8", n, k, packed, b)
 
     ones = torch.ones(spec.hidden, device=device, dtype=dtype)

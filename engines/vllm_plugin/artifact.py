@@ -4,7 +4,7 @@ vLLM hands a quantization config two things, at two moments:
 
 1. ``config.json``'s ``quantization_config`` (``QuantizationConfig.from_config``):
    :meth:`ArtifactSpec.from_quantization_config` checks the method (``natix-w4a8kv4``), the format
-   version this natix reads, the per-layer records (group size 128 or -1 and ``[out, in]`` shape,
+   version this natix reads, the per-layer records (group size 128, 64, 32 or -1 and ``[out, in]`` shape,
    written by ``W4A8KV4Config.hf_quantization_config``), ``ignore`` and ``kv_cache``.
 2. the model path (``maybe_update_config``): :meth:`ArtifactSpec.check_directory` reads the natix
    manifest the way natix's own loader does (:func:`natix.quant.loader.artifact_config`: manifest
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from natix.quant.w4a8kv4_config import GROUP_SIZE, QUANT_METHOD, W4A8KV4Config
+from natix.quant.w4a8kv4_config import GROUP_SIZES, QUANT_METHOD, W4A8KV4Config
 
 #: the ``quantization_config.version`` (= ``W4A8KV4Config.version``) this natix writes and reads
 FORMAT_VERSION: int = W4A8KV4Config.__dataclass_fields__["version"].default
@@ -38,7 +38,7 @@ class PluginRefused(ValueError):
 class LayerSpec:
     """One quantized Linear of the checkpoint (its unfused name is the key in ``ArtifactSpec.layers``)."""
 
-    group_size: int  # 128 (progressive) or -1 (per channel)
+    group_size: int  # 128, 64 or 32 (progressive) or -1 (per channel)
     shape: tuple[int, int]  # [out_features, in_features] of the unsharded, unfused layer
 
 
@@ -172,8 +172,9 @@ def _layer_spec(name: Any, rec: Any) -> LayerSpec:
     if not isinstance(rec, dict):
         raise PluginRefused(f"natix vLLM plugin: quantization_config.layers[{name!r}] must be a mapping, got {rec!r:.60}")
     gs, shape = rec.get("group_size"), rec.get("shape")
-    if gs not in (GROUP_SIZE, -1) or isinstance(gs, bool):
-        raise PluginRefused(f"natix vLLM plugin: layer {name}: group_size must be {GROUP_SIZE} or -1, got {gs!r}")
+    if gs not in (*GROUP_SIZES, -1) or isinstance(gs, bool):
+        raise PluginRefused(f"natix vLLM plugin: layer {name}: group_size must be one of "
+                            f"{', '.join(map(str, GROUP_SIZES))} or -1, got {gs!r}")
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise PluginRefused(f"natix vLLM plugin: layer {name}: shape must be [out_features, in_features], got "
@@ -181,8 +182,8 @@ def _layer_spec(name: Any, rec: Any) -> LayerSpec:
     n, k = shape
     if n % 2:
         raise PluginRefused(f"natix vLLM plugin: layer {name}: out_features {n} is odd; the W4A8 format pairs rows")
-    if gs == GROUP_SIZE and k % GROUP_SIZE:
-        raise PluginRefused(f"natix vLLM plugin: layer {name}: g128 needs in_features % 128 == 0, got {k}")
+    if gs > 0 and k % gs:
+        raise PluginRefused(f"natix vLLM plugin: layer {name}: g{gs} needs in_features % {gs} == 0, got {k}")
     return LayerSpec(group_size=gs, shape=(n, k))
 
 

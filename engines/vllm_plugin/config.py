@@ -41,7 +41,7 @@ logger = init_logger(f"vllm.{__name__}")
 
 
 class NatixW4A8KV4Config(QuantizationConfig):
-    """natix W4A8KV4 (QServe QoQ): UINT4 weights (g128 progressive or per channel), INT8 per-token
+    """natix W4A8KV4 (QServe QoQ): UINT4 weights (progressive in groups of 128, 64 or 32, or per channel), INT8 per-token
     activations; the format of ``docs/w4a8kv4-format.md``."""
 
     def __init__(self, spec: ArtifactSpec) -> None:

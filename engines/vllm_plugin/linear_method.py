@@ -5,7 +5,7 @@ registers the parameters the checkpoint loads into, ``process_weights_after_load
 what the kernel reads, ``apply`` runs the layer), and does the tensor-parallel sharding and the
 fusing (QKV, gate/up) itself, in its layers' weight loaders. This method lets it:
 
-- ``scale`` [N], ``zero`` [N] (per channel) and ``group_scale`` / ``group_zero`` [K/128, N] (g128)
+- ``scale`` [N], ``zero`` [N] (per channel) and ``group_scale`` / ``group_zero`` [K/G, N] (progressive, G = 128, 64 or 32)
   are ordinary tensors with an output dim (and, for the group tensors, an input dim): vLLM's
   loaders narrow them for the rank's shard and write each fused part at its offset, as for any
   quantized checkpoint.
@@ -23,7 +23,7 @@ multiplies it by its slice of the integer weight; per channel, the zero correcti
 ``x_sum[m] * zero[n]`` uses that slice's code sum, so each partial result is exact for its shard
 and the all-reduce adds them. With ``tensor_parallel_size > 1`` these layers are therefore not bit
 for bit the unsharded layer (each shard's activation scale is finer); column-parallel layers are.
-A g128 row-parallel shard needs ``K / tp`` to be a multiple of 128 (groups cannot straddle ranks).
+A progressive row-parallel shard needs ``K / tp`` to be a multiple of G (groups cannot straddle ranks).
 
 Compute: on CUDA natix's Triton ops (``natix::rmsnorm_quant`` per-token INT8, ``natix::w4a8_gemm``),
 ``torch.library`` custom ops with fake kernels, so vLLM's torch.compile and CUDA graphs see through
@@ -41,13 +41,13 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
 from natix.engines.vllm_plugin.artifact import PluginRefused
-from natix.kernels.packing import GROUP_SIZE, W4A8Weight, integer_weight, pack_uint4, unpack_uint4
+from natix.kernels.packing import W4A8Weight, integer_weight, pack_uint4, unpack_uint4
 
 
 class W4A8LinearMethod(LinearMethodBase):
     """One (possibly fused, possibly sharded) W4A8 linear of vLLM's model.
 
-    ``prefix``: the vLLM layer name (for messages); ``group_size``: 128 or -1; ``shape``: the
+    ``prefix``: the vLLM layer name (for messages); ``group_size``: 128, 64, 32 or -1; ``shape``: the
     checkpoint's unsharded ``[out, in]`` of the layer (fused parts summed), checked against the
     shape vLLM's model code builds.
     """
@@ -67,11 +67,12 @@ class W4A8LinearMethod(LinearMethodBase):
         if n % 2:
             raise PluginRefused(f"natix vLLM plugin: {self.prefix}: this rank's shard has {n} output rows; the W4A8 "
                                 "format pairs rows, so it needs an even number (choose another tensor_parallel_size)")
-        if self.group_size == GROUP_SIZE and k % GROUP_SIZE:
-            raise PluginRefused(f"natix vLLM plugin: {self.prefix}: g128 weights sharded to in_features {k} per rank "
-                                f"(of {input_size}); groups of {GROUP_SIZE} cannot straddle ranks, so "
-                                f"in_features / tensor_parallel_size must be a multiple of {GROUP_SIZE} (or export "
-                                "with --group-size -1)")
+        g = self.group_size
+        if g > 0 and k % g:
+            raise PluginRefused(f"natix vLLM plugin: {self.prefix}: g{g} weights sharded to in_features {k} per rank "
+                                f"(of {input_size}); groups of {g} cannot straddle ranks, so "
+                                f"in_features / tensor_parallel_size must be a multiple of {g} (or export "
+                                "with a smaller --set group_size, or -1)")
         loader = extra_weight_attrs.pop("weight_loader")
         u8 = torch.uint8
 
@@ -84,15 +85,15 @@ class W4A8LinearMethod(LinearMethodBase):
         # codes [N, K], one per byte, until process_weights_after_loading packs them
         add("qweight", (n, k), u8, {"output_dim": 0, "input_dim": 1}, _unpacking(loader, self.prefix))
         add("scale", (n,), torch.float32, {"output_dim": 0})
-        if self.group_size == GROUP_SIZE:
-            add("group_scale", (k // GROUP_SIZE, n), u8, {"input_dim": 0, "output_dim": 1})
-            add("group_zero", (k // GROUP_SIZE, n), u8, {"input_dim": 0, "output_dim": 1})
+        if g > 0:
+            add("group_scale", (k // g, n), u8, {"input_dim": 0, "output_dim": 1})
+            add("group_zero", (k // g, n), u8, {"input_dim": 0, "output_dim": 1})
         else:
             add("zero", (n,), u8, {"output_dim": 0})
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         codes = layer.qweight.data
-        grouped = self.group_size == GROUP_SIZE
+        grouped = self.group_size > 0
         w = W4A8Weight(
             pack_uint4(codes), layer.scale.data.contiguous(),
             group_scale=layer.group_scale.data.contiguous() if grouped else None,
@@ -109,7 +110,7 @@ class W4A8LinearMethod(LinearMethodBase):
         if w.qweight.is_cuda:
             from natix.kernels.select import LinearSpec, can_implement
 
-            scheme = "w4a8_g128" if grouped else "w4a8_channel"
+            scheme = f"w4a8_g{self.group_size}" if grouped else "w4a8_channel"
             ok, why = can_implement(LinearSpec(scheme, w.n, w.k, str(w.qweight.device), layer.params_dtype))
             if not ok or w.k % 4:
                 raise PluginRefused(f"natix vLLM plugin: {self.prefix}: natix's W4A8 Triton kernel cannot run this "

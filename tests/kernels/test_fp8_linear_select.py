@@ -40,7 +40,7 @@ def test_can_implement_reasons():
 @pytest.mark.parametrize("scheme", ["w4a8_g128", "w4a8_channel", "fp8"])
 def test_make_linear(scheme):
     w = torch.randn(64, 256, device=DEVICE)
-    pw = {"w4a8_g128": packing.quantize_g128, "w4a8_channel": packing.quantize_channel,
+    pw = {"w4a8_g128": packing.quantize_progressive, "w4a8_channel": packing.quantize_channel,
           "fp8": quantize_fp8_weight}[scheme](w.cpu() if scheme != "fp8" else w)
     if scheme != "fp8":
         pw = pw.to(DEVICE)

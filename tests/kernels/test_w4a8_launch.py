@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from natix.kernels.packing import concat_packed, dequantize, quantize_channel, quantize_g128
+from natix.kernels.packing import concat_packed, dequantize, quantize_channel, quantize_progressive
 from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
 from natix.kernels.w4a8_gemm import w4a8_gemm_reference
 from natix.kernels.w4a8_launch import W4A8Gemm
@@ -10,11 +10,11 @@ from natix.kernels.w4a8_launch import W4A8Gemm
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("group", [128, 64, 0], ids=["g128", "g64", "channel"])
 @pytest.mark.parametrize("m", [1, 19])
-def test_prepared_equals_reference(grouped, m):
-    n, k = 96, 256
-    w = (quantize_g128 if grouped else quantize_channel)(torch.randn(n, k)).to(DEVICE)
+def test_prepared_equals_reference(group, m):
+    n, k = 96, 320 if group == 64 else 256  # g64: K not a multiple of 128, the tuned BK of 128 cut to 64
+    w = (quantize_progressive(torch.randn(n, k), group) if group else quantize_channel(torch.randn(n, k))).to(DEVICE)
     bias = torch.randn(n, device=DEVICE)
     xq, xs, xsum = rmsnorm_quant_reference(torch.randn(m, k, device=DEVICE), None)
     g = W4A8Gemm(w, bias, out_dtype=torch.float32)
@@ -25,7 +25,8 @@ def test_prepared_equals_reference(grouped, m):
     assert torch.equal(raw, w4a8_gemm_reference(xq, xs, w, None, torch.int32))
 
 
-@pytest.mark.parametrize("quant", [quantize_g128, quantize_channel])
+@pytest.mark.parametrize("quant", [quantize_progressive, lambda w: quantize_progressive(w, 32), quantize_channel],
+                         ids=["g128", "g32", "channel"])
 def test_concat_packed(quant):
     parts = [quant(torch.randn(n, 128)) for n in (64, 16, 16)]
     fused = concat_packed(parts)
@@ -35,4 +36,4 @@ def test_concat_packed(quant):
 
 def test_concat_refuses_mixed():
     with pytest.raises(ValueError, match="fuse"):
-        concat_packed([quantize_g128(torch.randn(8, 128)), quantize_channel(torch.randn(8, 128))])
+        concat_packed([quantize_progressive(torch.randn(8, 128)), quantize_channel(torch.randn(8, 128))])

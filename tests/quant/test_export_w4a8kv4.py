@@ -3,6 +3,7 @@ reference loader -> hf engine), the ablation switches, and bad input."""
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _logits(model, ids):
         return model(torch.tensor([ids]), **kw).logits.float()
 
 
-@pytest.mark.parametrize("group", ["128", "-1"])
+@pytest.mark.parametrize("group", ["128", "64", "-1"])
 def test_export_load_generate(wide_base, calib_file, tmp_path, tiny, hf_generate, group):
     from natix.quant.loader import describe_artifact, load_artifact
     from natix.quant.w4a8 import W4A8Linear
@@ -79,9 +80,15 @@ def test_gptq_and_transforms_reduce_error(wide_base, calib_file, tmp_path, tiny)
 
 
 def test_group_fallback_and_error(base_dirs, calib_file, tmp_path):
-    """hidden 64: no layer's K divides by 128 -> per channel by default, a clear error on request."""
-    out = tmp_path / "fb"
-    r = _export(base_dirs["llama"], out, calib_file, "--set", "gptq=false")
+    """hidden 64: q/k/v/o/gate/up's K does not divide by 128 -> g64 by default ("finer"), per
+    channel on request, a clear error on request."""
+    r = _export(base_dirs["llama"], tmp_path / "fb", calib_file, "--set", "gptq=false")
+    assert r.exit_code == 0, r.output
+    assert "quantized in groups of 64 (group_fallback='finer'" in " ".join(r.output.split()), r.output
+    layers = json.loads((tmp_path / "fb" / "natix_manifest.json").read_text())["details"]["layers"]
+    assert layers["model.layers.0.self_attn.q_proj"]["group_size"] == 64
+    assert layers["model.layers.0.mlp.down_proj"]["group_size"] == 128
+    r = _export(base_dirs["llama"], tmp_path / "ch", calib_file, "--set", "gptq=false", "--set", "group_fallback=channel")
     assert r.exit_code == 0, r.output
     assert "quantized per output channel" in r.output
     r = _export(base_dirs["llama"], tmp_path / "err", calib_file, "--set", "group_fallback=error")
@@ -92,7 +99,7 @@ def test_group_fallback_and_error(base_dirs, calib_file, tmp_path):
 
 @pytest.mark.parametrize("args, msg", [
     (["--scheme", "w4a9"], "unknown quantization scheme"),
-    (["--scheme", "w4a8kv4", "--group-size", "64"], "group_size must be 128"),
+    (["--scheme", "w4a8kv4", "--group-size", "16"], "group_size must be one of 32, 64, 128"),
     (["--scheme", "w4a8kv4", "--kv", "fp8"], "kv_cache must be 'int4' or 'none'"),
     (["--scheme", "fp8", "--group-size", "128"], "does not take --group-size"),
     (["--scheme", "w4a8kv4", "--set", "rotat=false"], "does not take rotat"),

@@ -231,6 +231,17 @@ def test_k_not_divisible_falls_back_per_channel_or_errors() -> None:
         assert part in text, text
 
 
+def test_k_not_divisible_finer_groups() -> None:
+    """group_fallback="finer": K = 96 gets g32 (the largest of 64 and 32 that divides it), K = 576 g64, and
+    a K neither divides per channel; vLLM serves each layer by its own config group."""
+    cfg = GptqConfig(group_fallback="finer")
+    assert [cfg.layer_group_size(k) for k in (96, 576, 1536, 200)] == [32, 64, 128, -1]
+    lin = _linear(n=32, k=96, seed=7)
+    mod = cfg.quantize_linear(lin, name="q", hessian=_hessian(_correlated(256, 96, seed=7)))
+    assert mod.layer_meta() == {"group_size": 32, "actorder": None, "symmetric": True}
+    assert mod.weight_scale.shape == (32, 3)
+
+
 def test_solver_errors_name_the_layer() -> None:
     with pytest.raises(GptqError, match="layer model.x.down_proj"):
         GptqConfig().quantize_linear(_linear(), name="model.x.down_proj", hessian=torch.eye(K + 1))

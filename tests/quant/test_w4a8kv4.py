@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from natix.kernels.packing import quantize_channel, quantize_g128
+from natix.kernels.packing import quantize_channel, quantize_progressive
 from natix.kernels.rmsnorm_quant import rmsnorm_quant_reference
 from natix.kernels.w4a8_gemm import w4a8_gemm_reference
 from natix.quant.errors import QuantError
@@ -36,12 +36,12 @@ def _linear(k: int, n: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear
     return lin
 
 
-@pytest.mark.parametrize("group_size", [128, -1])
+@pytest.mark.parametrize("group_size", [128, 64, 32, -1])
 @pytest.mark.parametrize("shape", [(1, 256), (7, 256), (2, 5, 256)])
 def test_forward_equals_kernel_reference(group_size, shape):
     lin = _linear(256, 96)
     mod = W4A8Linear.from_linear(lin, group_size=group_size)
-    packed = quantize_g128(lin.weight) if group_size == 128 else quantize_channel(lin.weight)
+    packed = quantize_progressive(lin.weight, group_size) if group_size > 0 else quantize_channel(lin.weight)
     for name, t in packed.state_dict().items():
         assert torch.equal(getattr(mod, name), t), name
     x = torch.randn(*shape)
@@ -73,7 +73,7 @@ def _hessian(k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (2 * x.T.double() @ x.double() / x.shape[0])
 
 
-@pytest.mark.parametrize("grid,gs", [(ProgressiveGrid(), 128), (AffineGrid(bits=4), -1)])
+@pytest.mark.parametrize("grid,gs", [(ProgressiveGrid(), 128), (ProgressiveGrid(), 64), (AffineGrid(bits=4), -1)])
 def test_from_gptq_matches_gptq_result(grid, gs):
     lin = _linear(256, 64)
     _, H = _hessian(256)
@@ -113,8 +113,11 @@ def test_odd_n_and_bad_k_errors():
         W4A8Linear.from_linear(_linear(256, 63))
     with pytest.raises(QuantError, match="in_features % 128"):
         W4A8Linear(200, 64, group_size=128)
-    with pytest.raises(QuantError, match="group_size"):
-        W4A8Linear(256, 64, group_size=64)
+    with pytest.raises(QuantError, match=r"in_features % 128.*group_size=64 divides it"):
+        W4A8Linear(576, 64, group_size=128)
+    with pytest.raises(QuantError, match="group_size must be one of"):
+        W4A8Linear(256, 64, group_size=16)
+    assert W4A8Linear(576, 64, group_size=64).group_scale.shape == (9, 64)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -131,7 +134,7 @@ def test_config_registered_and_round_trips():
 
 
 @pytest.mark.parametrize("bad", [
-    {"group_size": 64}, {"group_fallback": "tensor"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
+    {"group_size": 16}, {"group_size": 256}, {"group_size": True}, {"group_fallback": "tensor"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
     {"smooth_alpha": 1.5}, {"percdamp": -0.1}, {"seed": 1.5}, {"version": 2}, {"bogus": 1},
 ])
 def test_config_rejects_bad_values(bad):
@@ -172,6 +175,11 @@ def test_manifest_without_rotation_fields_reads_as_before():
     assert partial.rotate_keys is True and partial.rotate_values is True
     new = W4A8KV4Config(rotate_values=True, rotate_keys=True)
     assert config_from_dict(new.to_dict()) == new
+    # group_fallback: "finer" did not exist; an old manifest that does not say meant "channel"
+    del old["group_fallback"]
+    assert config_from_dict(old).group_fallback == "channel"
+    assert W4A8KV4Config().group_fallback == "finer"
+    assert config_from_dict(W4A8KV4Config(group_size=64).to_dict()).group_size == 64
 
 
 def test_needs_calibration():
@@ -181,15 +189,19 @@ def test_needs_calibration():
     assert W4A8KV4Config(gptq=False, smooth_attention=False, smooth_outputs=True).needs_calibration()
 
 
-def test_group_fallback_channel_and_error():
-    cfg = W4A8KV4Config(gptq=False)
+def test_group_fallback_finer_channel_and_error():
+    cfg = W4A8KV4Config(gptq=False)  # group_fallback="finer" by default
     lin576 = _linear(576, 64)
     mod = cfg.quantize_linear(lin576, name="model.layers.0.self_attn.q_proj")
-    assert mod.layer_meta() == {"group_size": -1}
+    assert mod.layer_meta() == {"group_size": 64}
     assert cfg.quantize_linear(_linear(256, 64), name="x").layer_meta() == {"group_size": 128}
+    assert cfg.layer_group_size(96, 64) == 32 and cfg.layer_group_size(200, 64) == -1  # 96 = 3 x 32; 200: none
+    assert W4A8KV4Config(group_size=64).layer_group_size(96, 64) == 32
+    channel = W4A8KV4Config(group_fallback="channel", gptq=False)
+    assert channel.quantize_linear(lin576, name="q").layer_meta() == {"group_size": -1}
     assert W4A8KV4Config(group_size=-1, gptq=False).quantize_linear(_linear(256, 64)).layer_meta() == {"group_size": -1}
     strict = W4A8KV4Config(group_fallback="error", gptq=False)
-    with pytest.raises(QuantError, match=r"model\.layers\.0\.self_attn\.q_proj.*576.*group_fallback='channel'"):
+    with pytest.raises(QuantError, match=r"model\.layers\.0\.self_attn\.q_proj.*576.*group_fallback='finer'"):
         strict.quantize_linear(lin576, name="model.layers.0.self_attn.q_proj")
     with pytest.raises(QuantError, match="out_features=63"):
         cfg.quantize_linear(_linear(256, 63), name="odd")
@@ -217,7 +229,7 @@ def test_gptq_beats_rtn_on_calibration_error(k):
 
 def test_empty_linear_rebuilds_the_layout():
     cfg = W4A8KV4Config(gptq=False)
-    for k, bias in ((256, True), (576, False)):
+    for k, bias in ((256, True), (576, False), (200, True)):  # g128, g64 (finer), per channel
         q = cfg.quantize_linear(_linear(k, 64, bias=bias), name="l")
         e = cfg.empty_linear(k, 64, bias, torch.float32, q.layer_meta())
         assert {n: (t.dtype, t.shape) for n, t in e.state_dict().items()} == \
@@ -262,7 +274,7 @@ def test_prepare_empty_model_unties(tiny):
 
 
 def test_whole_tiny_model_quantized(tiny):
-    """hidden 64 (K=64: per-channel fallback) and intermediate 128 (down_proj: g128)."""
+    """hidden 64 (K=64: g64, the "finer" fallback) and intermediate 128 (down_proj: g128)."""
     cfg = W4A8KV4Config(gptq=False, rotate=False, smooth_attention=False, smooth_outputs=False)
     model = tiny.model("llama")
     ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -275,12 +287,20 @@ def test_whole_tiny_model_quantized(tiny):
             metas[name] = q.layer_meta()
             model.set_submodule(name, q)
     assert metas["model.layers.0.mlp.down_proj"] == {"group_size": 128}
-    assert metas["model.layers.1.self_attn.q_proj"] == {"group_size": -1}
+    assert metas["model.layers.1.self_attn.q_proj"] == {"group_size": 64}
     assert isinstance(model.lm_head, torch.nn.Linear) and len(metas) == 14
     with torch.no_grad():
         out = model(ids).logits
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.2, rel
+
+
+def test_group_sizes_mirror_the_kernels():
+    """The torch-free config module keeps its own copy of the kernels' group sizes."""
+    from natix.kernels.packing import GROUP_SIZES
+    from natix.quant import w4a8kv4_config
+
+    assert w4a8kv4_config.GROUP_SIZES == GROUP_SIZES
 
 
 def test_config_module_import_is_light():

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 SMALL = ModelSpec(arch="llama", hidden=512, layers=2, heads=8, kv_heads=2, head_dim=64, intermediate=1024, vocab=2000,
                   rms_eps=1e-5, max_positions=4096)
-SCHEMES = [("dense", -1), ("fp8", -1), ("w4a8kv4", -1), ("w4a8kv4", 128)]
+SCHEMES = [("dense", -1), ("fp8", -1), ("w4a8kv4", -1), ("w4a8kv4", 128), ("w4a8kv4", 64)]
 
 
 def _engine(weights, **opts):

@@ -60,8 +60,10 @@ CONFIG_CASES = {
     "8-bit embedding": (lambda q: q.update(embed_bits=8), "(embed_bits=8, lm_head_bits=16); the plugin serves "
                                                          "16-bit ones only. Re-export with `--set embed_bits=16"),
     "8-bit lm_head": (lambda q: q.update(lm_head_bits=8), "lm_head_bits=8"),
-    "group size 64": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(group_size=64),
-                      "layer model.layers.0.mlp.up_proj: group_size must be 128 or -1, got 64"),
+    "group size 16": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(group_size=16),
+                      "layer model.layers.0.mlp.up_proj: group_size must be one of 32, 64, 128 or -1, got 16"),
+    "g64 over K=96": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(group_size=64, shape=[256, 96]),
+                      "g64 needs in_features % 64 == 0, got 96"),
     "no shape": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].pop("shape"),
                  "layer model.layers.0.mlp.up_proj: shape must be [out_features, in_features], got None"),
     "odd N": (lambda q: q["layers"]["model.layers.0.mlp.up_proj"].update(shape=[255, 128]),

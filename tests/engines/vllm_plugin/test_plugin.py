@@ -78,7 +78,8 @@ def tiny_art(tiny_llama_builder, tmp_path_factory) -> str:
     base = tiny_llama_builder(root / "base", hidden=320, intermediate=512, max_positions=512, init=0.2)
     art = _export(str(base), root / "w4a8kv4")
     layers = json.loads((Path(art) / "config.json").read_text())["quantization_config"]["layers"]
-    assert {m["group_size"] for m in layers.values()} == {128, -1}  # down_proj g128, the rest per channel
+    # down_proj g128, the 320-wide rest g64 (group_fallback="finer")
+    assert {m["group_size"] for m in layers.values()} == {128, 64}
     return art
 
 
