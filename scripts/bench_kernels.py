@@ -517,6 +517,7 @@ def main() -> None:
     ap.add_argument("--out", default="kernels.jsonl")
     ap.add_argument("--sections", default="gemm,norm,kv4,rope,gemlite")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--ms", default="", help="M values of the gemm section (default: all)")
     ap.add_argument("--groups", default="128,0", help="gemm section: progressive group sizes to time, 0 = per channel")
     ap.add_argument("--tuned-out", default="w4a8_gemm.json")
     ap.add_argument("--gemlite-modes", default="bundled-config,autotune-fast")
@@ -532,6 +533,8 @@ def main() -> None:
     DEADLINE[0] = time.time() + a.deadline
     torch.manual_seed(0)
     shapes, ms = (SHAPES[:2], [1, 64, 4096]) if a.quick else (SHAPES, MS)
+    if a.ms:
+        ms = [int(x) for x in a.ms.split(",")]
     out = Out(a.out, env())
     secs = a.sections.split(",")
     t0 = time.time()
