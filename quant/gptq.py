@@ -75,6 +75,9 @@ class Grid(Protocol):
         """float32 ``[N, c]`` weight the codes represent (the exact value the kernels compute)."""
 
 
+#: clipping ratios :class:`ProgressiveGrid` tries with ``clip_search`` (1.00 first: min-max)
+CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(13))  # 1.00 ... 0.70
+
 @dataclass(frozen=True)
 class AffineGrid:
     """UINT``bits`` codes, ``w ≈ scale · (q − zero)``; asymmetric (range includes 0) or symmetric."""
@@ -176,6 +179,10 @@ class ProgressiveGrid:
     protect: int = 119  # level-0 clamp: keeps q4·s1 − z·s1 inside INT8 (QServe)
     qmin: int = 0
     qmax: int = 15
+    #: level-1 range per group: min-max of the INT8 values (False), or the clipping ratio of
+    #: :data:`CLIP_RATIOS` minimizing the group's squared error on them (QServe / AWQ-style weight
+    #: clipping; the level-1 scale stays an integer, so nearby ratios often land on the same one)
+    clip_search: bool = False
 
     def check(self, shape: tuple[int, int], group_size: int) -> None:
         from natix.kernels.packing import GROUP_SIZES
@@ -197,17 +204,36 @@ class ProgressiveGrid:
     def fit(self, w: torch.Tensor, channel: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         q8 = self._level0(w, channel)
         lo, hi = q8.amin(dim=1), q8.amax(dim=1)
-        s1 = torch.ceil((hi - lo) / 15).clamp(1, 255)
-        z = torch.round(-lo / s1).clamp(0, 15)
+        s1, z = self._level1(lo, hi)
+        if not self.clip_search:
+            return s1, z
+        best = ((self._snap(q8, s1[:, None], z[:, None]) - q8).square().sum(dim=1))
+        for r in CLIP_RATIOS[1:]:
+            cs, cz = self._level1(lo * r, hi * r)
+            err = (self._snap(q8, cs[:, None], cz[:, None]) - q8).square().sum(dim=1)
+            better = err < best  # ties keep the wider range
+            best = torch.where(better, err, best)
+            s1, z = torch.where(better, cs, s1), torch.where(better, cz, z)
         return s1, z
 
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 channel: Optional[torch.Tensor]) -> torch.Tensor:
-        s1, z = scale, zero
-        q4 = torch.round(self._level0(w, channel) / s1 + z).clamp(0, 15)
+    @staticmethod
+    def _level1(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s1 = torch.ceil((hi - lo) / 15).clamp(1, 255)
+        return s1, torch.round(-lo / s1).clamp(0, 15)
+
+    def _snap(self, q8: torch.Tensor, s1: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The INT8 values level-1 codes (s1, z) represent for ``q8`` (`quantize`, then dequantized)."""
+        return (self.quantize_level1(q8, s1, z) - z) * s1
+
+    def quantize_level1(self, q8: torch.Tensor, s1: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        q4 = torch.round(q8 / s1 + z).clamp(0, 15)
         # q4·s1 − z·s1 must fit INT8; it can leave it only at the clamped edges (as in quantize_progressive)
         q4 = torch.minimum(q4, torch.floor((127 + z * s1) / s1))
         return torch.maximum(q4, torch.ceil((-128 + z * s1) / s1))
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 channel: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.quantize_level1(self._level0(w, channel), scale, zero)
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    channel: Optional[torch.Tensor]) -> torch.Tensor:

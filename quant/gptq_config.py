@@ -83,7 +83,7 @@ class GptqConfig(QuantConfig):
     group_size: int = 128
     actorder: str | None = None
     symmetric: bool = True
-    group_fallback: str = "channel"
+    group_fallback: str = "finer"
     percdamp: float = 0.01
     block_size: int = 128
     kv_cache: str = "none"
@@ -135,7 +135,7 @@ class GptqConfig(QuantConfig):
         hint = f"group_size={fits[0]} divides it, " if fits else ""
         raise QuantError(f"gptq: layer {name or '?'} has in_features={in_features}, not a multiple of "
                          f"group_size={g}; {hint}group_size=-1 quantizes per channel, or "
-                         "group_fallback='channel' quantizes only such layers per channel")
+                         "group_fallback='finer' (64 or 32 for such layers) or 'channel' (per channel for them)")
 
     def layer_meta(self, in_features: int, name: str = "") -> dict[str, Any]:
         """What :meth:`quantize_linear` records for a layer with ``in_features`` (its ``layer_meta()``)."""

@@ -35,6 +35,7 @@ QUANT_METHOD = "natix-w4a8kv4"
 GROUP_SIZE = 128  # QServe's group size, the default (natix.kernels.packing.GROUP_SIZE)
 GROUP_SIZES = (32, 64, 128)  # what the kernels take (natix.kernels.packing.GROUP_SIZES; this module is torch-free)
 GROUP_FALLBACKS = ("finer", "channel", "error")
+WEIGHT_SCALES = ("minmax", "mse")  # level-1 range of each group: min-max, or a clipping search
 VOCAB_BITS = (16, 8)  # embed_bits / lm_head_bits: the model dtype, or int8 rows (natix.quant.w8a16)
 
 
@@ -51,7 +52,10 @@ class W4A8KV4Config(QuantConfig):
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
     into v_proj / o_proj (offline, no runtime cost); ``rotate_keys``: queries and keys rotated by the
     same Hadamard after RoPE at run time (q·kᵀ unchanged; the KV4 cache stores rotated keys; both
-    engines read it from the manifest's ``transforms``); ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float
+    engines read it from the manifest's ``transforms``); ``weight_scale``: each progressive
+    group's level-1 range, "minmax" or "mse" (the clipping ratio from 1.00 down to 0.70 with the
+    least squared error on the group's INT8 values; same format, nothing changes at run time);
+    ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float
     (by the 4-bit path: lm_head is ``lm_head_bits``'s). ``embed_bits`` / ``lm_head_bits``: 16 (the
     model dtype) or 8 — the embedding table as int8 per token row and lm_head as a W8A16 linear (int8
     per output channel, activations unquantized), each with float32 row scales
@@ -73,6 +77,7 @@ class W4A8KV4Config(QuantConfig):
     percdamp: float = 0.01
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
+    weight_scale: str = "minmax"
     embed_bits: int = 16  # 8: int8 rows (opt-in: the vLLM plugin serves 16-bit tables; reports/quant-accuracy.md)
     lm_head_bits: int = 16
 
@@ -83,6 +88,8 @@ class W4A8KV4Config(QuantConfig):
         if self.group_fallback not in GROUP_FALLBACKS:
             raise QuantError(f"w4a8kv4: group_fallback must be one of {', '.join(GROUP_FALLBACKS)}, "
                              f"got {self.group_fallback!r}")
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise QuantError(f"w4a8kv4: weight_scale must be one of {', '.join(WEIGHT_SCALES)}, got {self.weight_scale!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
         for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys"):
@@ -116,7 +123,7 @@ class W4A8KV4Config(QuantConfig):
         config (no ``rotate``) takes the defaults."""
         if "rotate" in d:
             d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16,
-                 "group_fallback": "channel", **d}
+                 "group_fallback": "channel", "weight_scale": "minmax", **d}
         return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
@@ -147,13 +154,20 @@ class W4A8KV4Config(QuantConfig):
         from natix.quant.w4a8 import W4A8Linear
 
         gs = self.layer_group_size(linear.in_features, linear.out_features, name)
-        if hessian is None or not self.gptq:
+        clip = self.weight_scale == "mse" and gs > 0
+        if (hessian is None or not self.gptq) and not clip:
             return W4A8Linear.from_linear(linear, group_size=gs)
-        grid = ProgressiveGrid() if gs > 0 else AffineGrid(bits=4)
+        grid = ProgressiveGrid(clip_search=clip) if gs > 0 else AffineGrid(bits=4)
+        if hessian is None or not self.gptq:  # round to nearest on the searched ranges (GPTQ with H = I)
+            import torch
+
+            hessian, percdamp = torch.eye(linear.in_features), 0.0
+        else:
+            percdamp = self.percdamp
         try:
             # progressive groups must stay contiguous (the format has no g_idx), so no act-order there; per
             # channel there is one group, and act-order's column order is free
-            result = gptq_quantize(linear.weight.detach(), hessian, grid, percdamp=self.percdamp, group_size=gs,
+            result = gptq_quantize(linear.weight.detach(), hessian, grid, percdamp=percdamp, group_size=gs,
                                    act_order=gs == -1)
         except GptqError as e:
             raise QuantError(f"w4a8kv4: GPTQ failed on layer {name!r}: {e}") from e
@@ -287,6 +301,7 @@ class W4A8KV4Config(QuantConfig):
                            "seed": self.seed, "rotate_values": self.rotate_values,
                            "rotate_keys": self.rotate_keys},
             "gptq": self.gptq,
+            "weight_scale": self.weight_scale,
             "ignore": list(self.ignore),
             # 8: int8 rows + float32 row scales (tensors qweight, scale; natix.quant.w8a16); the
             # layers of that format are the records below whose "format" says so

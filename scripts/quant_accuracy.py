@@ -60,6 +60,9 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
                                             "--set", "rotate_values=true", "--set", "rotate_keys=false"]),
     "w4a8kv4-g64 vrot": ("w4a8kv4", ["--group-size", "64", "--set", "rotate_values=true",
                                      "--set", "rotate_keys=false"]),
+    "w4a8kv4-g128 vrot finer mse": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
+                                                "--set", "rotate_values=true", "--set", "rotate_keys=false",
+                                                "--set", "weight_scale=mse"]),
     "gptq-g128 finer": ("gptq", ["--group-size", "128", "--set", "group_fallback=finer"]),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight

@@ -218,7 +218,8 @@ def test_actorder_group_stores_permuted_groups_weight_does_not() -> None:
 def test_k_not_divisible_falls_back_per_channel_or_errors() -> None:
     lin = _linear(n=32, k=96, seed=7)  # 96 is not a multiple of 128 (SmolLM2: 576)
     h = _hessian(_correlated(256, 96, seed=7))
-    mod = GptqConfig(actorder="group").quantize_linear(lin, name="model.layers.0.self_attn.q_proj", hessian=h)
+    mod = GptqConfig(actorder="group", group_fallback="channel").quantize_linear(
+        lin, name="model.layers.0.self_attn.q_proj", hessian=h)
     assert mod.layer_meta() == {"group_size": -1, "actorder": "weight", "symmetric": True}
     assert mod.weight_scale.shape == (32, 1) and mod.weight_g_idx is None
     ref = dequantize(mod.codes(), mod.weight_scale.float(), None, g_idx=None)  # strategy inferred: channel
@@ -227,14 +228,14 @@ def test_k_not_divisible_falls_back_per_channel_or_errors() -> None:
         GptqConfig(group_fallback="error").quantize_linear(lin, name="model.layers.0.self_attn.q_proj", hessian=h)
     text = str(e.value)
     for part in ("model.layers.0.self_attn.q_proj", "in_features=96", "group_size=128", "group_size=32 divides it",
-                 "group_fallback='channel'"):
+                 "group_fallback='finer'"):
         assert part in text, text
 
 
 def test_k_not_divisible_finer_groups() -> None:
     """group_fallback="finer": K = 96 gets g32 (the largest of 64 and 32 that divides it), K = 576 g64, and
     a K neither divides per channel; vLLM serves each layer by its own config group."""
-    cfg = GptqConfig(group_fallback="finer")
+    cfg = GptqConfig()  # group_fallback="finer" is the default
     assert [cfg.layer_group_size(k) for k in (96, 576, 1536, 200)] == [32, 64, 128, -1]
     lin = _linear(n=32, k=96, seed=7)
     mod = cfg.quantize_linear(lin, name="q", hessian=_hessian(_correlated(256, 96, seed=7)))
@@ -287,7 +288,7 @@ def _smollm_like_layers(cfg: GptqConfig) -> dict[str, dict]:
 
 @pytest.mark.parametrize("actorder", [None, "group"])
 def test_hf_quantization_config_groups_by_layer_meta(actorder: str | None) -> None:
-    cfg = GptqConfig(actorder=actorder)
+    cfg = GptqConfig(actorder=actorder, group_fallback="channel")
     layers = _smollm_like_layers(cfg)
     d = cfg.hf_quantization_config(layers)
     qc = QuantizationConfig.model_validate(d)  # the schema vLLM parses
@@ -326,7 +327,7 @@ def test_hf_quantization_config_kv_fp8() -> None:
 def test_hf_quantization_config_refuses_split_fused_layers() -> None:
     cfg = GptqConfig()
     layers = _smollm_like_layers(cfg)
-    layers["model.layers.0.self_attn.k_proj"] = {"group_size": 64, "actorder": None, "symmetric": True}
+    layers["model.layers.0.self_attn.k_proj"] = {"group_size": -1, "actorder": None, "symmetric": True}
     with pytest.raises(QuantError, match="fused"):
         cfg.hf_quantization_config(layers)
 
@@ -345,8 +346,8 @@ def test_suffix_ignore_reaches_engines() -> None:
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_transformers_reads_our_checkpoint_identically(tiny, tmp_path, symmetric: bool) -> None:
-    """A whole tiny Llama (hidden 96: q/k/v/o/gate/up fall back per channel; down_proj K=192 has
-    three act-ordered groups of 64) written as the exporter writes it, then loaded by transformers +
+    """A whole tiny Llama (hidden 96: q/k/v/o/gate/up fall back to groups of 32 (group_fallback
+    "finer"); down_proj K=192 has three act-ordered groups of 64) written as the exporter writes it, then loaded by transformers +
     compressed-tensors: fp32 logits identical to our reference modules'."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -371,7 +372,7 @@ def test_transformers_reads_our_checkpoint_identically(tiny, tmp_path, symmetric
         model.set_submodule(name, q)
         layers[name] = q.layer_meta()
     assert layers["model.layers.0.mlp.down_proj"]["group_size"] == 64
-    assert layers["model.layers.0.self_attn.q_proj"]["group_size"] == -1
+    assert layers["model.layers.0.self_attn.q_proj"]["group_size"] == 32
     with torch.no_grad():
         ours = model(ids).logits
     save_file(unique_state_dict(model), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})

@@ -134,7 +134,8 @@ def test_config_registered_and_round_trips():
 
 
 @pytest.mark.parametrize("bad", [
-    {"group_size": 16}, {"group_size": 256}, {"group_size": True}, {"group_fallback": "tensor"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
+    {"group_size": 16}, {"group_size": 256}, {"group_size": True}, {"group_fallback": "tensor"},
+    {"weight_scale": "absmax"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
     {"smooth_alpha": 1.5}, {"percdamp": -0.1}, {"seed": 1.5}, {"version": 2}, {"bogus": 1},
 ])
 def test_config_rejects_bad_values(bad):
@@ -293,6 +294,41 @@ def test_whole_tiny_model_quantized(tiny):
         out = model(ids).logits
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.2, rel
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_weight_scale_mse_clips_groups_and_lowers_the_error(gptq):
+    """weight_scale="mse": each group's level-1 range is the clipping ratio with the least squared
+    error on its INT8 values: never worse than min-max per group (RTN), lower in total on heavy-tailed
+    weights, same packed format; GPTQ takes the searched ranges as well."""
+    from natix.kernels.packing import dequantize
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02)  # outliers in most groups
+    x, H = _hessian(256)
+    kw = dict(hessian=H) if gptq else {}
+    plain = W4A8KV4Config(gptq=gptq).quantize_linear(lin, name="l", **kw)
+    mse = W4A8KV4Config(gptq=gptq, weight_scale="mse").quantize_linear(lin, name="l", **kw)
+    assert mse.layer_meta() == plain.layer_meta() == {"group_size": 128}
+    assert not torch.equal(mse.group_scale, plain.group_scale)  # some groups were clipped
+    w = lin.weight.detach()
+    if not gptq:
+        from natix.kernels.packing import integer_weight
+
+        # the search's objective: the error on the level-0 INT8 values, group by group
+        assert torch.equal(mse.scale, plain.scale)
+        q8 = torch.round(w / plain.scale[:, None]).clamp(-119, 119)
+        per_group = lambda m: (integer_weight(m.packed()).float() - q8).square().view(64, 2, 128).sum(-1)  # noqa: E731
+        assert (per_group(mse) <= per_group(plain)).all()
+        assert per_group(mse).sum() < 0.97 * per_group(plain).sum()
+        assert (dequantize(mse.packed()) - w).norm() < (dequantize(plain.packed()) - w).norm()
+    else:
+        ref = x @ w.T
+        out = lambda m: ((x @ dequantize(m.packed()).T - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert out(mse) < out(plain)
+    assert W4A8KV4Config(weight_scale="mse").hf_quantization_config()["weight_scale"] == "mse"
 
 
 def test_group_sizes_mirror_the_kernels():
