@@ -130,7 +130,7 @@ def _kernel():
         M, N, K, stride_xm, stride_om,
         GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_OUT: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BNH: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-        GS: tl.constexpr,
+        GS: tl.constexpr, GROUP_EPI: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -183,7 +183,24 @@ def _kernel():
                 k_ok = (kb + offs_k) < K
                 xt = tl.load(x_ptrs + kb, mask=m_ok[None, :] & k_ok[:, None], other=0)
                 wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None] & ((kb + 4 * offs_k4) < K)[None, :], other=0)
-            if GROUPED:
+            if GROUP_EPI:
+                # BK == GS: one group per K-block, so level 1 applies to the block's dot instead of to
+                # every weight: sum_k x (q4 s1 - sz) = s1 * (x . q4) - sz * sum_k x. The raw UINT4
+                # codes go to the tensor cores as in the per-channel path; each term stays below
+                # 15 * 127 * 128 * 255 < 2^31, and their difference is the block's exact INT8 sum
+                s_lo = s_lo_n.to(tl.int32)[:, None]
+                z_lo = z_lo_n.to(tl.int32)[:, None]
+                s_hi = s_hi_n.to(tl.int32)[:, None]
+                z_hi = z_hi_n.to(tl.int32)[:, None]
+                g_off = tl.minimum(((it + 1) * BK) // GS, (K - 1) // GS) * N + offs_j
+                g_ok = j_ok
+                s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
+                z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
+                s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
+                z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+                lo = wq & 0x0F0F0F0F
+                hi = (wq >> 4) & 0x0F0F0F0F
+            elif GROUPED:
                 # level 1, QServe-style subtraction after multiplication, two codes per 16-bit lane:
                 # lane = q4 * s1 + (256 - sz) <= 15*255 + 256 never carries into the next lane and its
                 # low byte is (q4 * s1 - sz) mod 256, i.e. the INT8 weight
@@ -212,8 +229,13 @@ def _kernel():
                                      tl.join((lo >> 8).to(tl.int8), (lo >> 24).to(tl.int8))), (BNH, BK))
             hi8 = tl.reshape(tl.join(tl.join(hi.to(tl.int8), (hi >> 16).to(tl.int8)),
                                      tl.join((hi >> 8).to(tl.int8), (hi >> 24).to(tl.int8))), (BNH, BK))
-            acc_lo = tl.dot(lo8, xt, acc_lo, out_dtype=tl.int32)
-            acc_hi = tl.dot(hi8, xt, acc_hi, out_dtype=tl.int32)
+            if GROUP_EPI:
+                xsum_g = tl.sum(xt.to(tl.int32), axis=0)[None, :]  # [1, BM]: this block's sum of codes
+                acc_lo += s_lo * tl.dot(lo8, xt, out_dtype=tl.int32) - z_lo * xsum_g
+                acc_hi += s_hi * tl.dot(hi8, xt, out_dtype=tl.int32) - z_hi * xsum_g
+            else:
+                acc_lo = tl.dot(lo8, xt, acc_lo, out_dtype=tl.int32)
+                acc_hi = tl.dot(hi8, xt, acc_hi, out_dtype=tl.int32)
 
         n_lo = offs_j
         n_hi = offs_j + NH
@@ -300,9 +322,23 @@ def w4a8_gemm_triton(
         m, n, k, x_q.stride(0), out.stride(0),
         GROUPED=grouped, HAS_BIAS=bias is not None, RAW_OUT=out_dtype == torch.int32, EVEN_K=k % cfg["BK"] == 0,
         BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=split, GROUP_M=cfg.get("GROUP_M", 8),
-        GS=w.group_size or GROUP_SIZE, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        GS=w.group_size or GROUP_SIZE, GROUP_EPI=group_epilogue(cfg, w.group_size),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out
+
+
+def group_epilogue(cfg: dict, group_size: int) -> bool:
+    """Whether progressive weights in groups of ``group_size`` (0: per channel) apply level 1 to
+    each K-block's dot (``s1 * (x . q4) - sz * sum x``: no per-weight dequantization; needs
+    ``BK == group_size``) rather than to every weight before the dot. A config may say
+    ``GROUP_EPI``; ``NATIX_W4A8_GROUP_EPI=0/1`` overrides both (for A/B timing)."""
+    if not group_size or cfg["BK"] != group_size:
+        return False
+    env = os.environ.get("NATIX_W4A8_GROUP_EPI")
+    if env in ("0", "1"):
+        return env == "1"
+    return bool(cfg.get("GROUP_EPI", True))
 
 
 def fit_block_k(bk: int, group_size: int) -> int:

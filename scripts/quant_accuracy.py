@@ -63,6 +63,11 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "w4a8kv4-g128 vrot finer mse": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
                                                 "--set", "rotate_values=true", "--set", "rotate_keys=false",
                                                 "--set", "weight_scale=mse"]),
+    "w4a8kv4-g128 vrot finer actorder": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
+                                                     "--set", "rotate_values=true", "--set", "rotate_keys=false",
+                                                     "--set", "act_order=true"]),
+    "w4a8kv4-g32 vrot": ("w4a8kv4", ["--group-size", "32", "--set", "rotate_values=true",
+                                     "--set", "rotate_keys=false"]),
     "gptq-g128 finer": ("gptq", ["--group-size", "128", "--set", "group_fallback=finer"]),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight

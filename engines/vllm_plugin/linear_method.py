@@ -72,7 +72,7 @@ class W4A8LinearMethod(LinearMethodBase):
             raise PluginRefused(f"natix vLLM plugin: {self.prefix}: g{g} weights sharded to in_features {k} per rank "
                                 f"(of {input_size}); groups of {g} cannot straddle ranks, so "
                                 f"in_features / tensor_parallel_size must be a multiple of {g} (or export "
-                                "with a smaller --set group_size, or -1)")
+                                "with --set group_fallback=channel, a smaller --set group_size, or -1)")
         loader = extra_weight_attrs.pop("weight_loader")
         u8 = torch.uint8
 

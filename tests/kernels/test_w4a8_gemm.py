@@ -135,3 +135,23 @@ def test_g128_full_uint8_level1_range_exact():
     xq, xs, xsum = quantize_per_token(torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16))
     out = w4a8_gemm_triton(xq, xs, xsum, w, None, torch.int32, dict(BM=16, BNH=16, BK=64, SPLIT_K=2))
     assert torch.equal(out, w4a8_gemm_int_reference(xq, w))
+
+
+@pytest.mark.parametrize("group", [128, 64], ids=["g128", "g64"])
+@pytest.mark.parametrize("epi", ["0", "1"], ids=["dequant-then-dot", "dot-then-level1"])
+def test_both_level1_paths_exact(group, epi, monkeypatch):
+    """Level 1 before the dot (per weight) and after it (per K-block: s1 * (x . q4) - sz * sum x) give
+    the same exact accumulator, with split-K and a partial last M tile; the full uint8 s1 range."""
+    monkeypatch.setenv("NATIX_W4A8_GROUP_EPI", epi)
+    n, k, m = 64, 384, 19
+    s1 = torch.randint(1, 256, (n, k // group), dtype=torch.int32)
+    sz = torch.minimum(torch.randint(0, 256, (n, k // group), dtype=torch.int32), 15 * s1 + 127)
+    lo = torch.clamp(torch.div(sz - 128 + s1 - 1, s1, rounding_mode="floor"), min=0)
+    hi = torch.clamp(torch.div(sz + 127, s1, rounding_mode="floor"), max=15)
+    lo_e, hi_e = lo.repeat_interleave(group, 1), hi.repeat_interleave(group, 1)
+    q4 = lo_e + (torch.rand(n, k) * (hi_e - lo_e + 1).float()).long().clamp(max=(hi_e - lo_e))
+    w = packing.pack_progressive(q4.to(torch.uint8), s1.to(torch.uint8), sz.to(torch.uint8), torch.rand(n) + 0.1).to(DEVICE)
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEVICE)  # full-range codes: the largest terms
+    xs = torch.rand(m, device=DEVICE) + 0.1
+    out = w4a8_gemm_triton(xq, xs, None, w, None, torch.int32, dict(BM=16, BNH=16, BK=group, SPLIT_K=2))
+    assert torch.equal(out, w4a8_gemm_int_reference(xq, w))

@@ -235,7 +235,7 @@ def test_k_not_divisible_falls_back_per_channel_or_errors() -> None:
 def test_k_not_divisible_finer_groups() -> None:
     """group_fallback="finer": K = 96 gets g32 (the largest of 64 and 32 that divides it), K = 576 g64, and
     a K neither divides per channel; vLLM serves each layer by its own config group."""
-    cfg = GptqConfig()  # group_fallback="finer" is the default
+    cfg = GptqConfig(group_fallback="finer")
     assert [cfg.layer_group_size(k) for k in (96, 576, 1536, 200)] == [32, 64, 128, -1]
     lin = _linear(n=32, k=96, seed=7)
     mod = cfg.quantize_linear(lin, name="q", hessian=_hessian(_correlated(256, 96, seed=7)))
@@ -327,7 +327,7 @@ def test_hf_quantization_config_kv_fp8() -> None:
 def test_hf_quantization_config_refuses_split_fused_layers() -> None:
     cfg = GptqConfig()
     layers = _smollm_like_layers(cfg)
-    layers["model.layers.0.self_attn.k_proj"] = {"group_size": -1, "actorder": None, "symmetric": True}
+    layers["model.layers.0.self_attn.k_proj"] = {"group_size": 64, "actorder": None, "symmetric": True}
     with pytest.raises(QuantError, match="fused"):
         cfg.hf_quantization_config(layers)
 
@@ -354,7 +354,7 @@ def test_transformers_reads_our_checkpoint_identically(tiny, tmp_path, symmetric
 
     from natix.quant.export import unique_state_dict
 
-    cfg = GptqConfig(group_size=64, actorder="group", symmetric=symmetric)
+    cfg = GptqConfig(group_size=64, actorder="group", symmetric=symmetric, group_fallback="finer")
     model = tiny.model("llama", hidden=96)
     ids = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     accs, hooks = {}, []

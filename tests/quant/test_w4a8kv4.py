@@ -135,7 +135,7 @@ def test_config_registered_and_round_trips():
 
 @pytest.mark.parametrize("bad", [
     {"group_size": 16}, {"group_size": 256}, {"group_size": True}, {"group_fallback": "tensor"},
-    {"weight_scale": "absmax"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
+    {"weight_scale": "absmax"}, {"act_order": "yes"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
     {"smooth_alpha": 1.5}, {"percdamp": -0.1}, {"seed": 1.5}, {"version": 2}, {"bogus": 1},
 ])
 def test_config_rejects_bad_values(bad):
@@ -329,6 +329,24 @@ def test_weight_scale_mse_clips_groups_and_lowers_the_error(gptq):
         out = lambda m: ((x @ dequantize(m.packed()).T - ref).norm() / ref.norm()).item()  # noqa: E731
         assert out(mse) < out(plain)
     assert W4A8KV4Config(weight_scale="mse").hf_quantization_config()["weight_scale"] == "mse"
+
+
+def test_act_order_with_static_groups_packs_contiguous_groups():
+    """act_order on progressive layers: columns solved by decreasing Hessian diagonal, groups fitted up
+    front in the original order, so the packed format (no g_idx) holds the result exactly."""
+    from natix.kernels.packing import dequantize
+
+    lin = _linear(256, 64, seed=3)
+    x, H = _hessian(256)
+    H = H * torch.linspace(0.2, 3.0, 256, dtype=H.dtype)[None, :] ** 0.5 * torch.linspace(0.2, 3.0, 256, dtype=H.dtype)[:, None] ** 0.5
+    plain = W4A8KV4Config().quantize_linear(lin, name="l", hessian=H)
+    act = W4A8KV4Config(act_order=True).quantize_linear(lin, name="l", hessian=H)
+    assert act.layer_meta() == {"group_size": 128} and not torch.equal(act.qweight, plain.qweight)
+    res = gptq_quantize(lin.weight.detach(), H, ProgressiveGrid(), group_size=128, act_order=True, static_groups=True)
+    assert torch.equal(dequantize(act.packed()), res.dequantized)
+    ref = x @ lin.weight.detach().T
+    rel = lambda m: ((x @ dequantize(m.packed()).T - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert rel(act) < 1.5 * rel(plain)  # a different GPTQ order, not a broken one
 
 
 def test_group_sizes_mirror_the_kernels():

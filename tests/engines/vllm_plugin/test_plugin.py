@@ -52,15 +52,17 @@ TINY_PROBES = ["Hello world", "The quick brown fox", "1 + 2 =", "def main():", "
 SMOL_QUESTIONS = ["What is 12 + 5 - 3?", "What is 40 - 17 + 6?", "What is 23 + 19 - 11?", "Say hello in French."]
 
 
-def _export(base: str, out: Path, adapter: str | None = None, dtype: str = "fp32") -> str:
+def _export(base: str, out: Path, adapter: str | None = None, dtype: str = "fp32", **fields) -> str:
     """A w4a8kv4 artifact as `natix-quant export --scheme w4a8kv4 --set gptq=false --set embed_bits=16
     --set lm_head_bits=16` writes it (RTN weights, every QoQ transform, KV4 in the config, 16-bit
-    embedding and lm_head: the plugin refuses 8-bit ones), calibrated on 8 pydoc samples."""
+    embedding and lm_head: the plugin refuses 8-bit ones), calibrated on 8 pydoc samples; ``fields``:
+    other scheme settings."""
     from natix.quant.export import export
     from natix.quant.w4a8kv4_config import W4A8KV4Config
 
-    return str(export(base, W4A8KV4Config(gptq=False, embed_bits=16, lm_head_bits=16), out, adapter=adapter, dtype=dtype, calib="pydoc",
-                      calib_samples=8, calib_max_length=128).out)
+    cfg = W4A8KV4Config(gptq=False, embed_bits=16, lm_head_bits=16, **fields)
+    return str(export(base, cfg, out, adapter=adapter, dtype=dtype, calib="pydoc", calib_samples=8,
+                      calib_max_length=128).out)
 
 
 def _reference(model: str):
@@ -73,20 +75,47 @@ def _reference(model: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_art(tiny_llama_builder, tmp_path_factory) -> str:
+def tiny_base(tiny_llama_builder, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vllm-plugin")
-    base = tiny_llama_builder(root / "base", hidden=320, intermediate=512, max_positions=512, init=0.2)
-    art = _export(str(base), root / "w4a8kv4")
+    return tiny_llama_builder(root / "base", hidden=320, intermediate=512, max_positions=512, init=0.2)
+
+
+def _tiny(base: Path, name: str, groups: set[int], **fields) -> str:
+    art = _export(str(base), base.parent / name, **fields)
     layers = json.loads((Path(art) / "config.json").read_text())["quantization_config"]["layers"]
-    # down_proj g128, the 320-wide rest g64 (group_fallback="finer")
-    assert {m["group_size"] for m in layers.values()} == {128, 64}
+    assert {m["group_size"] for m in layers.values()} == groups
     return art
 
 
 @pytest.fixture(scope="module")
+def tiny_art(tiny_base) -> str:
+    """down_proj g128, the 320-wide rest g64 (group_fallback="finer", the default)."""
+    return _tiny(tiny_base, "w4a8kv4", {128, 64})
+
+
+@pytest.fixture(scope="module")
+def tiny_art_channel(tiny_base) -> str:
+    """down_proj g128, the rest per channel: what two ranks can shard (a g64 o_proj split at 160
+    input features would straddle a group, which the plugin refuses, naming the layer)."""
+    return _tiny(tiny_base, "w4a8kv4-channel", {128, -1}, group_fallback="channel")
+
+
+def _reference_outputs(art: str):
+    h = _reference(art)
+    return h, [per[0] for per in h.generate(TINY_PROBES, SamplingSpec(max_tokens=TOKENS))]
+
+
+@pytest.fixture(scope="module")
 def tiny_ref(tiny_art):
-    h = _reference(tiny_art)
-    yield h, [per[0] for per in h.generate(TINY_PROBES, SamplingSpec(max_tokens=TOKENS))]
+    h, out = _reference_outputs(tiny_art)
+    yield h, out
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_ref_channel(tiny_art_channel):
+    h, out = _reference_outputs(tiny_art_channel)
+    yield h, out
     h.close()
 
 
@@ -162,15 +191,15 @@ def _unsharded(ref, name: str):
     return [ref.get_submodule(f"{head}.{p}") for p in parts]
 
 
-def test_tensor_parallel_2_shards_exactly_and_generates(tiny_art, tiny_ref):
+def test_tensor_parallel_2_shards_exactly_and_generates(tiny_art_channel, tiny_ref_channel):
     import cloudpickle
     import torch
 
     from natix.kernels.packing import dequantize
 
-    h, ref_out = tiny_ref
+    h, ref_out = tiny_ref_channel
     v = create_engine("vllm")
-    v.load(EngineConfig(model=tiny_art, device="cpu", max_batch_size=len(TINY_PROBES),
+    v.load(EngineConfig(model=tiny_art_channel, device="cpu", max_batch_size=len(TINY_PROBES),
                         extra={"llm_kwargs": {"tensor_parallel_size": 2}}))
     try:
         # the probe travels to the workers by value (cloudpickle, which vLLM uses for a callable
