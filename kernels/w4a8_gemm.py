@@ -331,14 +331,17 @@ def w4a8_gemm_triton(
 def group_epilogue(cfg: dict, group_size: int) -> bool:
     """Whether progressive weights in groups of ``group_size`` (0: per channel) apply level 1 to
     each K-block's dot (``s1 * (x . q4) - sz * sum x``: no per-weight dequantization; needs
-    ``BK == group_size``) rather than to every weight before the dot. A config may say
-    ``GROUP_EPI``; ``NATIX_W4A8_GROUP_EPI=0/1`` overrides both (for A/B timing)."""
+    ``BK == group_size``) rather than to every weight before the dot. Measured on the H200 at
+    the Llama-3-8B shapes (reports/kernels_notes.md, run h200-s19b): 3-11% faster for g128 at M <= 16,
+    1.3-2.5x slower at M >= 64 (the dot can no longer accumulate in place: every block's product is
+    scaled on the CUDA cores before it is added), so by default only for tiles of BM <= 16. A config
+    may say ``GROUP_EPI``; ``NATIX_W4A8_GROUP_EPI=0/1`` overrides both (for A/B timing)."""
     if not group_size or cfg["BK"] != group_size:
         return False
     env = os.environ.get("NATIX_W4A8_GROUP_EPI")
     if env in ("0", "1"):
         return env == "1"
-    return bool(cfg.get("GROUP_EPI", True))
+    return bool(cfg.get("GROUP_EPI", cfg["BM"] <= 16))
 
 
 def fit_block_k(bk: int, group_size: int) -> int:
