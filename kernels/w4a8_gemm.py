@@ -183,11 +183,8 @@ def _kernel():
                 k_ok = (kb + offs_k) < K
                 xt = tl.load(x_ptrs + kb, mask=m_ok[None, :] & k_ok[:, None], other=0)
                 wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None] & ((kb + 4 * offs_k4) < K)[None, :], other=0)
-            if GROUP_EPI:
-                # BK == GS: one group per K-block, so level 1 applies to the block's dot instead of to
-                # every weight: sum_k x (q4 s1 - sz) = s1 * (x . q4) - sz * sum_k x. The raw UINT4
-                # codes go to the tensor cores as in the per-channel path; each term stays below
-                # 15 * 127 * 128 * 255 < 2^31, and their difference is the block's exact INT8 sum
+            if GROUPED:
+                # this block's level-1 (s1, sz), then the next block's loads (one iteration ahead)
                 s_lo = s_lo_n.to(tl.int32)[:, None]
                 z_lo = z_lo_n.to(tl.int32)[:, None]
                 s_hi = s_hi_n.to(tl.int32)[:, None]
@@ -198,22 +195,19 @@ def _kernel():
                 z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
                 s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
                 z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+            if GROUP_EPI:
+                # BK == GS: one group per K-block, so level 1 applies to the block's dot instead of to
+                # every weight: sum_k x (q4 s1 - sz) = s1 * (x . q4) - sz * sum_k x. The raw UINT4
+                # codes go to the tensor cores as in the per-channel path; each term stays below
+                # 15 * 127 * 128 * 255 < 2^31, and their difference is the block's exact INT8 sum
                 lo = wq & 0x0F0F0F0F
                 hi = (wq >> 4) & 0x0F0F0F0F
             elif GROUPED:
                 # level 1, QServe-style subtraction after multiplication, two codes per 16-bit lane:
                 # lane = q4 * s1 + (256 - sz) <= 15*255 + 256 never carries into the next lane and its
                 # low byte is (q4 * s1 - sz) mod 256, i.e. the INT8 weight
-                s_lo = s_lo_n.to(tl.int32)[:, None]
-                c_lo = ((256 - z_lo_n.to(tl.int32)) * 0x10001)[:, None]
-                s_hi = s_hi_n.to(tl.int32)[:, None]
-                c_hi = ((256 - z_hi_n.to(tl.int32)) * 0x10001)[:, None]
-                g_off = tl.minimum(((it + 1) * BK) // GS, (K - 1) // GS) * N + offs_j
-                g_ok = j_ok
-                s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
-                z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
-                s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
-                z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+                c_lo = (256 - z_lo) * 0x10001
+                c_hi = (256 - z_hi) * 0x10001
                 # low bytes of the 16-bit lanes: even (bytes 0, 2) | odd (bytes 1, 3) << 8
                 e = (wq & 0x000F000F) * s_lo + c_lo
                 o = ((wq >> 8) & 0x000F000F) * s_lo + c_lo
