@@ -81,7 +81,7 @@ class W4A8KV4Config(QuantConfig):
     seed: int = 0
     ignore: tuple[str, ...] = ("lm_head",)
     weight_scale: str = "minmax"
-    act_order: bool = False
+    act_order: bool = True  # measured: reports/quant-accuracy-notes.md, "Group sizes and act-order"
     embed_bits: int = 16  # 8: int8 rows (opt-in: the vLLM plugin serves 16-bit tables; reports/quant-accuracy.md)
     lm_head_bits: int = 16
 

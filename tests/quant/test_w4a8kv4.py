@@ -339,8 +339,8 @@ def test_act_order_with_static_groups_packs_contiguous_groups():
     lin = _linear(256, 64, seed=3)
     x, H = _hessian(256)
     H = H * torch.linspace(0.2, 3.0, 256, dtype=H.dtype)[None, :] ** 0.5 * torch.linspace(0.2, 3.0, 256, dtype=H.dtype)[:, None] ** 0.5
-    plain = W4A8KV4Config().quantize_linear(lin, name="l", hessian=H)
-    act = W4A8KV4Config(act_order=True).quantize_linear(lin, name="l", hessian=H)
+    plain = W4A8KV4Config(act_order=False).quantize_linear(lin, name="l", hessian=H)
+    act = W4A8KV4Config().quantize_linear(lin, name="l", hessian=H)  # act_order=True by default
     assert act.layer_meta() == {"group_size": 128} and not torch.equal(act.qweight, plain.qweight)
     res = gptq_quantize(lin.weight.detach(), H, ProgressiveGrid(), group_size=128, act_order=True, static_groups=True)
     assert torch.equal(dequantize(act.packed()), res.dequantized)
