@@ -523,6 +523,7 @@ def main() -> None:
     ap.add_argument("--gemlite-modes", default="bundled-config,autotune-fast")
     ap.add_argument("--quick", action="store_true", help="two shapes, three M (smoke test)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after start to stop GemLite")
+    ap.add_argument("--tune-variants", default="g128,channel", help="variants to re-tune (others keep the shipped table)")
     ap.add_argument("--tune-ms", default="1,16,64,256,1024,4096", help="M buckets to re-tune (others keep the shipped table)")
     ap.add_argument("--tune-deadline", type=float, default=1e9, help="seconds after start to stop tuning")
     ap.add_argument("--gemlite-autotune-ms", default="", help="M values to run in GemLite autotune modes (all if empty)")
@@ -541,7 +542,8 @@ def main() -> None:
     copy_bw = measure_copy(out)
     if a.tune and "gemm" in secs:
         tms = [int(x) for x in a.tune_ms.split(",") if x]
-        tune(out, a.tuned_out, shapes, [m for m in ms if m in tms], (True, False), t0 + a.tune_deadline)
+        variants = tuple(v == "g128" for v in a.tune_variants.split(","))
+        tune(out, a.tuned_out, shapes, [m for m in ms if m in tms], variants, t0 + a.tune_deadline)
         print(f"[tune done {time.time() - t0:.0f}s]", flush=True)
     if "norm" in secs:
         bench_norm(out, copy_bw)
