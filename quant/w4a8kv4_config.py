@@ -123,9 +123,9 @@ class W4A8KV4Config(QuantConfig):
         """As :meth:`QuantConfig.from_dict`; a config that spells out the QoQ transforms (``rotate``:
         every manifest does) without ``rotate_values`` / ``rotate_keys`` / ``embed_bits`` /
         ``lm_head_bits`` was written before those options existed and had none of them (16-bit
-        embedding and lm_head), whatever the defaults are now; so does one without ``group_fallback``
-        (it meant "channel" then; each layer's group size is in its own record either way). A partial
-        config (no ``rotate``) takes the defaults."""
+        embedding and lm_head), whatever the defaults are now; likewise ``group_fallback`` ("channel"
+        then; each layer's group size is in its own record either way), ``weight_scale`` ("minmax")
+        and ``act_order`` (false). A partial config (no ``rotate``) takes the defaults."""
         if "rotate" in d:
             d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16,
                  "group_fallback": "channel", "weight_scale": "minmax", "act_order": False, **d}
