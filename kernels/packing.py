@@ -90,9 +90,8 @@ class W4A8Weight:
         if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n,):
             raise ValueError(f"scale must be float32 [{n}], got {self.scale.dtype} {tuple(self.scale.shape)}")
         if self.group_scale is not None:
-            rows = self.group_scale.shape[0] if self.group_scale.dim() == 2 else 0
-            g = k // rows if rows else 0
-            if g not in GROUP_SIZES or rows * g != k:
+            g = self.group_size if self.group_scale.dim() == 2 else 0
+            if g not in GROUP_SIZES or k % g:
                 raise ValueError(f"progressive weights need group_scale [K // G, N] with G in {GROUP_SIZES} dividing "
                                  f"K={k}, got {tuple(self.group_scale.shape)}")
             for name in ("group_scale", "group_zero"):

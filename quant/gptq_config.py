@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from natix.quant.errors import QuantError
-from natix.quant.schemes import QuantConfig, register_scheme
+from natix.quant.schemes import QuantConfig, finer_group_size, register_scheme
 
 CT_FORMAT = "pack-quantized"
 _ACTORDERS = (None, "group", "weight")
@@ -130,7 +130,7 @@ class GptqConfig(QuantConfig):
         if g == -1 or in_features % g == 0:
             return g
         if self.group_fallback == "finer":
-            return next((f for f in _FINER if f < g and in_features % f == 0), -1)
+            return finer_group_size(in_features, g, _FINER)
         if self.group_fallback == "channel":
             return -1
         fits = [d for d in (256, 128, 64, 32, 16) if in_features % d == 0]

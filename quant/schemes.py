@@ -138,6 +138,12 @@ class QuantConfig:
         """Loader side: structural changes to a freshly built model before the artifact's state
         dict is loaded (e.g. register the buffers :meth:`prepare_block` added)."""
 
+def finer_group_size(in_features: int, group_size: int, sizes: tuple[int, ...]) -> int:
+    """``group_fallback="finer"``: the largest of ``sizes`` below ``group_size`` that divides
+    ``in_features``, or -1 (per channel) when none does."""
+    return next((g for g in sorted(sizes, reverse=True) if g < group_size and in_features % g == 0), -1)
+
+
 def register_scheme(name: str) -> Callable[[C], C]:
     """Class decorator: register a :class:`QuantConfig` subclass under ``name``."""
 

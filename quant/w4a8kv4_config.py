@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from natix.quant.errors import QuantError
-from natix.quant.schemes import QuantConfig, register_scheme
+from natix.quant.schemes import QuantConfig, finer_group_size, register_scheme
 
 # the layer_meta "format" of natix.quant.w8a16's modules (kept here: this module is torch-free)
 EMBEDDING_FORMAT = "int8_embedding"
@@ -150,7 +150,7 @@ class W4A8KV4Config(QuantConfig):
                     f"group_fallback='finer' (a smaller group size that divides it) or 'channel' (per channel "
                     f"for such layers), or group_size=-1, or ignore it")
             if self.group_fallback == "finer":
-                return next((f for f in reversed(GROUP_SIZES) if f < g and in_features % f == 0), -1)
+                return finer_group_size(in_features, g, GROUP_SIZES)
             return -1
         return g
 

@@ -160,8 +160,7 @@ def candidates(m: int, grouped: bool = True) -> list[dict]:
 
 
 def make_gemm_inputs(m, n, k, group, r):
-    """``r`` rotated input sets; ``group``: the progressive group size (True: 128), 0 / False per channel."""
-    group = 128 if group is True else int(group)
+    """``r`` rotated input sets; ``group``: the progressive group size, 0 for per channel."""
     sets = []
     for _ in range(r):
         w = torch.randn(n, k, device=DEV)
@@ -191,7 +190,7 @@ def tune(out: Out, tuned_path: str, shapes, ms, variants, deadline: float = floa
                     out(kind="tune", variant=vname, n=n, k=k, m=m, error="skipped: tuning deadline")
                     continue
                 r = copies(n * k // 2)
-                wsets = make_gemm_inputs(1, n, k, grouped, r)
+                wsets = make_gemm_inputs(1, n, k, 128 if grouped else 0, r)
                 xsets = [quantize_per_token(torch.randn(m, k, device=DEV, dtype=torch.bfloat16)) for _ in range(r)]
                 best, tried = None, []
                 for cfg in candidates(m, grouped):

@@ -28,6 +28,8 @@ BASE = "smollm2-135m"
 NO_HEAD_ROT = ["--set", "rotate_values=false", "--set", "rotate_keys=false"]
 # rows measured before group_fallback="finer" became the default quantized the 576-wide layers per channel
 CH = ["--set", "group_fallback=channel"]
+# every w4a8kv4 row but "actorder" ran before act_order became the default
+AO_OFF = ["--set", "act_order=false"]
 ROWS: dict[str, tuple[str | None, list[str]]] = {
     "bf16": (None, []),
     # the first fp8 row was exported before weight_scale existed: absmax, which the flag now spells out
@@ -39,42 +41,37 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
                                             '"model.layers.11.mlp.down_proj"]']),
     "gptq-g128": ("gptq", ["--group-size", "128", *CH]),
     "gptq-channel": ("gptq", ["--group-size", "-1"]),
-    "w4a8kv4-g128": ("w4a8kv4", ["--group-size", "128", *CH, *NO_HEAD_ROT]),
-    "w4a8kv4-channel": ("w4a8kv4", ["--group-size", "-1", *NO_HEAD_ROT]),
+    "w4a8kv4-g128": ("w4a8kv4", ["--group-size", "128", *CH, *NO_HEAD_ROT, *AO_OFF]),
+    "w4a8kv4-channel": ("w4a8kv4", ["--group-size", "-1", *NO_HEAD_ROT, *AO_OFF]),
     "w4a8kv4-g128 no SmoothAttention": ("w4a8kv4", ["--group-size", "128", "--set", "smooth_attention=false",
-                                                    *CH, *NO_HEAD_ROT]),
-    "w4a8kv4-g128 no rotation": ("w4a8kv4", ["--group-size", "128", "--set", "rotate=false", *CH, *NO_HEAD_ROT]),
-    "w4a8kv4-g128 no GPTQ (RTN)": ("w4a8kv4", ["--group-size", "128", "--set", "gptq=false", *CH, *NO_HEAD_ROT]),
-    "w4a8kv4-g128 KV16": ("w4a8kv4", ["--group-size", "128", "--kv", "none", *CH, *NO_HEAD_ROT]),
+                                                    *CH, *NO_HEAD_ROT, *AO_OFF]),
+    "w4a8kv4-g128 no rotation": ("w4a8kv4", ["--group-size", "128", "--set", "rotate=false", *CH, *NO_HEAD_ROT, *AO_OFF]),
+    "w4a8kv4-g128 no GPTQ (RTN)": ("w4a8kv4", ["--group-size", "128", "--set", "gptq=false", *CH, *NO_HEAD_ROT, *AO_OFF]),
+    "w4a8kv4-g128 KV16": ("w4a8kv4", ["--group-size", "128", "--kv", "none", *CH, *NO_HEAD_ROT, *AO_OFF]),
     # the pre-rotation default again, measured with the current eval (hf engine's unquantized prefill
     # attention, reports/kv4-prefill.md): the paired baseline of the rows below
-    "w4a8kv4-g128 (re-run)": ("w4a8kv4", ["--group-size", "128", *CH, *NO_HEAD_ROT]),
+    "w4a8kv4-g128 (re-run)": ("w4a8kv4", ["--group-size", "128", *CH, *NO_HEAD_ROT, *AO_OFF]),
     # the current default (rotate_values on, rotate_keys off)
     "w4a8kv4-g128 vrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
-                                      "--set", "rotate_keys=false", *CH]),
+                                      "--set", "rotate_keys=false", *CH, *AO_OFF]),
     # with rotate_keys (opt-in) too
     "w4a8kv4-g128 kvrot": ("w4a8kv4", ["--group-size", "128", "--set", "rotate_values=true",
-                                       "--set", "rotate_keys=true", *CH]),
+                                       "--set", "rotate_keys=true", *CH, *AO_OFF]),
     # group_fallback="finer": the 576-wide layers (q/k/v/o/gate/up) in groups of 64, down_proj (1536) g128
     "w4a8kv4-g128 vrot finer": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
-                                            "--set", "rotate_values=true", "--set", "rotate_keys=false"]),
+                                            "--set", "rotate_values=true", "--set", "rotate_keys=false", *AO_OFF]),
     "w4a8kv4-g64 vrot": ("w4a8kv4", ["--group-size", "64", "--set", "rotate_values=true",
-                                     "--set", "rotate_keys=false"]),
+                                     "--set", "rotate_keys=false", *AO_OFF]),
     "w4a8kv4-g128 vrot finer mse": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
                                                 "--set", "rotate_values=true", "--set", "rotate_keys=false",
-                                                "--set", "weight_scale=mse"]),
+                                                "--set", "weight_scale=mse", *AO_OFF]),
     "w4a8kv4-g128 vrot finer actorder": ("w4a8kv4", ["--group-size", "128", "--set", "group_fallback=finer",
                                                      "--set", "rotate_values=true", "--set", "rotate_keys=false",
                                                      "--set", "act_order=true"]),
     "w4a8kv4-g32 vrot": ("w4a8kv4", ["--group-size", "32", "--set", "rotate_values=true",
-                                     "--set", "rotate_keys=false"]),
+                                     "--set", "rotate_keys=false", *AO_OFF]),
     "gptq-g128 finer": ("gptq", ["--group-size", "128", "--set", "group_fallback=finer"]),
 }
-# every w4a8kv4 row above ran before act_order became the default (they say act_order=false; the one
-# that measured it says true)
-for _label, (_scheme, _flags) in ROWS.items():
-    if _scheme == "w4a8kv4" and not any(f.startswith("act_order=") for f in _flags):
-        _flags += ["--set", "act_order=false"]
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
 # (rotate_keys is applied at run time), the source row's artifact is copied and the fields are set in
 # its manifest and config.json, instead of an export that would write the same tensors again
