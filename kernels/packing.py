@@ -202,6 +202,20 @@ def integer_weight(w: W4A8Weight) -> torch.Tensor:
     return q4 - w.zero.to(torch.int32)[:, None]
 
 
+def pack_group_meta(w: W4A8Weight) -> torch.Tensor:
+    """int32 [K // G, N // 2]: the level-1 ``(s1, sz)`` of packed row ``j`` (output rows ``j`` and
+    ``j + N/2``) in one word, ``s1[j] | sz[j] << 8 | s1[j + N/2] << 16 | sz[j + N/2] << 24``, so a
+    GEMM K-block reads its level 1 with one 4-byte load per row instead of four byte loads. A
+    launch-side copy built once per layer (`natix.kernels.w4a8_launch.W4A8Gemm`), not part of the
+    stored format."""
+    if w.group_scale is None or w.group_zero is None:
+        raise ValueError("pack_group_meta needs progressive (grouped) weights")
+    nh = w.n // 2
+    s, z = w.group_scale.to(torch.int32), w.group_zero.to(torch.int32)
+    word = s[:, :nh] | z[:, :nh] << 8 | s[:, nh:] << 16 | z[:, nh:] << 24  # wraps into the sign bit: int32 bits
+    return word.contiguous()
+
+
 def describe(group_size: int) -> str:
     """'g64' for a progressive group size, 'per channel' for 0 or -1."""
     return f"g{group_size}" if group_size > 0 else "per channel"

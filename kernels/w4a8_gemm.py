@@ -130,7 +130,7 @@ def _kernel():
         M, N, K, stride_xm, stride_om,
         GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_OUT: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BNH: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-        GS: tl.constexpr, GROUP_EPI: tl.constexpr,
+        GS: tl.constexpr, GROUP_EPI: tl.constexpr, META: tl.constexpr = False, XSUM_DOT: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -168,12 +168,18 @@ def _kernel():
             # level-1 (s1, sz) are byte loads that the pipeliner does not stage: prefetch them one
             # iteration ahead by hand so the loop never waits on their latency
             # (group index clamped to the last group: always a valid address, no extra mask)
-            g_off = tl.minimum((it0 * BK) // GS, (K - 1) // GS) * N + offs_j
-            g_ok = j_ok
-            s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
-            z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
-            s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
-            z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+            if META:  # (s1, sz) of rows j and j + N/2 in one int32 word: [K/G, N/2] (`pack_group_meta`)
+                meta_n = tl.load(gs_ptr.to(tl.pointer_type(tl.int32)) + tl.minimum((it0 * BK) // GS, (K - 1) // GS) * NH
+                                 + offs_j, mask=j_ok, other=0)
+            else:
+                g_off = tl.minimum((it0 * BK) // GS, (K - 1) // GS) * N + offs_j
+                g_ok = j_ok
+                s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
+                z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
+                s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
+                z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+        if XSUM_DOT:
+            ones = tl.full([BNH, BK], 1, dtype=tl.int8)
         for it in range(it0, it1):
             kb = it * BK
             if EVEN_K:
@@ -185,16 +191,24 @@ def _kernel():
                 wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None] & ((kb + 4 * offs_k4) < K)[None, :], other=0)
             if GROUPED:
                 # this block's level-1 (s1, sz), then the next block's loads (one iteration ahead)
-                s_lo = s_lo_n.to(tl.int32)[:, None]
-                z_lo = z_lo_n.to(tl.int32)[:, None]
-                s_hi = s_hi_n.to(tl.int32)[:, None]
-                z_hi = z_hi_n.to(tl.int32)[:, None]
-                g_off = tl.minimum(((it + 1) * BK) // GS, (K - 1) // GS) * N + offs_j
-                g_ok = j_ok
-                s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
-                z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
-                s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
-                z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
+                if META:
+                    s_lo = (meta_n & 0xFF)[:, None]
+                    z_lo = ((meta_n >> 8) & 0xFF)[:, None]
+                    s_hi = ((meta_n >> 16) & 0xFF)[:, None]
+                    z_hi = ((meta_n >> 24) & 0xFF)[:, None]
+                    meta_n = tl.load(gs_ptr.to(tl.pointer_type(tl.int32)) + tl.minimum(((it + 1) * BK) // GS, (K - 1) // GS)
+                                     * NH + offs_j, mask=j_ok, other=0)
+                else:
+                    s_lo = s_lo_n.to(tl.int32)[:, None]
+                    z_lo = z_lo_n.to(tl.int32)[:, None]
+                    s_hi = s_hi_n.to(tl.int32)[:, None]
+                    z_hi = z_hi_n.to(tl.int32)[:, None]
+                    g_off = tl.minimum(((it + 1) * BK) // GS, (K - 1) // GS) * N + offs_j
+                    g_ok = j_ok
+                    s_lo_n = tl.load(gs_ptr + g_off, mask=g_ok, other=0)
+                    z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
+                    s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
+                    z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
             if GROUP_EPI:
                 # BK == GS: one group per K-block, so level 1 applies to the block's dot instead of to
                 # every weight: sum_k x (q4 s1 - sz) = s1 * (x . q4) - sz * sum_k x. The raw UINT4
@@ -224,7 +238,10 @@ def _kernel():
             hi8 = tl.reshape(tl.join(tl.join(hi.to(tl.int8), (hi >> 16).to(tl.int8)),
                                      tl.join((hi >> 8).to(tl.int8), (hi >> 24).to(tl.int8))), (BNH, BK))
             if GROUP_EPI:
-                xsum_g = tl.sum(xt.to(tl.int32), axis=0)[None, :]  # [1, BM]: this block's sum of codes
+                if XSUM_DOT:  # the block's sum of codes on the tensor cores, already in the accumulator's layout
+                    xsum_g = tl.dot(ones, xt, out_dtype=tl.int32)  # [BNH, BM], every row the same
+                else:
+                    xsum_g = tl.sum(xt.to(tl.int32), axis=0)[None, :]  # [1, BM]: this block's sum of codes
                 acc_lo += s_lo * tl.dot(lo8, xt, out_dtype=tl.int32) - z_lo * xsum_g
                 acc_hi += s_hi * tl.dot(hi8, xt, out_dtype=tl.int32) - z_hi * xsum_g
             else:
@@ -336,6 +353,15 @@ def group_epilogue(cfg: dict, group_size: int) -> bool:
     if env in ("0", "1"):
         return env == "1"
     return bool(cfg.get("GROUP_EPI", cfg["BM"] <= 16))
+
+
+def xsum_on_tensor_cores() -> bool:
+    """Whether level 1 after the dot (`group_epilogue`) takes each K-block's sum of activation codes
+    from a dot with a tile of ones (``XSUM_DOT``: one more MMA, its result already in the
+    accumulator's layout) instead of a reduction across the tile's threads, whose result then goes
+    through shared memory to the accumulator's layout every block. ``NATIX_W4A8_XSUM_DOT=0`` turns
+    it off (for A/B timing)."""
+    return os.environ.get("NATIX_W4A8_XSUM_DOT", "1") != "0"
 
 
 def fit_block_k(bk: int, group_size: int) -> int:

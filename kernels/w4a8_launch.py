@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
-from .packing import GROUP_SIZE, W4A8Weight, integer_weight
-from .w4a8_gemm import M_BUCKETS, _counters, _kernel, fit_block_k, get_config, group_epilogue, int_matmul_exact
+from .packing import GROUP_SIZE, W4A8Weight, integer_weight, pack_group_meta
+from .w4a8_gemm import (M_BUCKETS, _counters, _kernel, fit_block_k, get_config, group_epilogue, int_matmul_exact,
+                        xsum_on_tensor_cores)
 
 
 class W4A8Gemm:
@@ -29,7 +30,9 @@ class W4A8Gemm:
 
     def __init__(self, weight: W4A8Weight, bias: Optional[torch.Tensor] = None,
                  out_dtype: torch.dtype = torch.bfloat16, gemv: bool = True,
-                 use_triton: Optional[bool] = None) -> None:
+                 use_triton: Optional[bool] = None, config: Optional[dict] = None) -> None:
+        """``config``: one GEMM configuration for every M instead of the tuned table's (the tuner and
+        benchmarks time candidates through the path the engine runs); ``gemv=False``: the GEMM at M = 1 too."""
         weight.validate()
         if weight.k % 4:
             raise ValueError(f"K={weight.k}: the kernel reads weight rows as int32 words (K % 4 == 0)")
@@ -43,6 +46,7 @@ class W4A8Gemm:
         # None: the kernel on CUDA and under the interpreter; an engine that runs references on CPU says False
         self.triton = (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") if use_triton is None else use_triton
         self._configs: dict[int, dict] = {}
+        self._forced = config
         self._wi: Optional[torch.Tensor] = None
         from .w4a8_gemv import can_implement_gemv, gemv_config
 
@@ -53,27 +57,33 @@ class W4A8Gemm:
         self.gemv = self._gemv_cfg is not None
         w = weight
         dummy = w.scale
+        #: progressive weights: the GEMM reads level 1 as one packed word per row (`pack_group_meta`)
+        self.meta = self.grouped and self.triton and os.environ.get("NATIX_W4A8_META", "1") != "0"
         # argument tuple of the kernel after (x_q, x_scale, x_sum): weight tensors and bias
         self._wargs = (w.qweight, w.scale, w.group_scale if self.grouped else dummy,
                        w.group_zero if self.grouped else dummy, dummy if self.grouped else w.zero,
                        bias if bias is not None else dummy)
+        self._gemm_wargs = self._wargs
+        if self.meta:
+            self._gemm_wargs = (w.qweight, w.scale, pack_group_meta(w), dummy, dummy, self._wargs[5])
 
     def _config(self, m: int) -> dict:
         bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
         cfg = self._configs.get(bucket)
         if cfg is None:
-            cfg = get_config(bucket, self.n, self.k, self.grouped, self.weight.qweight.device)
+            cfg = dict(self._forced) if self._forced else get_config(bucket, self.n, self.k, self.grouped,
+                                                                     self.weight.qweight.device)
             cfg["BK"] = fit_block_k(cfg["BK"], self.group_size)
             cfg = dict(cfg, EVEN_K=self.k % cfg["BK"] == 0, GROUP_M=cfg.get("GROUP_M", 8),
                        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
             from .launch import Launcher
 
+            epi = group_epilogue(cfg, self.group_size)
             cfg["launch"] = Launcher(
                 _kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
                 EVEN_K=cfg["EVEN_K"], BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
-                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE,
-                GROUP_EPI=group_epilogue(cfg, self.group_size), num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE, GROUP_EPI=epi, META=self.meta,
+                XSUM_DOT=epi and xsum_on_tensor_cores(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             self._configs[bucket] = cfg
         return cfg
 
@@ -90,7 +100,7 @@ class W4A8Gemm:
         bm, bnh, split = cfg["BM"], cfg["BNH"], cfg["SPLIT_K"]
         tiles = -(-m // bm) * -(-(self.n // 2) // bnh)
         part = torch.empty((split, m, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
-        qw, ws, gs, gz, wz, b = self._wargs
+        qw, ws, gs, gz, wz, b = self._gemm_wargs
         cfg["launch"]((tiles, split), x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b, out,
                       part, _counters(x_q.device, tiles), m, self.n, self.k, x_q.stride(0), out.stride(0))
         return out

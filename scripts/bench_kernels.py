@@ -30,6 +30,7 @@ from natix.kernels.fp8_linear import quantize_fp8_per_token, quantize_fp8_weight
 from natix.kernels.kv4_cache import KV4Cache, kv4_write
 from natix.kernels.kv4_decode_attention import kv4_decode_attention_reference, kv4_decode_attention_triton
 from natix.kernels.rmsnorm_quant import quantize_per_token, rmsnorm_quant_reference, rmsnorm_quant_triton
+from natix.kernels.w4a8_launch import W4A8Gemm
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 16, 64, 256, 1024, 4096]
@@ -194,9 +195,9 @@ def tune(out: Out, tuned_path: str, shapes, ms, variants, deadline: float = floa
                 xsets = [quantize_per_token(torch.randn(m, k, device=DEV, dtype=torch.bfloat16)) for _ in range(r)]
                 best, tried = None, []
                 for cfg in candidates(m, grouped):
-                    try:
-                        fns = [lambda q=q, s=s: g.w4a8_gemm_triton(q[0], q[1], q[2], s[4], None, torch.bfloat16, cfg)
-                               for q, s in zip(xsets, wsets)]
+                    try:  # through the prepared GEMM the engine runs (packed level 1, block sums on tensor cores)
+                        gemms = [W4A8Gemm(s[4], gemv=False, config=cfg) for s in wsets]
+                        fns = [lambda q=q, f=f: f(q[0], q[1], q[2]) for q, f in zip(xsets, gemms)]
                         us = bench_graph(fns, rep=20, warmup=5)
                     except Exception as e:  # noqa: BLE001
                         print("cfg failed", cfg, repr(e)[:200], flush=True)
@@ -227,17 +228,21 @@ def bench_gemm(out: Out, shapes, ms, groups=(128, 0)) -> None:
                 vname = f"w4a8_g{group}" if grouped else "w4a8_channel"
                 sets = make_gemm_inputs(m, n, k, group, r)
                 x, xq, xs, xsum, pw = sets[0]
-                y = g.w4a8_gemm_triton(xq, xs, xsum, pw, None, torch.bfloat16)
-                yi = g.w4a8_gemm_triton(xq, xs, xsum, pw, None, torch.int32)
+                # the prepared GEMM the engine runs (and its GEMV at M = 1 where the table has one)
+                gemms = [W4A8Gemm(s[4]) for s in sets]
+                y = gemms[0](xq, xs, xsum)
+                yi = W4A8Gemm(pw, out_dtype=torch.int32)(xq, xs, xsum)
                 ref = (xq.float() * xs[:, None]) @ packing.dequantize(pw).t()
                 exact = bool(torch.equal(yi, (xq.double() @ packing.integer_weight(pw).double().t()).to(torch.int32))) if m * n * k <= 2**36 else None
                 err = rel(y, ref)
-                cfg = g.get_config(m, n, k, grouped, DEV)
-                fns = [lambda s=s: g.w4a8_gemm_triton(s[1], s[2], s[3], s[4], None, torch.bfloat16) for s in sets]
-                out(**rec, impl=vname, us=bench_graph(fns), rel_err=err, int_exact=exact, config=cfg)
-                fns = [lambda s=s: (lambda q: g.w4a8_gemm_triton(q[0], q[1], q[2], s[4], None, torch.bfloat16))(quantize_per_token(s[0])) for s in sets]
+                gemv = m == 1 and gemms[0].gemv
+                cfg = gemms[0]._gemv_cfg if gemv else {k_: v for k_, v in gemms[0]._config(m).items() if k_ != "launch"}
+                fns = [lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]
+                out(**rec, impl=vname, us=bench_graph(fns), rel_err=err, int_exact=exact, path="gemv" if gemv else "gemm",
+                    config={k_: v for k_, v in cfg.items() if k_ not in ("launch", "blocks")})
+                fns = [lambda s=s, f=f: (lambda q: f(q[0], q[1], q[2]))(quantize_per_token(s[0])) for s, f in zip(sets, gemms)]
                 out(**rec, impl=vname + "+quant", us=bench_graph(fns))
-                del sets, x, xq, xs, xsum, pw, y, yi, ref, fns
+                del sets, x, xq, xs, xsum, pw, y, yi, ref, fns, gemms
                 torch.cuda.empty_cache()
             # --- baselines
             rb = copies(wb + m * k * 2)
@@ -262,6 +267,37 @@ def bench_gemm(out: Out, shapes, ms, groups=(128, 0)) -> None:
             except Exception as e:  # noqa: BLE001
                 out(**rec, impl="int8 _int_mm", error=repr(e)[:300])
             del ws, xs_, wi, xi
+            torch.cuda.empty_cache()
+
+
+LEVEL1_FLAGS = {"bytes+reduce": ("0", "0"), "packed+reduce": ("1", "0"), "bytes+dot": ("0", "1"), "packed+dot": ("1", "1")}
+
+
+def bench_level1(out: Out, shapes, ms=(1, 16, 64), group: int = 128) -> None:
+    """A/B of how the prepared GEMM reads progressive level 1 (`NATIX_W4A8_META`: four byte loads per
+    row and K-block, or one packed word) and, after the dot (M <= 16), takes each block's sum of
+    activation codes (`NATIX_W4A8_XSUM_DOT`: a reduction across threads, or a dot with ones); the tuned
+    configs, the GEMM at M = 1 too, per channel beside. Same inputs for every variant."""
+    for n, k in shapes:
+        r = copies(n * k // 2)
+        for m in ms:
+            sets = make_gemm_inputs(m, n, k, group, r)
+            csets = make_gemm_inputs(m, n, k, 0, r)
+            ref = W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(sets[0][1], sets[0][2], sets[0][3])
+            for name, (meta, dot) in LEVEL1_FLAGS.items():
+                os.environ["NATIX_W4A8_META"], os.environ["NATIX_W4A8_XSUM_DOT"] = meta, dot
+                gemms = [W4A8Gemm(s[4], gemv=False) for s in sets]
+                exact = bool(torch.equal(W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(
+                    sets[0][1], sets[0][2], sets[0][3]), ref))
+                cfg = {k_: v for k_, v in gemms[0]._config(m).items() if k_ != "launch"}
+                out(kind="level1", n=n, k=k, m=m, group=group, impl=name, exact_vs_first=exact, config=cfg,
+                    us=bench_graph([lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]))
+            for v in ("NATIX_W4A8_META", "NATIX_W4A8_XSUM_DOT"):
+                os.environ.pop(v, None)
+            gemms = [W4A8Gemm(s[4], gemv=False) for s in csets]
+            out(kind="level1", n=n, k=k, m=m, group=0, impl="per channel",
+                us=bench_graph([lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(csets, gemms)]))
+            del sets, csets, gemms
             torch.cuda.empty_cache()
 
 
@@ -514,7 +550,7 @@ def bench_rope_write(out: Out, cases=ROPE_CASES, page: int = 64) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.jsonl")
-    ap.add_argument("--sections", default="gemm,norm,kv4,rope,gemlite")
+    ap.add_argument("--sections", default="gemm,norm,kv4,rope,gemlite", help="also: level1 (A/B of the level-1 reads)")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--ms", default="", help="M values of the gemm section (default: all)")
     ap.add_argument("--groups", default="128,0", help="gemm section: progressive group sizes to time, 0 = per channel")
@@ -553,6 +589,9 @@ def main() -> None:
     if "rope" in secs:
         bench_rope_write(out)
         print(f"[rope done {time.time() - t0:.0f}s]", flush=True)
+    if "level1" in secs:
+        bench_level1(out, shapes)
+        print(f"[level1 done {time.time() - t0:.0f}s]", flush=True)
     if "gemm" in secs:
         bench_gemm(out, shapes, ms, tuple(int(x) for x in a.groups.split(",")))
         print(f"[gemm done {time.time() - t0:.0f}s]", flush=True)

@@ -120,17 +120,11 @@ def test_gpu_llama_shape_default_configs(m, group):
     assert torch.equal(out, w4a8_gemm_int_reference(xq, w))
 
 
-def test_g128_full_uint8_level1_range_exact():
+def test_g128_full_uint8_level1_range_exact(full_range_progressive):
     """Level-1 scales up to 255 (q4 * s1 up to 3825 > one byte): the kernel's two-codes-per-16-bit-lane
     multiply-subtract must still give q4 * s1 - sz exactly for every format-valid input."""
     n, k, m = 64, 256, 5
-    s1 = torch.randint(1, 256, (n, k // 128), dtype=torch.int32)
-    sz = torch.minimum(torch.randint(0, 256, (n, k // 128), dtype=torch.int32), 15 * s1 + 127)
-    lo = torch.clamp(torch.div(sz - 128 + s1 - 1, s1, rounding_mode="floor"), min=0)  # ceil((sz-128)/s1)
-    hi = torch.clamp(torch.div(sz + 127, s1, rounding_mode="floor"), max=15)
-    lo_e, hi_e = lo.repeat_interleave(128, 1), hi.repeat_interleave(128, 1)
-    q4 = lo_e + (torch.rand(n, k) * (hi_e - lo_e + 1).float()).long().clamp(max=(hi_e - lo_e))
-    w = packing.pack_progressive(q4.to(torch.uint8), s1.to(torch.uint8), sz.to(torch.uint8), torch.rand(n) + 0.1).to(DEVICE)
+    w = full_range_progressive(n, k, 128).to(DEVICE)
     assert int(w.group_scale.max()) > 16  # the case byte-wide products would get wrong
     xq, xs, xsum = quantize_per_token(torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16))
     out = w4a8_gemm_triton(xq, xs, xsum, w, None, torch.int32, dict(BM=16, BNH=16, BK=64, SPLIT_K=2))
@@ -139,18 +133,12 @@ def test_g128_full_uint8_level1_range_exact():
 
 @pytest.mark.parametrize("group", [128, 64], ids=["g128", "g64"])
 @pytest.mark.parametrize("epi", ["0", "1"], ids=["dequant-then-dot", "dot-then-level1"])
-def test_both_level1_paths_exact(group, epi, monkeypatch):
+def test_both_level1_paths_exact(group, epi, monkeypatch, full_range_progressive):
     """Level 1 before the dot (per weight) and after it (per K-block: s1 * (x . q4) - sz * sum x) give
     the same exact accumulator, with split-K and a partial last M tile; the full uint8 s1 range."""
     monkeypatch.setenv("NATIX_W4A8_GROUP_EPI", epi)
     n, k, m = 64, 384, 19
-    s1 = torch.randint(1, 256, (n, k // group), dtype=torch.int32)
-    sz = torch.minimum(torch.randint(0, 256, (n, k // group), dtype=torch.int32), 15 * s1 + 127)
-    lo = torch.clamp(torch.div(sz - 128 + s1 - 1, s1, rounding_mode="floor"), min=0)
-    hi = torch.clamp(torch.div(sz + 127, s1, rounding_mode="floor"), max=15)
-    lo_e, hi_e = lo.repeat_interleave(group, 1), hi.repeat_interleave(group, 1)
-    q4 = lo_e + (torch.rand(n, k) * (hi_e - lo_e + 1).float()).long().clamp(max=(hi_e - lo_e))
-    w = packing.pack_progressive(q4.to(torch.uint8), s1.to(torch.uint8), sz.to(torch.uint8), torch.rand(n) + 0.1).to(DEVICE)
+    w = full_range_progressive(n, k, group).to(DEVICE)
     xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEVICE)  # full-range codes: the largest terms
     xs = torch.rand(m, device=DEVICE) + 0.1
     out = w4a8_gemm_triton(xq, xs, None, w, None, torch.int32, dict(BM=16, BNH=16, BK=group, SPLIT_K=2))
