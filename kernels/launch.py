@@ -63,6 +63,22 @@ class Launcher:
         stream = torch._C._cuda_getCurrentRawStream(self._device)
         run(g[0], g[1], g[2], stream, function, meta, None, None, None, *args, *extra)
 
+    def keyed(self, key_args: tuple, grid: tuple, *args: Any) -> None:
+        """As ``__call__`` with the specialization key computed over ``key_args`` only: for a caller
+        whose other arguments keep their properties (element types, 16-byte alignment, the class of
+        each integer) for the life of this launcher, e.g. a layer's weights. ``grid`` has three entries."""
+        if not self.direct:
+            self.fn[grid](*args, **self.kwargs)
+            return
+        key = _key(key_args)
+        hit = self._compiled.get(key)
+        if hit is None:
+            self._learn(key, grid, args)
+            return
+        run, function, meta, extra = hit
+        run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(self._device), function, meta, None, None,
+            None, *args, *extra)
+
     def _learn(self, key: tuple, grid: tuple, args: tuple) -> None:
         """Compile without launching (``warmup``), then launch once through the JIT while recording
         what it hands the C launcher, to learn the argument layout. Exactly one launch: kernels that

@@ -5,7 +5,7 @@ weight record, validates every tensor, looks the config up and then launches, on
 engine calls the same layer thousands of times with the same weight, so :class:`W4A8Gemm` does all
 of that at construction (validation, constexpr flags, dummy pointers) and keeps the tuned config of
 each M bucket after its first use, with a `natix.kernels.launch.Launcher` that calls the compiled
-kernel's launcher directly; ``__call__`` allocates the output (and split-K partials) and launches. Off CUDA (and outside the Triton interpreter) it computes the exact reference instead,
+kernel's launcher directly; ``__call__`` allocates the output and launches (split-K partials live in a workspace shared by every GEMM of the device). Off CUDA (and outside the Triton interpreter) it computes the exact reference instead,
 with the integer weight unpacked once (as float32: the CPU path is for small models).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .packing import GROUP_SIZE, W4A8Weight, integer_weight, pack_group_meta
-from .w4a8_gemm import (M_BUCKETS, _counters, _kernel, fit_block_k, get_config, group_epilogue, int_matmul_exact,
+from .w4a8_gemm import (M_BUCKETS, _counters, _kernel, _workspace, fit_block_k, get_config, group_epilogue, int_matmul_exact,
                         xsum_on_tensor_cores)
 
 
@@ -46,6 +46,7 @@ class W4A8Gemm:
         # None: the kernel on CUDA and under the interpreter; an engine that runs references on CPU says False
         self.triton = (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") if use_triton is None else use_triton
         self._configs: dict[int, dict] = {}
+        self._plans: dict[int, tuple] = {}
         self._forced = config
         self._wi: Optional[torch.Tensor] = None
         from .w4a8_gemv import can_implement_gemv, gemv_config
@@ -57,15 +58,16 @@ class W4A8Gemm:
         self.gemv = self._gemv_cfg is not None
         w = weight
         dummy = w.scale
-        #: progressive weights: the GEMM reads level 1 as one packed word per row (`pack_group_meta`)
-        self.meta = self.grouped and self.triton and os.environ.get("NATIX_W4A8_META", "1") != "0"
         # argument tuple of the kernel after (x_q, x_scale, x_sum): weight tensors and bias
         self._wargs = (w.qweight, w.scale, w.group_scale if self.grouped else dummy,
                        w.group_zero if self.grouped else dummy, dummy if self.grouped else w.zero,
                        bias if bias is not None else dummy)
-        self._gemm_wargs = self._wargs
-        if self.meta:
-            self._gemm_wargs = (w.qweight, w.scale, pack_group_meta(w), dummy, dummy, self._wargs[5])
+        #: with level 1 after the dot, the GEMM reads (s1, sz) as one packed word per row
+        #: (`pack_group_meta`; 1/64 of the packed weight's bytes at g128, built here, not inside a graph
+        #: capture): 10-20% faster at M <= 16 on the H200 (run h200-s20a); before the dot it measured
+        #: -6%..+6%, so that path keeps the byte loads
+        self.meta = self.grouped and self.triton and os.environ.get("NATIX_W4A8_META", "1") != "0"
+        self._meta_wargs = (w.qweight, w.scale, pack_group_meta(w), dummy, dummy, self._wargs[5]) if self.meta else None
 
     def _config(self, m: int) -> dict:
         bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
@@ -79,13 +81,40 @@ class W4A8Gemm:
             from .launch import Launcher
 
             epi = group_epilogue(cfg, self.group_size)
+            meta = epi and self.meta
+            cfg["wargs"] = self._meta_wargs if meta else self._wargs
             cfg["launch"] = Launcher(
                 _kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
                 EVEN_K=cfg["EVEN_K"], BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
-                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE, GROUP_EPI=epi, META=self.meta,
+                GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE, GROUP_EPI=epi, META=meta,
                 XSUM_DOT=epi and xsum_on_tensor_cores(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             self._configs[bucket] = cfg
         return cfg
+
+    def _plan(self, m: int, device: torch.device) -> tuple:
+        """Everything a call with ``m`` rows launches with except its activations and output: the
+        launcher, grid, split-K partials size, weight arguments and ticket counters (kept per M, so a
+        call is a dictionary lookup; the counters are held here, alive for every graph that captured them)."""
+        if m == 1 and self.gemv:
+            cfg = self._gemv_cfg
+            assert cfg is not None
+            from .launch import Launcher
+            from .w4a8_gemv import _kernel as gemv_kernel
+
+            blocks = -(-(self.n // 2) // cfg["BNH"])
+            launch = Launcher(gemv_kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None,
+                              RAW_OUT=self.out_dtype == torch.int32, BNH=cfg["BNH"], BK=cfg["BK"],
+                              SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            plan = (launch, (blocks, cfg["SPLIT_K"], 1), cfg["SPLIT_K"] * self.n if cfg["SPLIT_K"] > 1 else 0,
+                    self._wargs, _counters(device, blocks), True)
+        else:
+            cfg = self._config(m)
+            split = cfg["SPLIT_K"]
+            tiles = -(-m // cfg["BM"]) * -(-(self.n // 2) // cfg["BNH"])
+            plan = (cfg["launch"], (tiles, split, 1), split * m * self.n if split > 1 else 0, cfg["wargs"],
+                    _counters(device, tiles), False)
+        self._plans[m] = plan
+        return plan
 
     def __call__(self, x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = x_q.shape[0]
@@ -94,34 +123,19 @@ class W4A8Gemm:
         out = torch.empty((m, self.n), dtype=self.out_dtype, device=x_q.device)
         if m == 0:
             return out
-        if m == 1 and self.gemv:
-            return self._gemv(x_q, x_scale, x_sum, out)
-        cfg = self._config(m)
-        bm, bnh, split = cfg["BM"], cfg["BNH"], cfg["SPLIT_K"]
-        tiles = -(-m // bm) * -(-(self.n // 2) // bnh)
-        part = torch.empty((split, m, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
-        qw, ws, gs, gz, wz, b = self._gemm_wargs
-        cfg["launch"]((tiles, split), x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b, out,
-                      part, _counters(x_q.device, tiles), m, self.n, self.k, x_q.stride(0), out.stride(0))
-        return out
-
-    def _gemv(self, x_q: torch.Tensor, x_scale: torch.Tensor, x_sum: Optional[torch.Tensor],
-              out: torch.Tensor) -> torch.Tensor:
-        cfg = self._gemv_cfg
-        assert cfg is not None
-        if "launch" not in cfg:
-            from .launch import Launcher
-            from .w4a8_gemv import _kernel as gemv_kernel
-
-            cfg["blocks"] = -(-(self.n // 2) // cfg["BNH"])
-            cfg["launch"] = Launcher(gemv_kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None,
-                                     RAW_OUT=self.out_dtype == torch.int32, BNH=cfg["BNH"], BK=cfg["BK"],
-                                     SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        split = cfg["SPLIT_K"]
-        part = torch.empty((split, self.n), dtype=torch.int32, device=x_q.device) if split > 1 else out
-        qw, ws, gs, gz, wz, b = self._wargs
-        cfg["launch"]((cfg["blocks"], split), x_q, x_scale, x_sum if x_sum is not None else ws, qw, ws, gs, gz, wz, b,
-                      out, part, _counters(x_q.device, cfg["blocks"]), self.n, self.k)
+        plan = self._plans.get(m) or self._plan(m, x_q.device)
+        launch, grid, part_n, (qw, ws, gs, gz, wz, b), cnt, gemv = plan
+        part = _workspace(x_q.device, part_n) if part_n else out
+        xsum = x_sum if x_sum is not None else ws
+        # the specialization key over what varies between calls: the weights, partials, counters and
+        # N, K are this layer's for good, and a fresh output is always 16-byte aligned with row stride N
+        if gemv:
+            launch.keyed((x_q, x_scale, xsum), grid, x_q, x_scale, xsum, qw, ws, gs, gz, wz, b, out, part, cnt,
+                         self.n, self.k)
+        else:
+            sx = x_q.stride(0)
+            launch.keyed((x_q, x_scale, xsum, m, sx), grid, x_q, x_scale, xsum, qw, ws, gs, gz, wz, b, out, part, cnt,
+                         m, self.n, self.k, sx, self.n)
         return out
 
     def reference(self, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,7 @@ def section_host(out: Out) -> None:
     from natix.kernels.fused_norm import add_rmsnorm_triton
     from natix.kernels.kv4_cache import KV4Cache, kv4_write, kv4_write_triton
     from natix.kernels.kv4_decode_attention import kv4_decode_attention, kv4_decode_attention_triton
-    from natix.kernels.packing import quantize_channel
+    from natix.kernels.packing import quantize_channel, quantize_progressive
     from natix.kernels.rmsnorm_quant import quantize_per_token, rmsnorm_quant, rmsnorm_quant_triton
     from natix.kernels.rope import cos_sin_table, rope_triton
     from natix.kernels.w4a8_gemm import w4a8_gemm
@@ -143,6 +143,8 @@ def section_host(out: Out) -> None:
     h = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
     lin = W4A8Linear.from_packed(w).to(DEV)
     gemm = W4A8Gemm(w)
+    wg = quantize_progressive(torch.randn(4096, 4096, device=DEV) * 0.02)
+    gemm_g = W4A8Gemm(wg)
     wb = torch.randn(4096, 4096, device=DEV, dtype=torch.bfloat16)
     gu = torch.randn(1, 2 * 14336, device=DEV, dtype=torch.bfloat16)
     qkv = torch.randn(1, 6144, device=DEV, dtype=torch.bfloat16)
@@ -159,6 +161,7 @@ def section_host(out: Out) -> None:
         "W4A8Linear module (hf engine path: quant op + gemm op)": lambda: lin(x),
         "natix::w4a8_gemm op": lambda: w4a8_gemm(xq, xs, w, xsum),
         "W4A8Gemm prepared launcher": lambda: gemm(xq, xs, xsum),
+        "W4A8Gemm prepared launcher, g128": lambda: gemm_g(xq, xs),
         "natix::rmsnorm_quant op": lambda: rmsnorm_quant(h, norm_w),
         "rmsnorm_quant_triton direct": lambda: rmsnorm_quant_triton(h, None, 0.0),
         "add_rmsnorm_triton quant (engine)": lambda: add_rmsnorm_triton(h, x, norm_w, 1e-5, True, check=False),

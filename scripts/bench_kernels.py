@@ -160,6 +160,11 @@ def candidates(m: int, grouped: bool = True) -> list[dict]:
     return c
 
 
+def plain(cfg: dict) -> dict:
+    """A prepared GEMM's config without its launcher and argument tensors (for the JSONL)."""
+    return {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
+
+
 def make_gemm_inputs(m, n, k, group, r):
     """``r`` rotated input sets; ``group``: the progressive group size, 0 for per channel."""
     sets = []
@@ -236,10 +241,10 @@ def bench_gemm(out: Out, shapes, ms, groups=(128, 0)) -> None:
                 exact = bool(torch.equal(yi, (xq.double() @ packing.integer_weight(pw).double().t()).to(torch.int32))) if m * n * k <= 2**36 else None
                 err = rel(y, ref)
                 gemv = m == 1 and gemms[0].gemv
-                cfg = gemms[0]._gemv_cfg if gemv else {k_: v for k_, v in gemms[0]._config(m).items() if k_ != "launch"}
+                cfg = gemms[0]._gemv_cfg if gemv else gemms[0]._config(m)
                 fns = [lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]
                 out(**rec, impl=vname, us=bench_graph(fns), rel_err=err, int_exact=exact, path="gemv" if gemv else "gemm",
-                    config={k_: v for k_, v in cfg.items() if k_ not in ("launch", "blocks")})
+                    config=plain(cfg))
                 fns = [lambda s=s, f=f: (lambda q: f(q[0], q[1], q[2]))(quantize_per_token(s[0])) for s, f in zip(sets, gemms)]
                 out(**rec, impl=vname + "+quant", us=bench_graph(fns))
                 del sets, x, xq, xs, xsum, pw, y, yi, ref, fns, gemms
@@ -289,8 +294,7 @@ def bench_level1(out: Out, shapes, ms=(1, 16, 64), group: int = 128) -> None:
                 gemms = [W4A8Gemm(s[4], gemv=False) for s in sets]
                 exact = bool(torch.equal(W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(
                     sets[0][1], sets[0][2], sets[0][3]), ref))
-                cfg = {k_: v for k_, v in gemms[0]._config(m).items() if k_ != "launch"}
-                out(kind="level1", n=n, k=k, m=m, group=group, impl=name, exact_vs_first=exact, config=cfg,
+                out(kind="level1", n=n, k=k, m=m, group=group, impl=name, exact_vs_first=exact, config=plain(gemms[0]._config(m)),
                     us=bench_graph([lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]))
             for v in ("NATIX_W4A8_META", "NATIX_W4A8_XSUM_DOT"):
                 os.environ.pop(v, None)

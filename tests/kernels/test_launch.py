@@ -25,6 +25,11 @@ def test_direct_launch_matches_reference_across_shapes():
     for m in (1, 17, 1, 33, 17):
         xq, xs, xsum = quantize_per_token(torch.randn(m, 128, device=DEVICE))
         assert torch.allclose(g(xq, xs, xsum), w4a8_gemm_reference(xq, xs, w, None, torch.float32), rtol=1e-5, atol=1e-4)
+    big = torch.randint(-127, 128, (17, 136), dtype=torch.int8, device=DEVICE)
+    xq = big[:, 4:132]  # 4 bytes off 16-byte alignment, row stride 136: another specialization
+    xs = torch.rand(17, device=DEVICE) + 0.1
+    xsum = xq.sum(1, dtype=torch.int32)
+    assert torch.allclose(g(xq, xs, xsum), w4a8_gemm_reference(xq, xs, w, None, torch.float32), rtol=1e-5, atol=1e-4)
     launchers = [c["launch"] for c in g._configs.values()]
     assert launchers and all(isinstance(x, Launcher) for x in launchers)
     if DEVICE == "cuda":  # one compiled entry per specialization seen, and the direct path in use

@@ -31,13 +31,14 @@ def test_prepared_equals_reference(group, m):
 def test_prepared_level1_variants_exact(group, epi, flags, monkeypatch, full_range_progressive):
     """The prepared GEMM's level-1 reads (packed (s1, sz) words or four byte loads) and its block sums
     of codes (a dot with ones or a reduction) give the exact accumulator for the full uint8 level-1
-    range (the packed word's top byte sets the int32 sign bit), at M = 1 and with a partial M tile."""
+    range (the packed word's top byte sets the int32 sign bit), at M = 1 and with a partial M tile.
+    Packed words are read with level 1 after the dot only (at M = 19 the default tile is 64 rows,
+    where that path is off unless NATIX_W4A8_GROUP_EPI=1 forces it)."""
     monkeypatch.setenv("NATIX_W4A8_GROUP_EPI", epi)
     monkeypatch.setenv("NATIX_W4A8_META", "1" if "meta" in flags else "0")
     monkeypatch.setenv("NATIX_W4A8_XSUM_DOT", "1" if "xsum_dot" in flags else "0")
     w = full_range_progressive(64, 256, group).to(DEVICE)
     g = W4A8Gemm(w, None, out_dtype=torch.int32, gemv=False)
-    assert g.meta == ("meta" in flags)
     for m in (1, 19):
         xq = torch.randint(-127, 128, (m, 256), dtype=torch.int8, device=DEVICE)
         xs = torch.rand(m, device=DEVICE) + 0.1
