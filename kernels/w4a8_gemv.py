@@ -128,9 +128,11 @@ def gemv_config(n: int, k: int, group_size: int, device: torch.device) -> Option
     """The tuned entry for (device, variant, N, K) in configs/w4a8_gemv.json, or None; the variant
     is ``g<G>`` for progressive weights in groups of ``group_size`` G (0: ``channel``). The table
     only holds shapes where the GEMV measured faster than the tensor-core GEMM at M = 1
-    (scripts/tune_gemv.py; on the H200: per channel never, the GEMM's int8 MMAs won by 9-31%; g128 on
-    28672 x 4096 only, 2.6%, since the GEMM applies level 1 after the dot at M <= 16 (run h200-s19f:
-    before that the GEMV won on three of the four Llama-3-8B shapes)), so elsewhere the GEMM runs."""
+    (scripts/tune_gemv.py), so elsewhere the GEMM runs. On the H200 it holds nothing today: per
+    channel the GEMM's int8 MMAs always won (by 9-31%), and for g128 the GEMV's last win (28672 x 4096,
+    run h200-s19f) went when the GEMM got packed level-1 words and block sums on the tensor cores
+    (run h200-s20b: GEMV 35.0 µs vs GEMM 27.7 µs there, 0.70-0.92x on the four Llama-3-8B shapes).
+    The kernel stays for cards whose tuning run finds a win."""
     import json
     from pathlib import Path
 
