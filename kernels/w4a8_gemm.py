@@ -296,21 +296,6 @@ def _kernel():
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-_WORKSPACES: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, n: int) -> torch.Tensor:
-    """int32 [>= n] scratch for split-K partials, shared by every GEMM on ``device``: a GEMM writes and
-    reads its partials within its own launch, and launches on one stream run in order, so no two use
-    it at once (the ticket counters rest on the same). It grows by doubling and an outgrown buffer is
-    kept, never freed: a CUDA graph that captured it still points at it."""
-    ws = _WORKSPACES.get(device)
-    if ws and ws[-1].numel() >= n:
-        return ws[-1]
-    size = max(n, 2 * ws[-1].numel() if ws else 1 << 20)
-    buf = torch.empty(size, dtype=torch.int32, device=device)
-    _WORKSPACES.setdefault(device, []).append(buf)
-    return buf
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
