@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 from .packing import GROUP_SIZE, W4A8Weight, integer_weight, pack_group_meta
-from .w4a8_gemm import (M_BUCKETS, _counters, _kernel, fit_block_k, get_config, group_epilogue, int_matmul_exact,
-                        xsum_on_tensor_cores)
+from .w4a8_gemm import (M_BUCKETS, _counters, _kernel, byte_unpack, fit_block_k, get_config, group_epilogue,
+                        int_matmul_exact, xsum_on_tensor_cores)
 
 
 _PLANNED_M = 256
@@ -90,7 +90,8 @@ class W4A8Gemm:
                 _kernel(), GROUPED=self.grouped, HAS_BIAS=self.bias is not None, RAW_OUT=self.out_dtype == torch.int32,
                 EVEN_K=cfg["EVEN_K"], BM=cfg["BM"], BNH=cfg["BNH"], BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"],
                 GROUP_M=cfg["GROUP_M"], GS=self.group_size or GROUP_SIZE, GROUP_EPI=epi, META=meta,
-                XSUM_DOT=epi and xsum_on_tensor_cores(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                XSUM_DOT=epi and xsum_on_tensor_cores(), BYTES=byte_unpack(self.grouped, epi),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             self._configs[bucket] = cfg
         return cfg
 

@@ -275,34 +275,37 @@ def bench_gemm(out: Out, shapes, ms, groups=(128, 0)) -> None:
             torch.cuda.empty_cache()
 
 
-LEVEL1_FLAGS = {"bytes+reduce": ("0", "0"), "packed+reduce": ("1", "0"), "bytes+dot": ("0", "1"), "packed+dot": ("1", "1")}
+LEVEL1_FLAGS = {  # name: (NATIX_W4A8_META, NATIX_W4A8_XSUM_DOT, NATIX_W4A8_BYTES)
+    "words, bytes+reduce": ("0", "0", "0"), "words, packed+dot": ("1", "1", "0"), "bytes, packed+dot": ("1", "1", "1")}
+CHANNEL_FLAGS = {"words": "0", "bytes": "1"}
 
 
-def bench_level1(out: Out, shapes, ms=(1, 16, 64), group: int = 128) -> None:
-    """A/B of how the prepared GEMM reads progressive level 1 (`NATIX_W4A8_META`: four byte loads per
-    row and K-block, or one packed word) and, after the dot (M <= 16), takes each block's sum of
-    activation codes (`NATIX_W4A8_XSUM_DOT`: a reduction across threads, or a dot with ones); the tuned
-    configs, the GEMM at M = 1 too, per channel beside. Same inputs for every variant."""
+def bench_level1(out: Out, shapes, ms=(1, 16, 64, 256), group: int = 128) -> None:
+    """A/B of the prepared GEMM's unpacking and level-1 reads, same inputs for every variant, tuned
+    configs, the GEMM at M = 1 too: how raw codes are unpacked (`NATIX_W4A8_BYTES`: word-wide ops then
+    Triton's byte regrouping, or inline PTX on packed bytes), how progressive level 1 is read
+    (`NATIX_W4A8_META`: four byte loads per row and K-block, or one packed word) and, after the dot
+    (M <= 16), where each block's sum of codes comes from (`NATIX_W4A8_XSUM_DOT`: a reduction, or a dot
+    with ones). Per channel beside, both unpackings."""
+    names = ("NATIX_W4A8_META", "NATIX_W4A8_XSUM_DOT", "NATIX_W4A8_BYTES")
     for n, k in shapes:
         r = copies(n * k // 2)
         for m in ms:
-            sets = make_gemm_inputs(m, n, k, group, r)
-            csets = make_gemm_inputs(m, n, k, 0, r)
-            ref = W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(sets[0][1], sets[0][2], sets[0][3])
-            for name, (meta, dot) in LEVEL1_FLAGS.items():
-                os.environ["NATIX_W4A8_META"], os.environ["NATIX_W4A8_XSUM_DOT"] = meta, dot
-                gemms = [W4A8Gemm(s[4], gemv=False) for s in sets]
-                exact = bool(torch.equal(W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(
-                    sets[0][1], sets[0][2], sets[0][3]), ref))
-                out(kind="level1", n=n, k=k, m=m, group=group, impl=name, exact_vs_first=exact, config=plain(gemms[0]._config(m)),
-                    us=bench_graph([lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]))
-            for v in ("NATIX_W4A8_META", "NATIX_W4A8_XSUM_DOT"):
-                os.environ.pop(v, None)
-            gemms = [W4A8Gemm(s[4], gemv=False) for s in csets]
-            out(kind="level1", n=n, k=k, m=m, group=0, impl="per channel",
-                us=bench_graph([lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(csets, gemms)]))
-            del sets, csets, gemms
-            torch.cuda.empty_cache()
+            for grp, flags in ((group, LEVEL1_FLAGS), (0, {k_: ("1", "1", v) for k_, v in CHANNEL_FLAGS.items()})):
+                sets = make_gemm_inputs(m, n, k, grp, r)
+                ref = W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(sets[0][1], sets[0][2], sets[0][3])
+                for name, vals in flags.items():
+                    os.environ.update(dict(zip(names, vals)))
+                    gemms = [W4A8Gemm(s[4], gemv=False) for s in sets]
+                    exact = bool(torch.equal(W4A8Gemm(sets[0][4], out_dtype=torch.int32, gemv=False)(
+                        sets[0][1], sets[0][2], sets[0][3]), ref))
+                    out(kind="level1", n=n, k=k, m=m, group=grp, impl=name, exact_vs_first=exact,
+                        config=plain(gemms[0]._config(m)),
+                        us=bench_graph([lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]))
+                for v in names:
+                    os.environ.pop(v, None)
+                del sets, gemms
+                torch.cuda.empty_cache()
 
 
 GEMLITE_KINDS = ("A16W4", "A8W4-fp8")

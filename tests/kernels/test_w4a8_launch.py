@@ -57,3 +57,20 @@ def test_concat_packed(quant):
 def test_concat_refuses_mixed():
     with pytest.raises(ValueError, match="fuse"):
         concat_packed([quantize_progressive(torch.randn(8, 128)), quantize_channel(torch.randn(8, 128))])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inline PTX does not run in the interpreter)")
+@pytest.mark.parametrize("group", [128, 0], ids=["g128", "channel"])
+def test_byte_unpack_exact(group, monkeypatch, full_range_progressive):
+    """The inline-PTX unpacking of raw codes (NATIX_W4A8_BYTES=1, the CUDA default) and the word-wide one
+    both give the exact accumulator, at decode and prefill-sized M, with misaligned activations."""
+    w = (full_range_progressive(256, 512, group) if group else quantize_channel(torch.randn(256, 512))).to("cuda")
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NATIX_W4A8_BYTES", flag)
+        g = W4A8Gemm(w, None, out_dtype=torch.int32, gemv=False)
+        for m in (1, 16, 19, 64, 300):
+            xq = torch.randint(-127, 128, (m, 516), dtype=torch.int8, device="cuda")[:, 4:]
+            xs = torch.ones(m, device="cuda")
+            ref = w4a8_gemm_reference(xq, xs, w, None, torch.int32)
+            assert torch.equal(g(xq, xs, xq.sum(1, dtype=torch.int32)), ref), (flag, m)
