@@ -50,18 +50,7 @@ class Launcher:
         self.why_not_direct = "" if self.direct else "TRITON_INTERPRET=1 or NATIX_DIRECT_LAUNCH=0"
 
     def __call__(self, grid: tuple, *args: Any) -> None:
-        if not self.direct:
-            self.fn[grid](*args, **self.kwargs)
-            return
-        key = _key(args)
-        hit = self._compiled.get(key)
-        if hit is None:
-            self._learn(key, grid, args)
-            return
-        run, function, meta, extra = hit
-        g = grid + (1,) * (3 - len(grid))
-        stream = torch._C._cuda_getCurrentRawStream(self._device)
-        run(g[0], g[1], g[2], stream, function, meta, None, None, None, *args, *extra)
+        self.keyed(args, grid + (1,) * (3 - len(grid)), *args)
 
     def keyed(self, key_args: tuple, grid: tuple, *args: Any) -> None:
         """As ``__call__`` with the specialization key computed over ``key_args`` only: for a caller
