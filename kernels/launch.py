@@ -50,6 +50,9 @@ class Launcher:
         self.why_not_direct = "" if self.direct else "TRITON_INTERPRET=1 or NATIX_DIRECT_LAUNCH=0"
 
     def __call__(self, grid: tuple, *args: Any) -> None:
+        if not self.direct:
+            self.fn[grid](*args, **self.kwargs)
+            return
         self.keyed(args, grid + (1,) * (3 - len(grid)), *args)
 
     def keyed(self, key_args: tuple, grid: tuple, *args: Any) -> None:
