@@ -131,7 +131,7 @@ def _kernel():
         GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_OUT: tl.constexpr, EVEN_K: tl.constexpr,
         BM: tl.constexpr, BNH: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
         GS: tl.constexpr, GROUP_EPI: tl.constexpr, META: tl.constexpr = False, XSUM_DOT: tl.constexpr = False,
-        BYTES: tl.constexpr = False,
+        BYTES: tl.constexpr = False, W8: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -186,14 +186,20 @@ def _kernel():
             kb = it * BK
             if EVEN_K:
                 xt = tl.load(x_ptrs + kb, mask=m_ok[None, :], other=0)
-                if BYTES:
+                if W8:  # INT8 weights [N, K] (`natix.kernels.w4a8_expand`): rows j and j + N/2 as two tiles
+                    lo8 = tl.load(wb_ptrs + kb, mask=j_ok[:, None], other=0)
+                    hi8 = tl.load(wb_ptrs + NH * K + kb, mask=j_ok[:, None], other=0)
+                elif BYTES:
                     wb = tl.load(wb_ptrs + kb, mask=j_ok[:, None], other=0)
                 else:
                     wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None], other=0)
             else:
                 k_ok = (kb + offs_k) < K
                 xt = tl.load(x_ptrs + kb, mask=m_ok[None, :] & k_ok[:, None], other=0)
-                if BYTES:
+                if W8:
+                    lo8 = tl.load(wb_ptrs + kb, mask=j_ok[:, None] & k_ok[None, :], other=0)
+                    hi8 = tl.load(wb_ptrs + NH * K + kb, mask=j_ok[:, None] & k_ok[None, :], other=0)
+                elif BYTES:
                     wb = tl.load(wb_ptrs + kb, mask=j_ok[:, None] & k_ok[None, :], other=0)
                 else:
                     wq = tl.load(w_ptrs + kb // 4, mask=j_ok[:, None] & ((kb + 4 * offs_k4) < K)[None, :], other=0)
@@ -217,7 +223,9 @@ def _kernel():
                     z_lo_n = tl.load(gz_ptr + g_off, mask=g_ok, other=0)
                     s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
                     z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
-            if BYTES:
+            if W8:
+                pass
+            elif BYTES:
                 # raw codes (per channel, or level 1 after the dot) straight from bytes: the nibble
                 # masks act on packed byte registers, no regrouping of words into the MMA operand
                 lo8 = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [wb], dtype=tl.int8,
@@ -247,7 +255,7 @@ def _kernel():
             else:
                 lo = wq & 0x0F0F0F0F
                 hi = (wq >> 4) & 0x0F0F0F0F
-            if not BYTES:
+            if not BYTES and not W8:
                 # int32 [BNH, BK/4] (little-endian bytes along K) -> int8 [BNH, BK]
                 lo8 = tl.reshape(tl.join(tl.join(lo.to(tl.int8), (lo >> 16).to(tl.int8)),
                                          tl.join((lo >> 8).to(tl.int8), (lo >> 24).to(tl.int8))), (BNH, BK))
@@ -285,7 +293,7 @@ def _kernel():
                     acc_hi += tl.load(base + s * MN + NH, mask=mask2, other=0, cache_modifier=".cg")
                 tl.atomic_xchg(cnt_ptr + pid, 0)
         if do_epilogue:
-            if not GROUPED:
+            if not GROUPED and not W8:
                 xsum = tl.load(xsum_ptr + offs_m, mask=m_ok, other=0)
                 z_lo = tl.load(wz_ptr + n_lo, mask=j_ok, other=0).to(tl.int32)
                 z_hi = tl.load(wz_ptr + n_hi, mask=j_ok, other=0).to(tl.int32)

@@ -151,7 +151,9 @@ def candidates(m: int, grouped: bool = True) -> list[dict]:
         for bm, bnh in ((64, 128), (128, 64), (128, 128), (256, 64)):
             for w in (4, 8):
                 c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=1, num_warps=w, num_stages=3, GROUP_M=8))
-        for bm, bnh, w in ((128, 64, 4), (256, 64, 8), (128, 128, 8)):
+        for bm, bnh, w in ((64, 64, 4), (256, 128, 8)):
+            c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=1, num_warps=w, num_stages=3, GROUP_M=8))
+        for bm, bnh, w in ((128, 64, 4), (128, 64, 8), (256, 64, 8), (128, 128, 8)):
             c.append(dict(BM=bm, BNH=bnh, BK=128, SPLIT_K=1, num_warps=w, num_stages=4, GROUP_M=8))
         if m <= 1024:  # too few output tiles to fill 132 SMs on the smaller shapes
             for bm, bnh in ((64, 128), (128, 64)):
@@ -241,10 +243,19 @@ def bench_gemm(out: Out, shapes, ms, groups=(128, 0)) -> None:
                 exact = bool(torch.equal(yi, (xq.double() @ packing.integer_weight(pw).double().t()).to(torch.int32))) if m * n * k <= 2**36 else None
                 err = rel(y, ref)
                 gemv = m == 1 and gemms[0].gemv
-                cfg = gemms[0]._gemv_cfg if gemv else gemms[0]._config(m)
+                cfg = gemms[0]._gemv_cfg if gemv else gemms[0]._config(m, gemms[0].expands(m))
                 fns = [lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, gemms)]
-                out(**rec, impl=vname, us=bench_graph(fns), rel_err=err, int_exact=exact, path="gemv" if gemv else "gemm",
-                    config=plain(cfg))
+                path = "gemv" if gemv else "expand+gemm" if gemms[0].expands(m) else "gemm"
+                out(**rec, impl=vname, us=bench_graph(fns), rel_err=err, int_exact=exact, path=path, config=plain(cfg))
+                if grouped and m >= 256:  # the other side of the INT8 expansion threshold (`natix.kernels.w4a8_expand`)
+                    other = 0 if gemms[0].expands(m) else 1
+                    alt = [W4A8Gemm(s[4], expand_m=other) for s in sets]
+                    ai = W4A8Gemm(pw, out_dtype=torch.int32, expand_m=other)(xq, xs, xsum)
+                    fns = [lambda s=s, f=f: f(s[1], s[2], s[3]) for s, f in zip(sets, alt)]
+                    out(**rec, impl=vname + ("-inloop" if other == 0 else "-expand"), us=bench_graph(fns),
+                        rel_err=rel(alt[0](xq, xs, xsum), ref), int_exact=bool(torch.equal(ai, yi)),
+                        path="gemm" if other == 0 else "expand+gemm", config=plain(alt[0]._config(m, other == 1)))
+                    del alt, ai
                 fns = [lambda s=s, f=f: (lambda q: f(q[0], q[1], q[2]))(quantize_per_token(s[0])) for s, f in zip(sets, gemms)]
                 out(**rec, impl=vname + "+quant", us=bench_graph(fns))
                 del sets, x, xq, xs, xsum, pw, y, yi, ref, fns, gemms

@@ -45,6 +45,39 @@ def test_prepared_level1_variants_exact(group, epi, flags, monkeypatch, full_ran
         assert torch.equal(g(xq, xs), w4a8_gemm_reference(xq, xs, w, None, torch.int32)), m
 
 
+@pytest.mark.parametrize("group", [128, 64, 32], ids=["g128", "g64", "g32"])
+def test_expanded_int8_weights_exact(group, full_range_progressive):
+    """Compute-bound sizes expand progressive weights to their INT8 level 1 and run the INT8-weight GEMM:
+    the expansion is `integer_weight` and the GEMM's accumulator is exact (full level-1 range, a
+    partial row tile, a bias); the float output matches the unexpanded path."""
+    from natix.kernels.packing import integer_weight
+    from natix.kernels.w4a8_expand import Expander
+
+    w = full_range_progressive(96, 256, group).to(DEVICE)
+    assert torch.equal(Expander(w)().to(torch.int32), integer_weight(w))
+    bias = torch.randn(96, device=DEVICE)
+    for m in (1, 19):
+        xq = torch.randint(-127, 128, (m, 256), dtype=torch.int8, device=DEVICE)
+        xs = torch.rand(m, device=DEVICE) + 0.1
+        raw = W4A8Gemm(w, None, out_dtype=torch.int32, gemv=False, expand_m=1)
+        assert raw._plan(m, xq.device)[-1] is not None  # the expanded path ran
+        assert torch.equal(raw(xq, xs), w4a8_gemm_reference(xq, xs, w, None, torch.int32)), m
+        y = W4A8Gemm(w, bias, out_dtype=torch.float32, gemv=False, expand_m=1)(xq, xs)
+        assert torch.allclose(y, W4A8Gemm(w, bias, out_dtype=torch.float32, gemv=False, expand_m=0)(xq, xs),
+                              rtol=1e-6, atol=1e-3)
+
+
+def test_expand_threshold():
+    """Progressive weights expand from ``expand_m`` rows (env default); per-channel weights never."""
+    wg, wc = quantize_progressive(torch.randn(64, 128)).to(DEVICE), quantize_channel(torch.randn(64, 128)).to(DEVICE)
+    assert W4A8Gemm(wg, expand_m=4).expand_m == 4
+    assert W4A8Gemm(wc, expand_m=4).expand_m == 0
+    assert W4A8Gemm(wg, expand_m=0).expand_m == 0
+    x = torch.zeros(3, 128, dtype=torch.int8, device=DEVICE)
+    g = W4A8Gemm(wg, gemv=False, expand_m=4)
+    assert g._plan(3, x.device)[-1] is None and g._plan(4, x.device)[-1] is not None
+
+
 @pytest.mark.parametrize("quant", [quantize_progressive, lambda w: quantize_progressive(w, 32), quantize_channel],
                          ids=["g128", "g32", "channel"])
 def test_concat_packed(quant):
