@@ -224,7 +224,7 @@ def _kernel():
                     s_hi_n = tl.load(gs_ptr + g_off + NH, mask=g_ok, other=0)
                     z_hi_n = tl.load(gz_ptr + g_off + NH, mask=g_ok, other=0)
             if W8:
-                pass
+                pass  # lo8 / hi8 are the MMA operands as loaded
             elif BYTES:
                 # raw codes (per channel, or level 1 after the dot) straight from bytes: the nibble
                 # masks act on packed byte registers, no regrouping of words into the MMA operand
