@@ -103,12 +103,14 @@ def default_config(m: int, n: int, k: int, grouped: bool, num_sms: int = 132) ->
     return dict(BM=bm, BNH=bnh, BK=bk, SPLIT_K=split, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
-def get_config(m: int, n: int, k: int, grouped: bool, device: torch.device) -> dict:
-    variant = "g128" if grouped else "channel"  # every progressive group size uses the g128 tiles (`fit_block_k`)
-    table = _load_configs().get(device_key(device), {}).get(variant, {}).get(f"{n},{k}")
-    if table:
-        bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
-        cfg = table.get(str(bucket))
+def get_config(m: int, n: int, k: int, grouped: bool, device: torch.device, w8: bool = False) -> dict:
+    """The tuned config of (device, variant, N, K, M bucket), else `default_config`. Variants: ``g128``
+    (every progressive group size uses its tiles, `fit_block_k`), ``channel``, and ``w8`` (the INT8-weight
+    GEMM on expanded progressive weights, `natix.kernels.w4a8_expand`; falls back to ``channel``'s tiles)."""
+    cards = _load_configs().get(device_key(device), {})
+    bucket = str(next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1]))
+    for variant in (["w8", "channel"] if w8 else ["g128" if grouped else "channel"]):
+        cfg = cards.get(variant, {}).get(f"{n},{k}", {}).get(bucket)
         if cfg:
             return dict(cfg)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132

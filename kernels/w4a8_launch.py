@@ -94,13 +94,13 @@ class W4A8Gemm:
 
     def _config(self, m: int, w8: bool = False) -> dict:
         """The config and launcher of ``m`` rows; ``w8``: of the INT8-weight GEMM on expanded
-        weights (the per-channel table's tiles: the same main loop without unpacking)."""
+        weights (its own table entries, else the per-channel tiles: the same main loop without unpacking)."""
         bucket = next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
         cfg = self._configs.get((bucket, w8))
         if cfg is None:
             grouped = self.grouped and not w8
             cfg = dict(self._forced) if self._forced else get_config(bucket, self.n, self.k, grouped,
-                                                                     self.weight.qweight.device)
+                                                                     self.weight.qweight.device, w8)
             cfg["BK"] = fit_block_k(cfg["BK"], 0 if w8 else self.group_size)
             cfg = dict(cfg, EVEN_K=self.k % cfg["BK"] == 0, GROUP_M=cfg.get("GROUP_M", 8),
                        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))

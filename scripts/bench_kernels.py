@@ -189,8 +189,8 @@ def tune(out: Out, tuned_path: str, shapes, ms, variants, deadline: float = floa
     table.setdefault(key, {})
     # M outermost: the buckets the goals are about (small M) are tuned first if the deadline cuts in
     for m in ms:
-        for grouped in variants:
-            vname = "g128" if grouped else "channel"
+        for vname in variants:  # g128, channel, w8 (g128 weights expanded to INT8, the expansion timed too)
+            grouped, w8 = vname != "channel", vname == "w8"
             table[key].setdefault(vname, {})
             for n, k in shapes:
                 ent = table[key][vname].setdefault(f"{n},{k}", {})
@@ -201,9 +201,9 @@ def tune(out: Out, tuned_path: str, shapes, ms, variants, deadline: float = floa
                 wsets = make_gemm_inputs(1, n, k, 128 if grouped else 0, r)
                 xsets = [quantize_per_token(torch.randn(m, k, device=DEV, dtype=torch.bfloat16)) for _ in range(r)]
                 best, tried = None, []
-                for cfg in candidates(m, grouped):
+                for cfg in candidates(m, grouped and not w8):
                     try:  # through the prepared GEMM the engine runs (packed level 1, block sums on tensor cores)
-                        gemms = [W4A8Gemm(s[4], gemv=False, config=cfg) for s in wsets]
+                        gemms = [W4A8Gemm(s[4], gemv=False, config=cfg, expand_m=1 if w8 else 0) for s in wsets]
                         fns = [lambda q=q, f=f: f(q[0], q[1], q[2]) for q, f in zip(xsets, gemms)]
                         us = bench_graph(fns, rep=20, warmup=5)
                     except Exception as e:  # noqa: BLE001
@@ -576,7 +576,8 @@ def main() -> None:
     ap.add_argument("--gemlite-modes", default="bundled-config,autotune-fast")
     ap.add_argument("--quick", action="store_true", help="two shapes, three M (smoke test)")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after start to stop GemLite")
-    ap.add_argument("--tune-variants", default="g128,channel", help="variants to re-tune (others keep the shipped table)")
+    ap.add_argument("--tune-variants", default="g128,channel",
+                    help="variants to re-tune (others keep the shipped table): g128, channel, w8 (expanded g128)")
     ap.add_argument("--tune-ms", default="1,16,64,256,1024,4096", help="M buckets to re-tune (others keep the shipped table)")
     ap.add_argument("--tune-deadline", type=float, default=1e9, help="seconds after start to stop tuning")
     ap.add_argument("--gemlite-autotune-ms", default="", help="M values to run in GemLite autotune modes (all if empty)")
@@ -595,7 +596,7 @@ def main() -> None:
     copy_bw = measure_copy(out)
     if a.tune and "gemm" in secs:
         tms = [int(x) for x in a.tune_ms.split(",") if x]
-        variants = tuple(v == "g128" for v in a.tune_variants.split(","))
+        variants = tuple(a.tune_variants.split(","))
         tune(out, a.tuned_out, shapes, [m for m in ms if m in tms], variants, t0 + a.tune_deadline)
         print(f"[tune done {time.time() - t0:.0f}s]", flush=True)
     if "norm" in secs:
