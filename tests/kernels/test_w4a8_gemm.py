@@ -143,3 +143,19 @@ def test_both_level1_paths_exact(group, epi, monkeypatch, full_range_progressive
     xs = torch.rand(m, device=DEVICE) + 0.1
     out = w4a8_gemm_triton(xq, xs, None, w, None, torch.int32, dict(BM=16, BNH=16, BK=group, SPLIT_K=2))
     assert torch.equal(out, w4a8_gemm_int_reference(xq, w))
+
+
+def test_config_table_lookup(monkeypatch):
+    """A tuned entry is found by (card, variant, N, K, M bucket); the expanded-g128 GEMM (``w8``) takes its own
+    entry, else the per-channel one; a missing entry falls back to the heuristic default."""
+    from natix.kernels import w4a8_gemm as g
+
+    chan = dict(BM=64, BNH=64, BK=128, SPLIT_K=1)
+    w8 = dict(BM=128, BNH=64, BK=128, SPLIT_K=1)
+    table = {"cpu": {"channel": {"64,128": {"16": chan, "64": chan}}, "w8": {"64,128": {"64": w8}}}}
+    monkeypatch.setattr(g, "_load_configs", lambda: table)
+    cpu = torch.device("cpu")
+    assert g.get_config(9, 64, 128, False, cpu) == chan  # M = 9 is in the 16 bucket
+    assert g.get_config(64, 64, 128, True, cpu, w8=True) == w8
+    assert g.get_config(16, 64, 128, True, cpu, w8=True) == chan
+    assert g.get_config(16, 64, 128, True, cpu) == g.default_config(16, 64, 128, True)
