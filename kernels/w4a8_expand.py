@@ -11,8 +11,8 @@ into a scratch buffer shared by every layer of the device, then runs the GEMM's 
 once and writes N*K bytes: ~40 us for a 28672 x 4096 layer, against the ~150 us it saves there at
 M = 1024. vLLM's AWQ linear takes the same route at large batch (dequantize, then a dense GEMM).
 
-The scratch grows to the largest layer expanded (N*K bytes; 117 MB for Llama-3-8B's fused gate/up)
-and is reused, so calls on one stream are ordered; it is never used inside CUDA graphs (decode
+The scratch is sized when a layer is prepared, to the largest layer (N*K bytes; 117 MB for Llama-3-8B's
+fused gate/up), and reused, so calls on one stream are ordered; it is never used inside CUDA graphs (decode
 batches are below the expansion threshold).
 """
 from __future__ import annotations
@@ -73,6 +73,8 @@ class Expander:
         from .launch import Launcher
 
         self.w = w
+        scratch(w.qweight.device, w.n * w.k)  # allocated with the layer, not in its first prefill (and counted
+        # by whatever sizes memory after the model loads, e.g. the natix engine's KV cache budget)
         self.grid = (-(-(w.n // 2) // self.BJ), w.k // w.group_size, 1)
         self.launch = Launcher(_kernel(), BJ=self.BJ, GS=w.group_size, num_warps=4)
 

@@ -114,8 +114,7 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             reserve = (o.max_num_batched_tokens * (s.q_width + 2 * s.kv_width + 3 * s.intermediate + 4 * s.hidden) * 4
-                       + o.max_num_seqs * s.vocab * 16 + 2**29
-                       + 2 * s.intermediate * s.hidden)  # progressive W4A8's INT8 expansion scratch (prefill)
+                       + o.max_num_seqs * s.vocab * 16 + 2**29)
             budget = total * o.gpu_memory_utilization - used - reserve
         else:
             budget = 0.5 * 2**30
