@@ -162,7 +162,7 @@ def collect_hessians(block: "nn.Module", linears: dict[str, "nn.Linear"], run_bl
     finally:
         for h in handles:
             h.remove()
-    hessians = {owner: acc.hessian() for owner, acc in accs.items()}
+    hessians = {owner: accs.pop(owner).hessian(consume=True) for owner in list(accs)}
     return {n: hessians[share[n]] for n in linears}
 
 
@@ -207,7 +207,8 @@ def quantize_sequential(model: "nn.Module", cfg: QuantConfig, samples: Sequence[
                 if progress:
                     progress(len(quantized), total, full)
             del hessians
-            inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            for j, (args, kwargs) in enumerate(inputs):  # in place: one sample's input freed per output
+                inputs[j] = ((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
             block.to(storage).to(home)  # norms and biases back to storage dtype; quantized tensors keep theirs
         # Linears outside the decoder stack that the scheme quantizes: round to nearest
         for name in all_linears:

@@ -25,7 +25,7 @@ This module imports torch at top; ``natix.quant`` does not import it, so ``impor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
@@ -274,13 +274,15 @@ class HessianAccumulator:
             raise GptqError(f"in_features must be positive, got {in_features}")
         self.in_features = in_features
         self.chunk_rows = chunk_rows
-        self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate activations ``x (..., K)``."""
         if x.shape[-1] != self.in_features:
             raise GptqError(f"activations {tuple(x.shape)} do not end in in_features={self.in_features}")
+        if self._sum is None:
+            raise GptqError("this accumulator's Hessian was already consumed")
         x = x.detach().reshape(-1, self.in_features)
         for start in range(0, x.shape[0], self.chunk_rows):
             c = x[start:start + self.chunk_rows].to(device=self._sum.device, dtype=self._sum.dtype)
@@ -289,11 +291,17 @@ class HessianAccumulator:
             self._sum.addmm_(c.t(), c)
         self.n += x.shape[0]
 
-    def hessian(self) -> torch.Tensor:
-        """``[K, K]`` in the accumulator's dtype; raises if nothing was accumulated."""
+    def hessian(self, *, consume: bool = False) -> torch.Tensor:
+        """``[K, K]`` in the accumulator's dtype; raises if nothing was accumulated. ``consume``: scale
+        the sum in place and hand it over (no second [K, K] copy; the accumulator is done after it)."""
         if self.n == 0:
             raise GptqError(f"no calibration activations reached the layer (in_features={self.in_features})")
-        return self._sum * (2.0 / self.n)
+        if self._sum is None:
+            raise GptqError("this accumulator's Hessian was already consumed")
+        if not consume:
+            return self._sum * (2.0 / self.n)
+        h, self._sum = self._sum.mul_(2.0 / self.n), None
+        return h
 
     def hook(self, module: torch.nn.Linear) -> torch.utils.hooks.RemovableHandle:
         """Register a forward pre-hook on ``module`` that accumulates its input; remove the handle when done."""
@@ -372,21 +380,33 @@ def _validate(weight: torch.Tensor, H: torch.Tensor, group_size: int, block_size
         raise GptqError(f"percdamp must be >= 0, got {percdamp}")
 
 
-def _inverse_cholesky(H: torch.Tensor, percdamp: float, shape: tuple[int, int]) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` (fp64), λ = percdamp·mean(diag H).
+def _inverse_cholesky(working: Callable[[], torch.Tensor], percdamp: float, shape: tuple[int, int]
+                      ) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` (fp64), λ = percdamp·mean(diag H); ``working()``
+    returns a fresh private copy of H, which is damped, factored and inverted in place.
 
     If H is not positive definite at this dampening (rank-deficient calibration), retry with 10× more
-    up to three times — the result records what was used rather than failing the export.
+    up to three times (on a new copy) — the result records what was used rather than failing the export.
+
+    Memory: that one ``[K, K]`` copy beside the caller's H (at K = 14336, a down_proj of Llama-3-8B,
+    each is 1.6 GB), no identity matrix and no other temporary of that size. The damped diagonal is
+    ``H_ii + λ``, as ``H + λ·I`` computes it, so the factor is the same bits.
     """
-    mean_diag = H.diagonal().mean().item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    A = working()
+    mean_diag = A.diagonal().mean().item()
+    info = torch.zeros((), dtype=torch.int32, device=A.device)
     damp = percdamp
-    for _ in range(4):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+    for attempt in range(4):
+        if attempt:
+            A = working()
+        A.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info.item() == 0:
-                return U, damp
+                return A, damp
+        del A
         damp = max(damp * 10, 1e-4)
     raise GptqError(f"Hessian of weight {shape} is not positive definite even with percdamp={damp / 10:g}")
 
@@ -408,14 +428,14 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, block_si
     dev = weight.device
 
     W = weight.detach().to(torch.float32).clone()
-    H = H.detach().to(device=dev, dtype=torch.float64).clone()
+    H = H.detach().to(device=dev, dtype=torch.float64)  # the caller's tensor where it already is one: never written
     channel = grid.prepare(W)  # from the original weight, before dead columns are zeroed
 
     # a column whose input is always 0 carries no signal: H_ii = 1 keeps H invertible, and w = 0
     # (representable by every grid here) keeps the zeroed weight exact
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    diag = torch.where(dead, 1.0, H.diagonal())
 
     # static groups: parameters fitted on the (original-order) weight before any error feedback
     static: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -426,12 +446,17 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, block_si
     perm: Optional[torch.Tensor] = None
     if act_order:
         # largest-Hessian columns first: they are quantized while most freedom to compensate is left
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
+        dead = dead[perm]
     orig_col = perm if perm is not None else torch.arange(k, device=dev)
 
-    U64, damp_used = _inverse_cholesky(H, percdamp, (n, k))
+    def working() -> torch.Tensor:  # H, dead columns set, in processing order: one gather or one copy
+        P = H[perm[:, None], perm] if perm is not None else H.clone()
+        P[dead, dead] = 1.0
+        return P
+
+    U64, damp_used = _inverse_cholesky(working, percdamp, (n, k))
     U = U64.to(torch.float32)
     del H, U64
 

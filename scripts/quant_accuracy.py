@@ -71,12 +71,19 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "w4a8kv4-g32 vrot": ("w4a8kv4", ["--group-size", "32", "--set", "rotate_values=true",
                                      "--set", "rotate_keys=false", *AO_OFF]),
     "gptq-g128 finer": ("gptq", ["--group-size", "128", "--set", "group_fallback=finer"]),
+    # today's defaults (g128 where it divides, g64 on the 576-wide layers, act-order, value rotation), no flags:
+    # the artifact a user gets, and its KV16 / key-rotation ablations
+    "w4a8kv4 default": ("w4a8kv4", []),
+    "w4a8kv4 default KV16": ("w4a8kv4", ["--kv", "none"]),
+    "w4a8kv4 default kvrot": ("w4a8kv4", ["--set", "rotate_keys=true"]),
+    "gptq default": ("gptq", []),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
 # (rotate_keys is applied at run time), the source row's artifact is copied and the fields are set in
 # its manifest and config.json, instead of an export that would write the same tensors again
 DERIVED: dict[str, tuple[str, dict[str, object]]] = {
     "w4a8kv4-g128 kvrot": ("w4a8kv4-g128 vrot", {"rotate_keys": True}),
+    "w4a8kv4 default kvrot": ("w4a8kv4 default", {"rotate_keys": True}),
 }
 KEEP_MARKER = "<!-- sections below are not rendered from the JSONL; --render-only keeps them -->"
 GOALS = {"fp8": 0.01, "fp8-mse": 0.01}  # max relative perplexity increase vs bf16
@@ -132,7 +139,8 @@ def run_rows(labels: list[str], args: argparse.Namespace) -> None:
         done = {json.loads(x)["label"] for x in jsonl.read_text().splitlines() if x.strip()}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
+    cli = [sys.executable, "-m", "natix.quant.cli"]  # natix-quant, also where it is not installed (the GPU machine)
+    device = ["--device", args.device] if args.device else []
     with open(work / "log.txt", "a") as log:
         for label in labels:
             if label in done:
@@ -145,11 +153,11 @@ def run_rows(labels: list[str], args: argparse.Namespace) -> None:
                 export_s = None
                 _derive(work, label, log)
             elif scheme is None:  # the merged model with bf16 weights: what every artifact starts from
-                export_s = _run([str(bin_dir / "natix-quant"), "merge", "--base", BASE, "--adapter", args.adapter,
+                export_s = _run([*cli, "merge", "--base", BASE, "--adapter", args.adapter,
                                  "--dtype", "bf16", "--out", model, "--force"], log)
             else:
-                export_s, peak = _peak_rss([str(bin_dir / "natix-quant"), "export", "--base", BASE, "--adapter",
-                                            args.adapter, "--scheme", scheme, *flags, "--calib", args.calib,
+                export_s, peak = _peak_rss([*cli, "export", "--base", BASE, "--adapter",
+                                            args.adapter, "--scheme", scheme, *flags, *device, "--calib", args.calib,
                                             "--calib-samples", str(args.calib_samples), "--out", model, "--force"],
                                            log)
             tmp = work / "row.jsonl"
@@ -158,10 +166,12 @@ def run_rows(labels: list[str], args: argparse.Namespace) -> None:
             strategies = ["--strategy", "greedy"] + ([] if " " in label else ["--strategy", "maj@8"])
             task = [] if args.ppl_only else ["--task", "chain_sum", *strategies, "--items", str(args.items),
                                              "--temperature", "0.7"]
-            eval_s = _run([str(bin_dir / "natix-quant"), "eval", model, "--ppl", "pydoc", "--ppl-windows",
-                           str(args.ppl_windows), *task, "--label", label, "--jsonl", str(tmp)], log)
+            eval_s = _run([*cli, "eval", model, "--ppl", "pydoc", "--ppl-windows",
+                           str(args.ppl_windows), *task, *device, "--engine", args.engine, "--label", label,
+                           "--jsonl", str(tmp)], log)
             row = json.loads(tmp.read_text())
             row.update({"export_s": export_s, "export_peak_rss_bytes": peak, "eval_s": eval_s, "export_flags": flags,
+                        "engine": args.engine,
                         "calib": args.calib,
                         "calib_samples": args.calib_samples})
             if label in DERIVED:
@@ -184,7 +194,9 @@ def render(jsonl: Path) -> str:
     L = ["# Quantization accuracy: SmolLM2-135M-Instruct + demo LoRA (chain_sum)\n"]
     env = rows[0]["env"]
     L.append(f"Rendered from `{jsonl.name}` by `python scripts/quant_accuracy.py --render-only`; each row is "
-             "`natix-quant export` then `natix-quant eval` (reference path, CPU). "
+             "`natix-quant export` then `natix-quant eval` "
+             f"({'reference path' if rows[0].get('engine', 'hf') == 'hf' else rows[0].get('engine') + ' engine'}, "
+             f"{env.get('device') or 'CPU'}). "
              f"Machine: {env.get('cpu', env.get('device', '?'))}; torch {env.get('torch')}, "
              f"transformers {env.get('transformers')}; git {str(env.get('git_sha'))[:12]}.\n")
     r0 = rows[0]
@@ -230,6 +242,8 @@ def main() -> None:
     ap.add_argument("--jsonl", default=str(ROOT / "reports" / "quant-accuracy.jsonl"))
     ap.add_argument("--work", default=os.environ.get("NATIX_QA_WORK", "/tmp/natix-quant-accuracy"))
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--device", help="export and eval --device (default: theirs, auto)")
+    ap.add_argument("--engine", default="hf", help="eval --engine for task accuracy (default hf, the reference path)")
     ap.add_argument("--ppl-only", action="store_true",
                     help="perplexity only, no task accuracy (the row says 'not run'); for when generation is too slow")
     args = ap.parse_args()

@@ -166,3 +166,36 @@ def test_rank_deficient_hessian_gets_more_damping() -> None:
     x = torch.randn(8, 64)  # 8 tokens: rank 8 < K = 64
     res = gptq_quantize(torch.randn(8, 64), _hessian(x), AffineGrid(), group_size=-1, percdamp=0.0)
     assert res.percdamp > 0 and torch.isfinite(res.dequantized).all()
+
+
+def test_hessian_consumed_in_place_is_the_same_bits() -> None:
+    torch.manual_seed(9)
+    acc = HessianAccumulator(16)
+    acc.add(torch.randn(40, 16))
+    copy = acc.hessian()
+    taken = acc.hessian(consume=True)
+    assert torch.equal(copy, taken)
+    for use in (lambda: acc.hessian(), lambda: acc.add(torch.randn(2, 16))):
+        with pytest.raises(GptqError, match="already consumed"):
+            use()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_solver_leaves_the_hessian_alone_and_factors_in_place(act_order: bool) -> None:
+    """The inverse factor is the textbook cholesky(cholesky_inverse(cholesky(H + λI)), upper) to the
+    bit, computed on one working copy; the caller's H (dead columns included) is never written."""
+    from natix.quant.gptq import _inverse_cholesky
+
+    torch.manual_seed(10)
+    x = torch.randn(300, 128, dtype=torch.float64)
+    x[:, 5] = 0.0  # a dead input column
+    h = 2 / 300 * x.t() @ x
+    before = h.clone()
+    res = gptq_quantize(torch.randn(32, 128), h, AffineGrid(), group_size=64, act_order=act_order)
+    assert torch.equal(h, before) and torch.isfinite(res.dequantized).all()
+    h[5, 5] = 1.0
+    lam = 0.01 * h.diagonal().mean().item()
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + lam * torch.eye(128, dtype=h.dtype))),
+                                 upper=True)
+    got, damp = _inverse_cholesky(h.clone, 0.01, (32, 128))
+    assert damp == 0.01 and torch.equal(got, want)
