@@ -450,6 +450,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, block_si
         W = W[:, perm]
         dead = dead[perm]
     orig_col = perm if perm is not None else torch.arange(k, device=dev)
+    col_group = (orig_col // gs).tolist() if static is not None else None  # read once, not a device sync per column
 
     def working() -> torch.Tensor:  # H, dead columns set, in processing order: one gather or one copy
         P = H[perm[:, None], perm] if perm is not None else H.clone()
@@ -475,7 +476,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, block_si
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                g = int(orig_col[col]) // gs
+                g = col_group[col]
                 s_cur, z_cur = static[0][:, g:g + 1], static[1][:, g:g + 1]
             elif col % gs == 0:
                 # fit on the group's *current* values: columns in this block have the in-block
