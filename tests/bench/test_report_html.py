@@ -129,3 +129,9 @@ def test_rows_of_an_earlier_harness_still_render() -> None:
     assert rows and all(r["status"] == "ok" for r in rows)
     assert "earlier natix-bench" in render(rows, "t")
     assert "plot-scaling" in render_html(rows, "t")
+
+
+def test_a_resumed_run_names_the_commits_of_its_cells() -> None:
+    assert "commits" not in render(ROWS, "t")  # one commit: the Environment line says it
+    later = [dict(r, env=dict(r["env"], git_sha="def456")) if r["scheme"] == "fp8" else r for r in ROWS]
+    assert "Cells measured at 2 commits: `abc` (3 cells), `def456` (2 cells)." in render(later, "t")
