@@ -459,7 +459,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, block_si
 
     U64, damp_used = _inverse_cholesky(working, percdamp, (n, k))
     U = U64.to(torch.float32)
-    del H, U64
+    del U64, working
+    H = None  # the fp64 copy (when the caller's was another dtype) is not needed past the factor
 
     Q = torch.zeros_like(W)  # dequantized columns (permuted order)
     codes = torch.zeros_like(W)
