@@ -8,6 +8,7 @@ The tables are built once as data (:func:`tables`) and rendered here as Markdown
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -247,11 +248,7 @@ def intro(rows: Sequence[dict[str, Any]], matrix: dict[str, Any] | None) -> list
         dev = env.get("gpu") or env.get("cpu") or env.get("device")
         lines.append(f"Environment: {env.get('device')} ({dev}), {env.get('cpu_count')} CPUs, torch {env.get('torch')}, "
                      f"transformers {env.get('transformers')}, natix {env.get('natix')}, git `{env.get('git_sha')}`.")
-    shas: dict[str, int] = {}
-    for r in ok_rows(rows):
-        sha = (r.get("env") or {}).get("git_sha")
-        if sha:
-            shas[str(sha)[:12]] = shas.get(str(sha)[:12], 0) + 1
+    shas = Counter(str(sha)[:12] for r in ok_rows(rows) if (sha := (r.get("env") or {}).get("git_sha")))
     if len(shas) > 1:  # a resumed run whose cells were measured at different commits
         lines.append("Cells measured at " + str(len(shas)) + " commits: "
                      + ", ".join(f"`{sha}` ({n} cells)" for sha, n in shas.items()) + ".")

@@ -74,9 +74,8 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     # today's defaults (g128 where it divides, g64 on the 576-wide layers, act-order, value rotation), no flags:
     # the artifact a user gets, and its KV16 / key-rotation ablations
     "w4a8kv4 default": ("w4a8kv4", []),
-    "w4a8kv4 default KV16": ("w4a8kv4", []),
+    "w4a8kv4 default KV16": ("w4a8kv4", ["--kv", "none"]),
     "w4a8kv4 default kvrot": ("w4a8kv4", ["--set", "rotate_keys=true"]),
-    "gptq default": ("gptq", []),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
 # (rotate_keys is applied at run time), the source row's artifact is copied and the fields are set in
