@@ -40,10 +40,13 @@ def local(tiny_model_dir):
 def test_greedy_equals_in_process_and_streams_token_by_token(client, local):
     from natix.engines.base import SamplingSpec
 
-    ref = local.generate(["hello world"], SamplingSpec(max_tokens=16))[0][0]
-    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0)
+    # 128 tokens: long enough that the reader sees the stream before it ends, even on a loaded
+    # 2-core machine where the engine thread holds the GIL (at 16 tokens, ~20 ms in all, CI once
+    # got the whole answer as one event)
+    ref = local.generate(["hello world"], SamplingSpec(max_tokens=128))[0][0]
+    r = client.completions.create(model="tiny", prompt="hello world", max_tokens=128, temperature=0)
     assert r.choices[0].text == ref.text and r.usage.completion_tokens == ref.num_tokens
-    chunks = [c for c in client.completions.create(model="tiny", prompt="hello world", max_tokens=16, temperature=0,
+    chunks = [c for c in client.completions.create(model="tiny", prompt="hello world", max_tokens=128, temperature=0,
                                                    stream=True) if c.choices and c.choices[0].text]
     assert "".join(c.choices[0].text for c in chunks) == ref.text
     # deltas arrive as the engine steps, not as one block (a reader that falls behind gets what is
