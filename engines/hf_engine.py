@@ -141,6 +141,7 @@ class HFEngine:
             "dtype": str(getattr(self.model, "dtype", None)),
             "kv_press": str(self.press_spec) if self.press_spec else None,
             "kv_cache": getattr(self.model, "natix_kv_cache", "none") or "none",
+            "kv_group_size": getattr(self.model, "natix_kv_group_size", -1),
             "prefill_attention": self._prefill_attention,
             "attn_implementation": getattr(getattr(self.model, "config", None), "_attn_implementation", None),
             "merge_report": self.merge_report,

@@ -1,4 +1,5 @@
-"""KV4: a paged UINT4 key/value cache with per-(token, head) scale and zero, and quantize-on-write.
+"""KV4: a paged UINT4 key/value cache with a scale and zero per (token, head, channel group), and
+quantize-on-write.
 
 Layout (paged as in vLLM; a page holds ``page_size`` consecutive tokens of one sequence):
 
@@ -8,12 +9,19 @@ tensor          dtype    shape                                        meaning
 ``k``, ``v``    uint8    [num_pages, H_kv, page_size, D // 2]         codes; byte ``d`` holds dim ``d`` in
                                                                       the low and ``d + D/2`` in the high
                                                                       nibble
-``k_scale``...  float16  [num_pages, H_kv, page_size]                ``k_scale, k_zero, v_scale, v_zero``
+``k_scale``...  float16  [num_pages, H_kv, page_size, NG]            ``k_scale, k_zero, v_scale, v_zero``:
+                                                                      one per group of ``D / NG`` channels
 ==============  =======  ===========================================  =====================================
 
-Dequantization: ``x[d] ~= code[d] * scale + zero`` (asymmetric; ``zero`` is the row minimum, kept as
-an fp16 offset rather than an integer code, so that attention can apply it once per token:
-``q.k = scale * (q . codes) + zero * sum(q)``, and ``p.v = (p*scale) . codes + sum(p*zero)``).
+Channel groups: ``NG = 1`` (the QServe format) quantizes a head's ``D`` channels with one scale and
+zero; ``NG > 1`` splits them into contiguous groups of ``group_size = D / NG`` channels (group ``j``:
+dims ``j * group_size ...``), a power of two between 16 and ``D / 2``, so each group lies in one
+nibble half. Finer groups bound the error an outlier channel causes to its own group
+(reports/quant-accuracy.md, "KV groups"); they cost ``8 * (NG - 1)`` bytes more per token and head.
+
+Dequantization: ``x[d] ~= code[d] * scale[g(d)] + zero[g(d)]`` (asymmetric; ``zero`` is the group
+minimum, kept as an fp16 offset rather than an integer code; with one group attention applies it once
+per token: ``q.k = scale * (q . codes) + zero * sum(q)``, and ``p.v = (p*scale) . codes + sum(p*zero)``).
 Head-major pages put one (page, head)'s ``page_size * D/2`` bytes contiguous, the unit a decode
 program streams. A token's slot is ``page * page_size + offset``; slot < 0 means "skip" (padding).
 """
@@ -38,11 +46,14 @@ class KV4Cache:
     v_zero: torch.Tensor
 
     @staticmethod
-    def empty(num_pages: int, num_kv_heads: int, page_size: int, head_dim: int, device="cpu") -> "KV4Cache":
+    def empty(num_pages: int, num_kv_heads: int, page_size: int, head_dim: int, device="cpu",
+              group_size: int = -1) -> "KV4Cache":
+        """Zeroed pages; ``group_size`` channels per scale and zero (-1: the whole head)."""
         if head_dim % 2 or page_size & (page_size - 1):
             raise ValueError("head_dim must be even and page_size a power of two")
+        ng = num_groups(head_dim, group_size)
         c = lambda: torch.zeros((num_pages, num_kv_heads, page_size, head_dim // 2), dtype=torch.uint8, device=device)  # noqa: E731
-        m = lambda: torch.zeros((num_pages, num_kv_heads, page_size), dtype=torch.float16, device=device)  # noqa: E731
+        m = lambda: torch.zeros((num_pages, num_kv_heads, page_size, ng), dtype=torch.float16, device=device)  # noqa: E731
         return KV4Cache(c(), c(), m(), m(), m(), m())
 
     @property
@@ -57,6 +68,14 @@ class KV4Cache:
     def head_dim(self) -> int:
         return self.k.shape[3] * 2
 
+    @property
+    def num_groups(self) -> int:
+        return self.k_scale.shape[3]
+
+    @property
+    def group_size(self) -> int:
+        return self.head_dim // self.num_groups
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero)
 
@@ -64,21 +83,49 @@ class KV4Cache:
         for t in (self.k, self.v):
             if t.dtype != torch.uint8 or t.dim() != 4 or not t.is_contiguous() or t.shape != self.k.shape:
                 raise ValueError("k/v must be contiguous uint8 [num_pages, H_kv, page_size, D//2]")
+        ng = self.k_scale.shape[-1] if self.k_scale.dim() == 4 else 0
         for t in self.tensors()[2:]:
-            if t.dtype != torch.float16 or t.shape != self.k.shape[:3] or not t.is_contiguous():
-                raise ValueError("scales/zeros must be contiguous float16 [num_pages, H_kv, page_size]")
+            if t.dtype != torch.float16 or t.shape != (*self.k.shape[:3], ng) or not t.is_contiguous():
+                raise ValueError("scales/zeros must be contiguous float16 [num_pages, H_kv, page_size, groups]")
+        num_groups(self.head_dim, self.head_dim // ng)
 
 
-def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (codes uint8 [..., D] in 0..15, scale fp16 [...], zero fp16 [...])."""
-    x = x.float()
+def kv_groups(head_dim: int, group_size: int) -> int:
+    """Groups per head for a scheme's ``kv_group_size`` (w4a8kv4): -1 or at least ``head_dim`` -> 1;
+    else the largest power of two up to ``group_size`` that divides ``head_dim / 2`` and is at least
+    16 (the weights' "finer" fallback), or one group when there is none (a head too narrow to split)."""
+    g = group_size
+    if g == -1 or g >= head_dim:
+        return 1
+    while g >= 16 and (head_dim // 2) % g:
+        g //= 2
+    return head_dim // g if g >= 16 and head_dim % 2 == 0 else 1
+
+
+def num_groups(head_dim: int, group_size: int) -> int:
+    """Groups per head for ``group_size`` channels per scale (-1 or ``head_dim``: one); ValueError
+    unless it is a power of two in [16, head_dim / 2] (a group lies in one nibble half)."""
+    if group_size in (-1, head_dim):
+        return 1
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 \
+            or group_size & (group_size - 1) or (head_dim // 2) % group_size:
+        raise ValueError(f"KV4 group size must be -1 (the whole head) or a power of two from 16 to "
+                         f"head_dim/2 = {head_dim // 2}, got {group_size!r}")
+    return head_dim // group_size
+
+
+def quantize_rows_reference(x: torch.Tensor, num_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (codes uint8 [..., D] in 0..15, scale fp16 [..., NG], zero fp16 [..., NG]): each
+    row's ``num_groups`` contiguous groups of ``D / NG`` channels quantized asymmetrically."""
+    shape = x.shape
+    x = x.float().reshape(*shape[:-1], num_groups, shape[-1] // num_groups)
     lo, hi = x.amin(-1), x.amax(-1)
     scale = ((hi - lo) / 15.0).to(torch.float16)
     zero = lo.to(torch.float16)
     s, z = scale.float(), zero.float()
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
     q = torch.floor((x - z[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)
-    return q, scale, zero
+    return q.reshape(shape), scale, zero
 
 
 def kv4_write_reference(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -88,7 +135,7 @@ def kv4_write_reference(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, slots
     slots, k, v = slots[keep].long(), k[keep], v[keep]
     page, off = slots // ps, slots % ps
     for x, codes, sc, zr in ((k, cache.k, cache.k_scale, cache.k_zero), (v, cache.v, cache.v_scale, cache.v_zero)):
-        q, s, z = quantize_rows_reference(x)  # [T, H, D], [T, H]
+        q, s, z = quantize_rows_reference(x, cache.num_groups)  # [T, H, D], [T, H, NG]
         packed = q[..., :dh] | (q[..., dh:] << 4)
         codes[page, :, off] = packed
         sc[page, :, off] = s
@@ -96,9 +143,68 @@ def kv4_write_reference(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, slots
 
 
 def dequantize_pages(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """[P, H, S, D/2] codes + [P, H, S] scale/zero -> float32 [P, H, S, D]."""
+    """[P, H, S, D/2] codes + [P, H, S, NG] scale/zero -> float32 [P, H, S, D]."""
     q = torch.cat([codes & 0xF, codes >> 4], dim=-1).float()
-    return q * scale.float()[..., None] + zero.float()[..., None]
+    gs = q.shape[-1] // scale.shape[-1]
+    return q * scale.float().repeat_interleave(gs, -1) + zero.float().repeat_interleave(gs, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def store_helper():
+    """The Triton helper both cache writers (this module's kernel and the fused RoPE + write,
+    `natix.kernels.rope_cache_write`) quantize and store with: ``kv4_store(a, b, codes, scale, zero,
+    row, ok, HP, HALF, NG)`` takes one token's ``HP`` head rows as their float32 low and high halves
+    ``a, b [HP, HALF]`` and writes their codes, scales and zeros at cache rows ``row [HP]`` (``ok``:
+    the rows that exist), with ``NG`` groups per head (module docstring). A kernel calls it by
+    name after ``globals().update(kv4_store=store_helper())`` in its own module."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _group_quant(x, HP: tl.constexpr, HALF: tl.constexpr, NGH: tl.constexpr):
+        # x float32 [HP, HALF] -> codes uint8 [HP, HALF], scale and zero fp16 [HP, NGH]
+        GS: tl.constexpr = HALF // NGH
+        x3 = tl.reshape(x, (HP, NGH, GS))
+        lo = tl.min(x3, axis=2)
+        s16 = ((tl.max(x3, axis=2) - lo) / 15.0).to(tl.float16)
+        z16 = lo.to(tl.float16)
+        sf = s16.to(tl.float32)
+        inv = tl.where(sf > 0, 1.0 / tl.where(sf > 0, sf, 1.0), 0.0)
+        q = tl.floor((x3 - z16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
+        q = tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.uint8)
+        return tl.reshape(q, (HP, HALF)), s16, z16
+
+    @triton.jit
+    def kv4_store(a, b, codes, sc, zr, row, ok, HP: tl.constexpr, HALF: tl.constexpr, NG: tl.constexpr):
+        d = tl.arange(0, HALF)
+        if NG == 1:  # one group over both halves
+            lo = tl.minimum(tl.min(a, axis=1), tl.min(b, axis=1))
+            hi = tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1))
+            s16 = ((hi - lo) / 15.0).to(tl.float16)
+            z16 = lo.to(tl.float16)
+            s = s16.to(tl.float32)
+            z = z16.to(tl.float32)
+            inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
+            qa = tl.minimum(tl.maximum(tl.floor((a - z[:, None]) * inv[:, None] + 0.5), 0.0), 15.0).to(tl.uint8)
+            qb = tl.minimum(tl.maximum(tl.floor((b - z[:, None]) * inv[:, None] + 0.5), 0.0), 15.0).to(tl.uint8)
+            tl.store(sc + row, s16, mask=ok)
+            tl.store(zr + row, z16, mask=ok)
+        else:
+            NGH: tl.constexpr = NG // 2
+            gi = tl.arange(0, NGH)
+            qa, sa, za = _group_quant(a, HP, HALF, NGH)
+            qb, sb, zb = _group_quant(b, HP, HALF, NGH)
+            m = row[:, None] * NG + gi[None, :]
+            tl.store(sc + m, sa, mask=ok[:, None])
+            tl.store(zr + m, za, mask=ok[:, None])
+            tl.store(sc + m + NGH, sb, mask=ok[:, None])
+            tl.store(zr + m + NGH, zb, mask=ok[:, None])
+        tl.store(codes + row[:, None] * HALF + d[None, :], qa | (qb << 4), mask=ok[:, None])
+
+    # kernels resolve helper names through this module's globals (triton is imported lazily); ``tl``
+    # too, for Triton's interpreter, which looks for triton.language among a called helper's globals
+    globals().update(_group_quant=_group_quant, tl=tl)
+    return kv4_store
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,10 +212,12 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    globals().update(kv4_store=store_helper())
+
     @triton.jit
     def kv4_write_kernel(
         k_ptr, v_ptr, slot_ptr, kc, vc, ks, kz, vs, vz, stride_kt, stride_kh, stride_vt, stride_vh,
-        H: tl.constexpr, HP: tl.constexpr, DH: tl.constexpr, PAGE: tl.constexpr,
+        H: tl.constexpr, HP: tl.constexpr, DH: tl.constexpr, PAGE: tl.constexpr, NG: tl.constexpr,
     ):
         t = tl.program_id(0)
         which = tl.program_id(1)  # 0: keys, 1: values
@@ -129,20 +237,7 @@ def _kernel():
                 codes, sc_ptr, zr_ptr = vc, vs, vz
             x_lo = tl.load(src, mask=h_ok[:, None], other=0.0).to(tl.float32)
             x_hi = tl.load(src + DH, mask=h_ok[:, None], other=0.0).to(tl.float32)
-            lo = tl.minimum(tl.min(x_lo, axis=1), tl.min(x_hi, axis=1))
-            hi = tl.maximum(tl.max(x_lo, axis=1), tl.max(x_hi, axis=1))
-            s16 = ((hi - lo) / 15.0).to(tl.float16)
-            z16 = lo.to(tl.float16)
-            s = s16.to(tl.float32)
-            z = z16.to(tl.float32)
-            inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
-            q_lo = tl.floor((x_lo - z[:, None]) * inv[:, None] + 0.5)
-            q_hi = tl.floor((x_hi - z[:, None]) * inv[:, None] + 0.5)
-            q_lo = tl.minimum(tl.maximum(q_lo, 0.0), 15.0).to(tl.uint8)
-            q_hi = tl.minimum(tl.maximum(q_hi, 0.0), 15.0).to(tl.uint8)
-            tl.store(codes + row[:, None] * DH + d[None, :], q_lo | (q_hi << 4), mask=h_ok[:, None])
-            tl.store(sc_ptr + row, s16, mask=h_ok)
-            tl.store(zr_ptr + row, z16, mask=h_ok)
+            kv4_store(x_lo, x_hi, codes, sc_ptr, zr_ptr, row, h_ok, HP, DH, NG)
 
     return kv4_write_kernel
 
@@ -166,7 +261,8 @@ def kv4_write_triton(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, slots: t
     h = cache.num_kv_heads
     _kernel()[(k.shape[0], 2)](
         k, v, slots.contiguous(), *cache.tensors(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H=h, HP=triton.next_power_of_2(h), DH=cache.head_dim // 2, PAGE=cache.page_size, num_warps=4,
+        H=h, HP=triton.next_power_of_2(h), DH=cache.head_dim // 2, PAGE=cache.page_size, NG=cache.num_groups,
+        num_warps=4,
     )
 
 

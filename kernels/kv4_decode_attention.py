@@ -7,6 +7,9 @@ probabilities: ``o = (p * v_scale) . codes + sum(p * v_zero)``. Both products ru
 cores (codes 0..15 are exact in fp16) with fp32 accumulation. Default loop (``swap=True``): tokens are the
 MMA's M dimension and the G query heads its N (padded to 8), so on sm_90 the dequantized tile is a register
 A operand of wgmma; ``swap=False`` keeps the earlier loop (G query rows padded to 16, tile via shared memory).
+A cache with channel groups (``NG > 1`` scales per token and head, swap loop only) dequantizes each tile
+in registers instead, ``code * scale[group] + zero[group]`` rounded to fp16, and feeds that to the same
+two MMAs per half: the scale cannot be folded outside a product that spans several groups.
 With more than one split (flash-decoding), each split writes an unnormalised partial output and its
 (max, sum) and a second small kernel combines them; with one split the first kernel writes the output.
 """
@@ -79,7 +82,7 @@ def _kernels():
         q_ptr, kc, vc, ks, kz, vs, vz, bt_ptr, len_ptr, out_ptr, po_ptr, pml_ptr,
         qk_scale, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, num_splits,
         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DH: tl.constexpr, PAGE: tl.constexpr,
-        BT: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr,
+        BT: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, NG: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -122,21 +125,43 @@ def _kernels():
                     row = (page * HKV + h) * PAGE + t % PAGE
                 kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
                 vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
-                k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
-                k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
-                v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
-                v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
-                sT = tl.dot(_nib16(kcod, 0), q_lo16) + tl.dot(_nib16(kcod, 4), q_hi16)  # [BT, GP]
-                sT = sT * k_s[:, None] + k_z[:, None] * q_sum[None, :]
+                if NG == 1:
+                    k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
+                    k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
+                    v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
+                    v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
+                    sT = tl.dot(_nib16(kcod, 0), q_lo16) + tl.dot(_nib16(kcod, 4), q_hi16)  # [BT, GP]
+                    sT = sT * k_s[:, None] + k_z[:, None] * q_sum[None, :]
+                else:
+                    # group of dim d in the low half: d // (DH / NGH); the high half's are NGH later
+                    NGH: tl.constexpr = NG // 2
+                    kg = row[:, None] * NG + (d // (DH // NGH))[None, :]  # [BT, DH]
+                    vg = row[None, :] * NG + (d // (DH // NGH))[:, None]  # [DH, BT]
+                    km = t_ok[:, None]
+                    vm = t_ok[None, :]
+                    k_lo = _nib16(kcod, 0).to(tl.float32) * tl.load(ks + kg, mask=km, other=0.0).to(tl.float32) \
+                        + tl.load(kz + kg, mask=km, other=0.0).to(tl.float32)
+                    k_hi = _nib16(kcod, 4).to(tl.float32) * tl.load(ks + kg + NGH, mask=km, other=0.0).to(tl.float32) \
+                        + tl.load(kz + kg + NGH, mask=km, other=0.0).to(tl.float32)
+                    sT = tl.dot(k_lo.to(tl.float16), q_lo16) + tl.dot(k_hi.to(tl.float16), q_hi16)
                 sT = tl.where(t_ok[:, None], sT, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sT, axis=0))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(sT - m_new[None, :])
                 l_i = l_i * alpha + tl.sum(p, axis=0)
-                z_acc = z_acc * alpha + tl.sum(p * v_z[:, None], axis=0)
-                pv = (p * v_s[:, None]).to(tl.float16)  # [BT, GP]
-                acc_lo = acc_lo * alpha[None, :] + tl.dot(_nib16(vcod, 0), pv)
-                acc_hi = acc_hi * alpha[None, :] + tl.dot(_nib16(vcod, 4), pv)
+                if NG == 1:
+                    z_acc = z_acc * alpha + tl.sum(p * v_z[:, None], axis=0)
+                    pv = (p * v_s[:, None]).to(tl.float16)  # [BT, GP]
+                    acc_lo = acc_lo * alpha[None, :] + tl.dot(_nib16(vcod, 0), pv)
+                    acc_hi = acc_hi * alpha[None, :] + tl.dot(_nib16(vcod, 4), pv)
+                else:
+                    v_lo = _nib16(vcod, 0).to(tl.float32) * tl.load(vs + vg, mask=vm, other=0.0).to(tl.float32) \
+                        + tl.load(vz + vg, mask=vm, other=0.0).to(tl.float32)
+                    v_hi = _nib16(vcod, 4).to(tl.float32) * tl.load(vs + vg + NGH, mask=vm, other=0.0).to(tl.float32) \
+                        + tl.load(vz + vg + NGH, mask=vm, other=0.0).to(tl.float32)
+                    pv = p.to(tl.float16)
+                    acc_lo = acc_lo * alpha[None, :] + tl.dot(v_lo.to(tl.float16), pv)
+                    acc_hi = acc_hi * alpha[None, :] + tl.dot(v_hi.to(tl.float16), pv)
                 m_i = m_new
             acc_lo += z_acc[None, :]
             acc_hi += z_acc[None, :]
@@ -281,6 +306,8 @@ def kv4_decode_attention_triton(
     import triton
 
     _check(q, cache, block_tables, seq_lens)
+    if cache.num_groups > 1 and not swap:
+        raise ValueError("a KV4 cache with channel groups is read by the swap loop only (swap=True)")
     b, hq, dim = q.shape
     hkv = cache.num_kv_heads
     g = hq // hkv
@@ -303,7 +330,7 @@ def kv4_decode_attention_triton(
         q, *cache.tensors(), block_tables, seq_lens, out, po, pml,
         sm_scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
         HKV=hkv, G=g, GP=max(8 if swap else 16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size,
-        BT=block_t, DIRECT=direct, SWAP=bool(swap), num_warps=num_warps, num_stages=num_stages,
+        BT=block_t, DIRECT=direct, SWAP=bool(swap), NG=cache.num_groups, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         combine[(b, hq)](po, pml, out, num_splits, hq, out.stride(0), out.stride(1),

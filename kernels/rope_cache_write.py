@@ -70,12 +70,16 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    from .kv4_cache import store_helper
+
+    globals().update(kv4_store=store_helper())
+
     @triton.jit
     def rope_cache_write_kernel(
         q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, rot_ptr, c0, c1, c2, c3, c4, c5,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         HQ: tl.constexpr, HK: tl.constexpr, HP: tl.constexpr, HKP: tl.constexpr, HALF: tl.constexpr,
-        PAGE: tl.constexpr, KV4: tl.constexpr, ROT: tl.constexpr, ROT_SIGNS: tl.constexpr, ROT_SCALE: tl.constexpr,
+        PAGE: tl.constexpr, KV4: tl.constexpr, NG: tl.constexpr, ROT: tl.constexpr, ROT_SIGNS: tl.constexpr, ROT_SCALE: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -137,23 +141,9 @@ def _kernel():
             row = ((slot // PAGE) * HK + hk) * PAGE + slot % PAGE  # [HKP]
             if KV4:
                 # c0..c5 = k codes, v codes, k scale, k zero, v scale, v zero (kv4_cache's layout)
-                for which in tl.static_range(2):
-                    if which == 0:
-                        a, b, codes, sc, zr = k_lo.to(tl.float32), k_hi.to(tl.float32), c0, c2, c3
-                    else:
-                        a, b, codes, sc, zr = v_lo.to(tl.float32), v_hi.to(tl.float32), c1, c4, c5
-                    lo = tl.minimum(tl.min(a, axis=1), tl.min(b, axis=1))
-                    hi = tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1))
-                    s16 = ((hi - lo) / 15.0).to(tl.float16)
-                    z16 = lo.to(tl.float16)
-                    sf = s16.to(tl.float32)
-                    zf = z16.to(tl.float32)
-                    inv = tl.where(sf > 0, 1.0 / tl.where(sf > 0, sf, 1.0), 0.0)
-                    qa = tl.minimum(tl.maximum(tl.floor((a - zf[:, None]) * inv[:, None] + 0.5), 0.0), 15.0).to(tl.uint8)
-                    qb2 = tl.minimum(tl.maximum(tl.floor((b - zf[:, None]) * inv[:, None] + 0.5), 0.0), 15.0).to(tl.uint8)
-                    tl.store(codes + row[:, None] * HALF + d[None, :], qa | (qb2 << 4), mask=kok)
-                    tl.store(sc + row, s16, mask=hk < HK)
-                    tl.store(zr + row, z16, mask=hk < HK)
+                ok = hk < HK
+                kv4_store(k_lo.to(tl.float32), k_hi.to(tl.float32), c0, c2, c3, row, ok, HKP, HALF, NG)
+                kv4_store(v_lo.to(tl.float32), v_hi.to(tl.float32), c1, c4, c5, row, ok, HKP, HALF, NG)
             else:
                 # c0, c1 = k, v pages [P, H, page, 2 * HALF] in the cache dtype
                 o = row[:, None] * (2 * HALF) + d[None, :]
@@ -168,7 +158,7 @@ def _kernel():
 
 @functools.lru_cache(maxsize=None)
 def _launcher(hq: int, hk: int, half: int, page: int, kv4: bool, rot: bool = False, signs: bool = False,
-              scale: float = 1.0):
+              scale: float = 1.0, groups: int = 1):
     import triton
 
     from .launch import Launcher
@@ -176,7 +166,7 @@ def _launcher(hq: int, hk: int, half: int, page: int, kv4: bool, rot: bool = Fal
     # tl.dot takes tiles of at least 16 rows: with the rotation the head tiles are padded (masked) to 16
     lo = 16 if rot else 1
     return Launcher(_kernel(), HQ=hq, HK=hk, HP=max(lo, triton.next_power_of_2(hq)),
-                    HKP=max(lo, triton.next_power_of_2(hk)), HALF=half, PAGE=page, KV4=kv4, ROT=rot, ROT_SIGNS=signs,
+                    HKP=max(lo, triton.next_power_of_2(hk)), HALF=half, PAGE=page, KV4=kv4, NG=groups, ROT=rot, ROT_SIGNS=signs,
                     ROT_SCALE=scale, num_warps=4)
 
 
@@ -223,6 +213,8 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
             if form is not None:
                 rot, scale = form
                 signs = True
-    _launcher(q.shape[1], k.shape[1], q.shape[2] // 2, page, kv4 is not None, rotation is not None, bool(signs), scale)(
+    groups = kv4.num_groups if kv4 is not None else 1
+    _launcher(q.shape[1], k.shape[1], q.shape[2] // 2, page, kv4 is not None, rotation is not None, bool(signs), scale,
+              groups)(
         (t,), q, k, v, positions, cos_sin, slots, rot, *tensors, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1))

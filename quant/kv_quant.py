@@ -3,7 +3,8 @@
 Two modes, chosen per model by ``model.natix_kv_cache`` (set by the loader from the scheme's
 ``kv_cache`` field; :func:`new_cache` reads it):
 
-- ``"int4"`` (W4A8KV4): per token and KV head, asymmetric UINT4 with an fp16 scale and zero —
+- ``"int4"`` (W4A8KV4): per token and KV head (or per group of ``model.natix_kv_group_size``
+  channels of a head: w4a8kv4's ``kv_group_size``), asymmetric UINT4 with an fp16 scale and zero —
   exactly :func:`natix.kernels.kv4_cache.quantize_rows_reference`, so the reference path stores the
   same numbers the kernel cache does. Dynamic: nothing is calibrated.
 - ``"fp8"`` (the compressed-tensors schemes' fp8 KV option): e4m3 with one static scale per layer
@@ -59,21 +60,24 @@ __all__ = ["FP8_MAX", "KV_MODES", "PREFILL_MODES", "calibrate_fp8_kv_scales", "f
 
 
 # ---------------------------------------------------------------------------------------- math
-def fake_quant_int4(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., D]`` -> the same shape and dtype, each ``D``-row replaced by its UINT4 dequantization
-    ``code * scale + zero`` (fp16 scale/zero, :func:`natix.kernels.kv4_cache.quantize_rows_reference`)."""
+def fake_quant_int4(x: torch.Tensor, num_groups: int = 1) -> torch.Tensor:
+    """``x [..., D]`` -> the same shape and dtype, each ``D``-row's ``num_groups`` channel groups
+    replaced by their UINT4 dequantization ``code * scale + zero`` (fp16 scale/zero,
+    :func:`natix.kernels.kv4_cache.quantize_rows_reference`)."""
     from natix.kernels.kv4_cache import quantize_rows_reference
 
-    q, scale, zero = quantize_rows_reference(x)
-    return (q.float() * scale.float()[..., None] + zero.float()[..., None]).to(x.dtype)
+    q, scale, zero = quantize_rows_reference(x, num_groups)
+    gs = x.shape[-1] // num_groups
+    return (q.float() * scale.float().repeat_interleave(gs, -1)
+            + zero.float().repeat_interleave(gs, -1)).to(x.dtype)
 
 
-def fake_quant_int4_rotated(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def fake_quant_int4_rotated(x: torch.Tensor, h: torch.Tensor, num_groups: int = 1) -> torch.Tensor:
     """``Q(x H) Hᵀ`` in ``x.dtype``: the KV4 codes of the rotated rows (rotated in float32 and rounded
     to ``x.dtype`` first, as the engine stores them), dequantized and rotated back. ``h [D, D]``."""
     hf = h.to(device=x.device, dtype=torch.float32)
     xr = (x.float() @ hf).to(x.dtype)
-    return (fake_quant_int4(xr).float() @ hf.t()).to(x.dtype)
+    return (fake_quant_int4(xr, num_groups).float() @ hf.t()).to(x.dtype)
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -93,10 +97,12 @@ def quantized_cache_class() -> type:
         """A ``DynamicCache`` that stores fake-quantized keys/values (see module docstring).
 
         Set ``natix_kv_mode`` ("int4" | "fp8"), ``natix_prefill`` ("unquantized" | "quantized"),
-        for fp8 ``natix_kv_scales`` ({layer_idx: (k_scale, v_scale)}) and for int4 with key rotation
-        ``natix_key_rotation`` (``H [D, D]``) after construction (:func:`new_cache` does)."""
+        for fp8 ``natix_kv_scales`` ({layer_idx: (k_scale, v_scale)}), for int4 ``natix_kv_groups``
+        (channel groups per head) and with key rotation ``natix_key_rotation`` (``H [D, D]``) after
+        construction (:func:`new_cache` does)."""
 
         natix_kv_mode: str = "int4"
+        natix_kv_groups: int = 1
         natix_prefill: str = "quantized"
         natix_kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         natix_key_rotation: torch.Tensor | None = None
@@ -107,8 +113,10 @@ def quantized_cache_class() -> type:
                 and self.get_seq_length(layer_idx) == 0 else None
             if self.natix_kv_mode == "int4":
                 rot = self.natix_key_rotation
-                key_states = fake_quant_int4(key_states) if rot is None else fake_quant_int4_rotated(key_states, rot)
-                value_states = fake_quant_int4(value_states)
+                ng = self.natix_kv_groups
+                key_states = fake_quant_int4(key_states, ng) if rot is None \
+                    else fake_quant_int4_rotated(key_states, rot, ng)
+                value_states = fake_quant_int4(value_states, ng)
             elif self.natix_kv_mode == "fp8":
                 try:
                     ks, vs = self.natix_kv_scales[layer_idx]
@@ -144,7 +152,8 @@ def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
     engine's default), else a :func:`quantized_cache_class` instance whose prefill attention reads
     ``prefill`` keys/values (module docstring). fp8 reads every attention module's ``k_scale`` /
     ``v_scale``; ValueError if there are none or a mode is unknown. An int4 model with
-    ``model.natix_kv_rotate_keys`` gets the key rotation (module docstring)."""
+    ``model.natix_kv_rotate_keys`` gets the key rotation (module docstring), and
+    ``model.natix_kv_group_size`` channels per scale (-1 or absent: the whole head)."""
     mode = getattr(model, "natix_kv_cache", "none") or "none"
     if mode not in KV_MODES:
         raise ValueError(f"model.natix_kv_cache must be one of {', '.join(KV_MODES)}, got {mode!r}")
@@ -154,12 +163,16 @@ def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
         return None
     cache = _dynamic_cache(quantized_cache_class(), model)
     cache.natix_kv_mode, cache.natix_prefill = mode, prefill
-    if mode == "int4" and getattr(model, "natix_kv_rotate_keys", False):
-        from natix.quant.qoq import head_rotation
+    if mode == "int4":
+        from natix.kernels.kv4_cache import kv_groups
 
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        cache.natix_key_rotation = head_rotation(int(d)).float()
+        d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        cache.natix_kv_groups = kv_groups(d, int(getattr(model, "natix_kv_group_size", -1)))
+        if getattr(model, "natix_kv_rotate_keys", False):
+            from natix.quant.qoq import head_rotation
+
+            cache.natix_key_rotation = head_rotation(d).float()
     if mode == "fp8":
         scales = _fp8_scales(model)
         n_layers = getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", None) \

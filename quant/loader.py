@@ -103,6 +103,8 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     # w4a8kv4 rotate_keys: queries and keys rotated by the head Hadamard after RoPE (kv_quant, the
     # natix engine's DecoderModel); an artifact from before the option has none
     model.natix_kv_rotate_keys = bool(getattr(cfg, "rotate_keys", False))
+    # w4a8kv4 kv_group_size: channels per KV4 scale (-1, and an artifact from before the option: the head)
+    model.natix_kv_group_size = int(getattr(cfg, "kv_group_size", -1))
     return model, load_tokenizer(str(p))
 
 

@@ -36,6 +36,7 @@ GROUP_SIZE = 128  # QServe's group size, the default (natix.kernels.packing.GROU
 GROUP_SIZES = (32, 64, 128)  # what the kernels take (natix.kernels.packing.GROUP_SIZES; this module is torch-free)
 GROUP_FALLBACKS = ("finer", "channel", "error")
 WEIGHT_SCALES = ("minmax", "mse")  # level-1 range of each group: min-max, or a clipping search
+KV_GROUP_SIZE = 32  # measured: reports/quant-accuracy.md, "KV4 channel groups"
 VOCAB_BITS = (16, 8)  # embed_bits / lm_head_bits: the model dtype, or int8 rows (natix.quant.w8a16)
 
 
@@ -47,7 +48,10 @@ class W4A8KV4Config(QuantConfig):
     ``group_size``: 128, 64 or 32 (progressive) or -1 (per channel); ``group_fallback``: what a
     layer whose K the group size does not divide gets — "finer" (the largest smaller group size
     that divides K, else per channel), "channel" (per channel) or "error"; ``kv_cache``:
-    "int4" or "none" (KV16, the ablation); ``gptq``: GPTQ with calibration Hessians, else round to
+    "int4" or "none" (KV16, the ablation); ``kv_group_size``: channels per KV4 scale and zero, -1 (the
+    whole head, QServe's format) or a power of two >= 16 (a head whose half it does not divide takes
+    the next smaller one, down to 16, else one group: :func:`natix.kernels.kv4_cache.kv_groups`):
+    finer groups keep an outlier channel's range to its own group; ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
     into v_proj / o_proj (offline, no runtime cost); ``rotate_keys``: queries and keys rotated by the
@@ -70,6 +74,7 @@ class W4A8KV4Config(QuantConfig):
     group_size: int = GROUP_SIZE
     group_fallback: str = "finer"
     kv_cache: str = "int4"
+    kv_group_size: int = KV_GROUP_SIZE
     gptq: bool = True
     smooth_attention: bool = True
     smooth_alpha: float = 0.5
@@ -96,6 +101,9 @@ class W4A8KV4Config(QuantConfig):
             raise QuantError(f"w4a8kv4: weight_scale must be one of {', '.join(WEIGHT_SCALES)}, got {self.weight_scale!r}")
         if self.kv_cache not in ("int4", "none"):
             raise QuantError(f"w4a8kv4: kv_cache must be 'int4' or 'none' (KV16), got {self.kv_cache!r}")
+        g = self.kv_group_size
+        if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or (g >= 16 and not g & (g - 1))):
+            raise QuantError(f"w4a8kv4: kv_group_size must be -1 (the whole head) or a power of two >= 16, got {g!r}")
         for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys",
                      "act_order"):
             if not isinstance(getattr(self, flag), bool):
@@ -124,11 +132,13 @@ class W4A8KV4Config(QuantConfig):
         every manifest does) without ``rotate_values`` / ``rotate_keys`` / ``embed_bits`` /
         ``lm_head_bits`` was written before those options existed and had none of them (16-bit
         embedding and lm_head), whatever the defaults are now; likewise ``group_fallback`` ("channel"
-        then; each layer's group size is in its own record either way), ``weight_scale`` ("minmax")
-        and ``act_order`` (false). A partial config (no ``rotate``) takes the defaults."""
+        then; each layer's group size is in its own record either way), ``weight_scale`` ("minmax"),
+        ``act_order`` (false) and ``kv_group_size`` (-1: one KV4 scale per head). A partial config
+        (no ``rotate``) takes the defaults."""
         if "rotate" in d:
             d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16,
-                 "group_fallback": "channel", "weight_scale": "minmax", "act_order": False, **d}
+                 "group_fallback": "channel", "weight_scale": "minmax", "act_order": False, "kv_group_size": -1,
+                 **d}
         return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
@@ -300,7 +310,10 @@ class W4A8KV4Config(QuantConfig):
             "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True,
                                   "dynamic": True},
             "kv_cache": self.kv_cache,
-            "kv_cache_scheme": ({"num_bits": 4, "type": "uint", "strategy": "token-head", "symmetric": False,
+            "kv_group_size": self.kv_group_size,
+            "kv_cache_scheme": ({"num_bits": 4, "type": "uint",
+                                 "strategy": "token-head" if self.kv_group_size == -1 else "token-head-group",
+                                 "group_size": self.kv_group_size, "symmetric": False,
                                  "dynamic": True, "scale_dtype": "float16", "post_rope": True}
                                 if self.kv_cache == "int4" else None),
             "transforms": {"rotate": self.rotate, "smooth_attention": self.smooth_attention,

@@ -250,14 +250,16 @@ def make_engine(scheme: str, group: int, **opts: Any) -> Any:
     opts = {"warmup": "none", "async_scheduling": False, **opts}
     t = time.perf_counter()
     rotate_keys = scheme == "w4a8kv4-kvrot"
+    kv_group = int(scheme.removeprefix("w4a8kv4-kvg")) if scheme.startswith("w4a8kv4-kvg") else -1
     vocab8 = {"embed_bits": 8, "lm_head_bits": 8} if scheme == "w4a8kv4-vocab8" else {}
     w = random_weights(SPEC, "w4a8kv4" if scheme.startswith("w4a8kv4") else scheme, device=DEV,
                        dtype=torch.bfloat16 if DEV.type == "cuda" else torch.float32, group_size=group, seed=0,
                        **vocab8)
-    if rotate_keys:  # the artifact option rotate_keys: q and k rotated by the head Hadamard in the RoPE + KV4 write
-        import dataclasses
+    import dataclasses
 
-        w = dataclasses.replace(w, rotate_keys=True)
+    # the artifact options rotate_keys (q and k rotated by the head Hadamard in the RoPE + KV4 write)
+    # and kv_group_size (KV4 channel groups)
+    w = dataclasses.replace(w, rotate_keys=rotate_keys, kv_group_size=kv_group)
     sync()
     e = NatixEngine()
     e.load_weights(w, options=EngineOptions(**opts))
@@ -333,6 +335,8 @@ def set_async(e: Any, on: bool) -> None:
 
 
 def label(scheme: str, group: int) -> str:
+    if scheme.startswith("w4a8kv4-kvg"):  # per-channel weights, KV4 channel groups
+        return "w4a8kv4-chan-" + scheme.removeprefix("w4a8kv4-")
     return {"dense": "bf16", "fp8": "fp8", "w4a8kv4-kvrot": "w4a8kv4-chan-kvrot",
             "w4a8kv4-vocab8": "w4a8kv4-chan-vocab8"}.get(
         scheme, f"w4a8kv4-{f'g{group}' if group > 0 else 'chan'}")
@@ -513,7 +517,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--sections", default="host,engine,qserve,maj")
-    p.add_argument("--schemes", default="dense,w4a8kv4", help="dense, fp8, w4a8kv4 (per channel), w4a8kv4-g128 (or -g64, -g32), w4a8kv4-kvrot (per channel, rotate_keys), w4a8kv4-vocab8 (per channel, 8-bit embedding and lm_head)")
+    p.add_argument("--schemes", default="dense,w4a8kv4", help="dense, fp8, w4a8kv4 (per channel), w4a8kv4-g128 (or -g64, -g32), w4a8kv4-kvrot (per channel, rotate_keys), w4a8kv4-kvg32 (per channel, KV4 groups of 32 channels), w4a8kv4-vocab8 (per channel, 8-bit embedding and lm_head)")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)

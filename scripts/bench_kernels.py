@@ -418,12 +418,12 @@ def bench_norm(out: Out, copy_bw: float) -> None:
         del xs_
 
 
-def build_cache(lens, hkv, d, page):
+def build_cache(lens, hkv, d, page, group_size=-1):
     b = len(lens)
     maxp = -(-max(lens) // page)
     pages = b * maxp
     bt = torch.randperm(pages, device=DEV).view(b, maxp).to(torch.int32)
-    cache = KV4Cache.empty(pages, hkv, page, d, DEV)
+    cache = KV4Cache.empty(pages, hkv, page, d, DEV, group_size)
     # fill page by page (random data, written through the kernel)
     for i, n in enumerate(lens):
         t = torch.arange(n, device=DEV)
@@ -433,22 +433,24 @@ def build_cache(lens, hkv, d, page):
     return cache, bt
 
 
-def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
+def bench_kv4(out: Out, copy_bw: float, tune_splits: bool, group_sizes=(-1,)) -> None:
+    """KV4 decode attention at the Llama-3-8B shape, for each KV4 channel group size (-1: a scale per
+    head), then the SDPA baseline over a bf16 cache; and the KV4 write of one B=64 step."""
     hq, hkv, d, page = 32, 8, 128, 64
     sm_scale = d ** -0.5
     cases = [(64, 4096), (64, 16384), (1, 4096), (1, 16384), ("ragged64", 4096)]
-    for bsz, ctx in cases:
+    for bsz, ctx, gs in ((b_, c_, g_) for b_, c_ in cases for g_ in group_sizes):
         if bsz == "ragged64":
             gen = torch.Generator().manual_seed(0)
             lens = torch.randint(1, ctx + 1, (64,), generator=gen).tolist()
         else:
             lens = [ctx] * bsz
         b = len(lens)
-        rec = dict(kind="kv4_decode", batch=str(bsz), ctx=ctx, hq=hq, hkv=hkv, d=d, page=page)
-        cache, bt = build_cache(lens, hkv, d, page)
+        rec = dict(kind="kv4_decode", batch=str(bsz), ctx=ctx, hq=hq, hkv=hkv, d=d, page=page, kv_group_size=gs)
+        cache, bt = build_cache(lens, hkv, d, page, gs)
         seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
         q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
-        nbytes = sum(lens) * hkv * (d + 8) + b * hq * d * 4 + bt.numel() * 4
+        nbytes = sum(lens) * hkv * (d + 8 * cache.num_groups) + b * hq * d * 4 + bt.numel() * 4
         # correctness on a subset of rows (the reference is slow)
         sub = list(range(min(b, 4)))
         ref = kv4_decode_attention_reference(q[sub], cache, bt[sub], seq[sub], sm_scale)
@@ -492,6 +494,8 @@ def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
             bytes=nbytes, gbps=nbytes / us / 1e3, frac_copy=nbytes / us / 1e3 / copy_bw)
         del cache
         torch.cuda.empty_cache()
+        if gs != group_sizes[-1]:
+            continue
         # baseline: SDPA over a bf16 cache (equal lengths only: padded to max for ragged)
         tmax = max(lens)
         kb = torch.randn(b, hkv, tmax, d, device=DEV, dtype=torch.bfloat16)
@@ -505,11 +509,12 @@ def bench_kv4(out: Out, copy_bw: float, tune_splits: bool) -> None:
         del kb, vb
         torch.cuda.empty_cache()
     # KV4 write of one decode step (B=64 tokens)
-    cache = KV4Cache.empty(64 * 64, hkv, page, d, DEV)
-    kv = torch.randn(64, hkv, d, device=DEV, dtype=torch.bfloat16)
-    slots = torch.arange(64, device=DEV, dtype=torch.int32) * page * 3 % (64 * 64 * page)
-    us = bench_graph([lambda: kv4_write(cache, kv, kv, slots)])
-    out(kind="kv4_write", batch=64, impl="triton", us=us)
+    for gs in group_sizes:
+        cache = KV4Cache.empty(64 * 64, hkv, page, d, DEV, gs)
+        kv = torch.randn(64, hkv, d, device=DEV, dtype=torch.bfloat16)
+        slots = torch.arange(64, device=DEV, dtype=torch.int32) * page * 3 % (64 * 64 * page)
+        us = bench_graph([lambda: kv4_write(cache, kv, kv, slots)])
+        out(kind="kv4_write", batch=64, impl="triton", us=us, kv_group_size=gs)
 
 
 ROPE_CASES = ((1, 32, 8, 128), (64, 32, 8, 128), (1024, 32, 8, 128))  # (tokens, Hq, Hkv, D): Llama-3-8B
@@ -570,6 +575,7 @@ def main() -> None:
     ap.add_argument("--out", default="kernels.jsonl")
     ap.add_argument("--sections", default="gemm,norm,kv4,rope,gemlite", help="also: level1 (A/B of the level-1 reads)")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--kv-groups", default="-1", help="kv4 section: KV4 channel group sizes to time (-1: a scale per head)")
     ap.add_argument("--ms", default="", help="M values of the gemm section (default: all)")
     ap.add_argument("--groups", default="128,0", help="gemm section: progressive group sizes to time, 0 = per channel")
     ap.add_argument("--tuned-out", default="w4a8_gemm.json")
@@ -603,7 +609,7 @@ def main() -> None:
         bench_norm(out, copy_bw)
         print(f"[norm done {time.time() - t0:.0f}s]", flush=True)
     if "kv4" in secs:
-        bench_kv4(out, copy_bw, a.tune)
+        bench_kv4(out, copy_bw, a.tune, tuple(int(x) for x in a.kv_groups.split(",")))
         print(f"[kv4 done {time.time() - t0:.0f}s]", flush=True)
     if "rope" in secs:
         bench_rope_write(out)

@@ -76,15 +76,23 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "w4a8kv4 default": ("w4a8kv4", []),
     "w4a8kv4 default KV16": ("w4a8kv4", ["--kv", "none"]),
     "w4a8kv4 default kvrot": ("w4a8kv4", ["--set", "rotate_keys=true"]),
+    "w4a8kv4 default kvhead": ("w4a8kv4", ["--set", "kv_group_size=-1"]),
+    "w4a8kv4 default kvhead kvrot": ("w4a8kv4", ["--set", "kv_group_size=-1", "--set", "rotate_keys=true"]),
+    "w4a8kv4 default kvg16": ("w4a8kv4", ["--set", "kv_group_size=16"]),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
-# (rotate_keys is applied at run time), the source row's artifact is copied and the fields are set in
-# its manifest and config.json, instead of an export that would write the same tensors again
+# (rotate_keys, kv_group_size and kv_cache act at run time), the source row's artifact is copied and
+# the fields are set in its manifest and config.json, instead of an export that would write the same
+# tensors again
 DERIVED: dict[str, tuple[str, dict[str, object]]] = {
     "w4a8kv4-g128 kvrot": ("w4a8kv4-g128 vrot", {"rotate_keys": True}),
     "w4a8kv4 default kvrot": ("w4a8kv4 default", {"rotate_keys": True}),
     # the same weights read with a 16-bit cache: what the KV4 cache alone costs
     "w4a8kv4 default KV16": ("w4a8kv4 default", {"kv_cache": "none"}),
+    # KV4 channel groups: one scale per head (the format before kv_group_size; QServe's), and 16 channels
+    "w4a8kv4 default kvhead": ("w4a8kv4 default", {"kv_group_size": -1}),
+    "w4a8kv4 default kvhead kvrot": ("w4a8kv4 default", {"kv_group_size": -1, "rotate_keys": True}),
+    "w4a8kv4 default kvg16": ("w4a8kv4 default", {"kv_group_size": 16}),
 }
 KEEP_MARKER = "<!-- sections below are not rendered from the JSONL; --render-only keeps them -->"
 GOALS = {"fp8": 0.01, "fp8-mse": 0.01}  # max relative perplexity increase vs bf16
@@ -126,9 +134,12 @@ def _derive(work: Path, label: str, log) -> Path:
     mpath, cpath = out / "natix_manifest.json", out / "config.json"
     manifest, config = json.loads(mpath.read_text()), json.loads(cpath.read_text())
     manifest["details"]["quant_config"].update(fields)
+    # config.json's quantization_config as an export with these fields writes it
+    from natix.quant.schemes import config_from_dict
+
     qc = config["quantization_config"]
-    for key, value in fields.items():  # transforms live in their own block of config.json, kv_cache at its top
-        (qc["transforms"] if key in qc["transforms"] else qc)[key] = value
+    config["quantization_config"] = config_from_dict(manifest["details"]["quant_config"]).hf_quantization_config(
+        qc.get("layers"))
     mpath.write_text(json.dumps(manifest, indent=2) + "\n")
     cpath.write_text(json.dumps(config, indent=2) + "\n")
     print(f"+ derived {out} from {src} with {fields}", file=log, flush=True)

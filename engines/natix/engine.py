@@ -197,7 +197,8 @@ class NatixEngine:
         return {
             "engine": "natix", "model": self.cfg.model if self.cfg else None,
             "adapter": self.cfg.adapter if self.cfg else None, "device": str(r.device), "dtype": str(r.dtype),
-            "scheme": self.weights_scheme, "kv_cache": r.kv_kind, "kv_pages": r.kv.num_pages,
+            "scheme": self.weights_scheme, "kv_cache": r.kv_kind, "kv_groups": r.kv_groups,
+            "kv_pages": r.kv.num_pages,
             "page_size": r.page_size, "kv_capacity_tokens": r.kv.capacity_tokens, "kv_cache_bytes": r.kv.nbytes,
             "weight_bytes": r.weight_bytes, "max_model_len": self.max_model_len, "max_num_seqs": o.max_num_seqs,
             "max_num_batched_tokens": o.max_num_batched_tokens, "prefill_attention": o.prefill_attention,

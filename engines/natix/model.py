@@ -160,7 +160,7 @@ class DecoderModel:
         if self.prefill_quantized and kv.kind == "int4":
             from natix.quant.kv_quant import fake_quant_int4
 
-            k, v = fake_quant_int4(k), fake_quant_int4(v)
+            k, v = fake_quant_int4(k, kv.groups), fake_quant_int4(v, kv.groups)
         has_ctx = any(batch.ctx_lens)
         if has_ctx:
             k, v, cu_k, max_k = self._with_context(kv, li, k, v, batch)

@@ -71,12 +71,17 @@ class ModelRunner:
         kind = weights.kv_cache if options.kv_cache == "auto" else options.kv_cache
         if kind == "int4" and (s.head_dim & (s.head_dim - 1) or s.head_dim < 32):
             raise EngineLoadError(f"the KV4 kernels need a power-of-two head_dim >= 32, this model has {s.head_dim}")
+        from natix.kernels.kv4_cache import kv_groups
+
+        # channel groups per head of the KV4 cache (the artifact's kv_group_size, resolved for this head_dim)
+        self.kv_groups = kv_groups(s.head_dim, weights.kv_group_size) if kind == "int4" else 1
         self.kv_kind = kind
         self.page_size = options.page_size
         self.max_pages = -(-max_model_len // self.page_size)
         self.model = DecoderModel(weights, kind, options.prefill_attention, max_model_len, device, dtype)
         self.weight_bytes = weights.nbytes()
-        self.kv = PagedKVCache(kind, self._num_pages(), s.layers, s.kv_heads, s.head_dim, self.page_size, dtype, device)
+        self.kv = PagedKVCache(kind, self._num_pages(), s.layers, s.kv_heads, s.head_dim, self.page_size, dtype, device,
+                               self.kv_groups)
         self.use_graphs = options.cuda_graphs and device.type == "cuda"
         self.max_graph_batch = options.max_num_seqs
         self.buckets = graph_buckets(self.max_graph_batch)
@@ -104,7 +109,8 @@ class ModelRunner:
     # ------------------------------------------------------------------------------ memory
     def _num_pages(self) -> int:
         o, s = self.options, self.spec
-        per_page = bytes_per_page(self.kv_kind, s.layers, s.kv_heads, s.head_dim, self.page_size, self.dtype)
+        per_page = bytes_per_page(self.kv_kind, s.layers, s.kv_heads, s.head_dim, self.page_size, self.dtype,
+                                  self.kv_groups)
         self.bytes_per_page = per_page
         if o.num_kv_pages is not None:
             budget = o.num_kv_pages * per_page

@@ -104,7 +104,8 @@ class ModelWeights:
     dtype or :class:`Int8Rows` (the same object when tied); ``kv_cache``: the KV cache the source
     asks for ("int4" for a w4a8kv4 artifact, else "none"); ``rope``: (inv_freq, scaling);
     ``rotate_keys``: the artifact's queries and keys are rotated by the head Hadamard after RoPE
-    (w4a8kv4 ``rotate_keys``; :class:`natix.engines.natix.model.DecoderModel` applies it)."""
+    (w4a8kv4 ``rotate_keys``; :class:`natix.engines.natix.model.DecoderModel` applies it);
+    ``kv_group_size``: channels per KV4 scale and zero (w4a8kv4 ``kv_group_size``; -1: the head)."""
 
     spec: ModelSpec
     scheme: str
@@ -116,6 +117,7 @@ class ModelWeights:
     kv_cache: str = "none"
     info: dict[str, Any] = field(default_factory=dict)
     rotate_keys: bool = False
+    kv_group_size: int = -1
 
     def to(self, device: Any, dtype: "torch.dtype") -> "ModelWeights":
         def t(x: Any) -> Any:
@@ -128,7 +130,8 @@ class ModelWeights:
                                L.gate_up.to(device, dtype), L.down.to(device, dtype)) for L in self.layers]
         embed = t(self.embed)
         return ModelWeights(self.spec, self.scheme, embed, layers, t(self.norm), embed if tied else t(self.lm_head),
-                            (self.rope[0].to(device), self.rope[1]), self.kv_cache, dict(self.info), self.rotate_keys)
+                            (self.rope[0].to(device), self.rope[1]), self.kv_cache, dict(self.info), self.rotate_keys,
+                            self.kv_group_size)
 
     def nbytes(self) -> int:
         """Bytes of every tensor (a tied lm_head once)."""
@@ -208,7 +211,8 @@ def fuse(mods: list[Any], name: str) -> LinearWeights:
 
 def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeights:
     """Read a transformers Llama-family model (dense, or with natix's quantized reference modules);
-    a w4a8kv4 artifact's key rotation comes from ``model.natix_kv_rotate_keys`` (set by the loader)."""
+    a w4a8kv4 artifact's key rotation and KV4 group size come from ``model.natix_kv_rotate_keys`` and
+    ``model.natix_kv_group_size`` (set by the loader)."""
     spec = ModelSpec.from_hf_config(model.config)
     inner = model.model
     layers = []
@@ -229,7 +233,8 @@ def from_hf_model(model: Any, scheme: str, kv_cache: str = "none") -> ModelWeigh
     from natix.engines.natix.spec import rope_tables
 
     return ModelWeights(spec, scheme, embed, layers, inner.norm.weight.detach(), lm_head,
-                        rope_tables(model), kv_cache, rotate_keys=bool(getattr(model, "natix_kv_rotate_keys", False)))
+                        rope_tables(model), kv_cache, rotate_keys=bool(getattr(model, "natix_kv_rotate_keys", False)),
+                        kv_group_size=int(getattr(model, "natix_kv_group_size", -1)))
 
 
 def _vocab_tensor(mod: Any, name: str, dtype: "torch.dtype") -> "torch.Tensor | Int8Rows":

@@ -16,22 +16,24 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 
-def _setup(lens, hkv, d, page, device):
+def _setup(lens, hkv, d, page, device, group_size=-1):
     b = len(lens)
     maxp = max(1, -(-max(lens) // page))
     pages = b * maxp + 3
     perm = torch.randperm(pages)[: b * maxp].view(b, maxp).to(torch.int32)
     slots = torch.cat([perm[i][torch.arange(n) // page].long() * page + torch.arange(n) % page for i, n in enumerate(lens)])
-    cache = KV4Cache.empty(pages, hkv, page, d, device)
+    cache = KV4Cache.empty(pages, hkv, page, d, device, group_size)
     # poison: the kernels must write every slot they are given
     for t in cache.tensors():
         t.fill_(0x7F) if t.dtype == torch.uint8 else t.fill_(float("nan"))
     return cache, perm.to(device), slots.to(device)
 
 
-def test_write_matches_reference():
-    cache, _, slots = _setup([5, 17], 2, 64, 16, DEVICE)
-    ref, _, _ = _setup([5, 17], 2, 64, 16, DEVICE)
+@pytest.mark.parametrize("group_size", [-1, 32, 16])
+def test_write_matches_reference(group_size):
+    cache, _, slots = _setup([5, 17], 2, 64, 16, DEVICE, group_size)
+    ref, _, _ = _setup([5, 17], 2, 64, 16, DEVICE, group_size)
+    assert cache.num_groups == (1 if group_size == -1 else 64 // group_size)
     for a, b in zip(cache.tensors(), ref.tensors()):
         b.copy_(a)
     k = torch.randn(slots.numel(), 2, 64, device=DEVICE, dtype=torch.bfloat16)
@@ -49,16 +51,17 @@ def test_write_matches_reference():
             assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
 
 
-@pytest.mark.parametrize("swap", [False, True], ids=["rows", "swap"])
+@pytest.mark.parametrize("swap,group_size", [(False, -1), (True, -1), (True, 32), (True, 16)],
+                         ids=["rows", "swap", "swap-g32", "swap-g16"])
 @pytest.mark.parametrize("lens,hq,hkv,splits,bt,page", [
     ([1, 37, 80], 8, 2, 1, 16, 16),
     ([1, 37, 80], 8, 2, 3, 16, 32),  # two blocks per page (one page-table read per block)
     ([0, 50], 4, 4, 2, 32, 16),  # an empty row, MHA, and a block spanning two pages
 ])
-def test_decode_matches_reference(lens, hq, hkv, splits, bt, page, swap):
+def test_decode_matches_reference(lens, hq, hkv, splits, bt, page, swap, group_size):
     torch.manual_seed(0)  # the 4-bit-vs-bf16 bound below is statistical: a fixed draw keeps it deterministic
     d = 64
-    cache, bt_, slots = _setup(lens, hkv, d, page, DEVICE)
+    cache, bt_, slots = _setup(lens, hkv, d, page, DEVICE, group_size)
     k = torch.randn(slots.numel(), hkv, d, device=DEVICE, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     kv4_write(cache, k, v, slots)
@@ -91,9 +94,10 @@ def test_op_and_errors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_ragged_long():
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_gpu_ragged_long(group_size):
     lens = [1, 1000, 4096, 3333]
-    cache, bt_, slots = _setup(lens, 8, 128, 64, "cuda")
+    cache, bt_, slots = _setup(lens, 8, 128, 64, "cuda", group_size)
     k = torch.randn(slots.numel(), 8, 128, device="cuda", dtype=torch.bfloat16)
     kv4_write(cache, k, torch.randn_like(k), slots)
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -101,6 +105,8 @@ def test_gpu_ragged_long():
     ref = kv4_decode_attention_reference(q, cache, bt_, seq, 128 ** -0.5)
     for splits, bt, swap in ((None, 64, False), (1, 64, False), (7, 64, False), (None, 64, True), (1, 64, True),
                              (7, 64, True), (3, 128, True)):
+        if group_size != -1 and not swap:
+            continue
         out = kv4_decode_attention_triton(q, cache, bt_, seq, 128 ** -0.5, num_splits=splits, max_len=4096,
                                           block_t=bt, swap=swap)
         assert rel_err(out, ref) < 1e-2, (splits, bt, swap)

@@ -17,7 +17,7 @@ def _inputs(t, hq, hk, d, dtype):
     return qkv, q, k, v
 
 
-@pytest.mark.parametrize("kind", ["kv4", "paged"])
+@pytest.mark.parametrize("kind", ["kv4", "kv4-g32", "kv4-g16", "paged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_separate_kernels(kind, dtype):
     t, hq, hk, d, page = 9, 6, 2, 64, 16
@@ -29,8 +29,9 @@ def test_matches_separate_kernels(kind, dtype):
     ref_qkv = qkv.clone()
     rq, rk, rv = (ref_qkv[:, : hq * d].view(t, hq, d), ref_qkv[:, hq * d:(hq + hk) * d].view(t, hk, d),
                   ref_qkv[:, (hq + hk) * d:].view(t, hk, d))
-    if kind == "kv4":
-        cache, ref = KV4Cache.empty(4, hk, page, d, DEVICE), KV4Cache.empty(4, hk, page, d, DEVICE)
+    if kind.startswith("kv4"):
+        gs = int(kind[5:]) if "-g" in kind else -1
+        cache, ref = KV4Cache.empty(4, hk, page, d, DEVICE, gs), KV4Cache.empty(4, hk, page, d, DEVICE, gs)
         rope_cache_write(q, k, v, pos, table, slots, kv4=cache)
         rope_cache_write_reference(rq, rk, rv, pos, table, slots, kv4=ref)
         pairs = list(zip(cache.tensors(), ref.tensors()))

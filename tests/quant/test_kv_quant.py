@@ -40,19 +40,36 @@ def _plain(model):
     return DynamicCache(config=model.config)
 
 
-def test_fake_quant_int4_is_the_kernel_cache():
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_fake_quant_int4_is_the_kernel_cache(group_size):
     """Quantize-dequantize equals writing the kernel's paged KV4 cache and reading it back."""
     torch.manual_seed(0)
     t, h, d = 6, 2, 32
     k, v = torch.randn(t, h, d) * 3, torch.randn(t, h, d)
-    cache = KV4Cache.empty(num_pages=2, num_kv_heads=h, page_size=4, head_dim=d)
+    cache = KV4Cache.empty(num_pages=2, num_kv_heads=h, page_size=4, head_dim=d, group_size=group_size)
+    ng = cache.num_groups
     kv4_write_reference(cache, k, v, torch.arange(t))
     kd = dequantize_pages(cache.k, cache.k_scale, cache.k_zero).permute(0, 2, 1, 3).reshape(-1, h, d)[:t]
     vd = dequantize_pages(cache.v, cache.v_scale, cache.v_zero).permute(0, 2, 1, 3).reshape(-1, h, d)[:t]
-    assert torch.equal(fake_quant_int4(k), kd) and torch.equal(fake_quant_int4(v), vd)
-    assert fake_quant_int4(k.half()).dtype == torch.float16
-    q, _, _ = quantize_rows_reference(k)
-    assert int(q.max()) == 15 and int(q.min()) == 0
+    assert torch.equal(fake_quant_int4(k, ng), kd) and torch.equal(fake_quant_int4(v, ng), vd)
+    assert fake_quant_int4(k.half(), ng).dtype == torch.float16
+    q, s, _ = quantize_rows_reference(k, ng)
+    assert s.shape == (t, h, ng)
+    # every group spans its own 0..15: the groups are quantized separately
+    qg = q.reshape(t, h, ng, d // ng)
+    assert bool((qg.amax(-1) == 15).all()) and bool((qg.amin(-1) == 0).all())
+
+
+def test_kv_groups_and_the_cache_format_checks():
+    from natix.kernels.kv4_cache import kv_groups, num_groups
+
+    assert [kv_groups(128, g) for g in (-1, 16, 32, 64, 128)] == [1, 8, 4, 2, 1]
+    assert kv_groups(64, 32) == 2 and kv_groups(32, 32) == 1 and kv_groups(32, 16) == 2
+    assert kv_groups(16, 32) == 1 and kv_groups(96, 32) == 6 and kv_groups(80, 32) == 1  # 40 = 8 * 5: no group >= 16
+    assert num_groups(64, -1) == num_groups(64, 64) == 1 and num_groups(64, 16) == 4
+    for bad in (8, 24, 64 + 32, 128):
+        with pytest.raises(ValueError, match="KV4 group size"):
+            num_groups(64, bad)
 
 
 def test_new_cache_modes(tiny):
@@ -62,7 +79,9 @@ def test_new_cache_modes(tiny):
     assert new_cache(model) is None
     model.natix_kv_cache = "int4"
     c = new_cache(model)
-    assert isinstance(c, quantized_cache_class()) and c.natix_kv_mode == "int4"
+    assert isinstance(c, quantized_cache_class()) and c.natix_kv_mode == "int4" and c.natix_kv_groups == 1
+    model.natix_kv_group_size = 16  # head_dim 32: two groups
+    assert new_cache(model).natix_kv_groups == 2
     model.natix_kv_cache = "fp8"
     with pytest.raises(ValueError, match="k_scale/v_scale"):
         new_cache(model)

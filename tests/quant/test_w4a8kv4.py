@@ -137,6 +137,7 @@ def test_config_registered_and_round_trips():
     {"group_size": 16}, {"group_size": 256}, {"group_size": True}, {"group_fallback": "tensor"},
     {"weight_scale": "absmax"}, {"act_order": "yes"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
     {"smooth_alpha": 1.5}, {"percdamp": -0.1}, {"seed": 1.5}, {"version": 2}, {"bogus": 1},
+    {"kv_group_size": 8}, {"kv_group_size": 48}, {"kv_group_size": 0}, {"kv_group_size": True},
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(QuantError):
@@ -181,6 +182,12 @@ def test_manifest_without_rotation_fields_reads_as_before():
     assert config_from_dict(old).group_fallback == "channel"
     assert W4A8KV4Config().group_fallback == "finer"
     assert config_from_dict(W4A8KV4Config(group_size=64).to_dict()).group_size == 64
+    # kv_group_size: one KV4 scale per head before the option; 32 channels now
+    del old["kv_group_size"]
+    assert config_from_dict(old).kv_group_size == -1 and W4A8KV4Config().kv_group_size == 32
+    kv = W4A8KV4Config(kv_group_size=16).hf_quantization_config()
+    assert kv["kv_group_size"] == 16 and kv["kv_cache_scheme"]["group_size"] == 16
+    assert W4A8KV4Config(kv_group_size=-1).hf_quantization_config()["kv_cache_scheme"]["strategy"] == "token-head"
 
 
 def test_needs_calibration():

@@ -303,15 +303,17 @@ def test_dummy_load_format_random_weights_of_the_config_shape(tiny_arch_dirs, na
 @pytest.fixture(scope="module")
 def kv4_rotation_artifacts(tiny_llama_builder, tmp_path_factory):
     """w4a8kv4 artifacts (RTN, fp32) of one tiny Llama (hidden 128, head_dim 32, GQA 4/2): values
-    rotated; values and keys rotated. Their weights are the same: rotate_keys is a runtime option."""
+    rotated; values and keys rotated (both with two KV4 groups of 16 channels a head); values rotated
+    with one KV4 scale per head (kv_group_size -1). Their weights are the same: rotate_keys and
+    kv_group_size are runtime options."""
     from natix.quant.export import export
     from natix.quant.w4a8kv4_config import W4A8KV4Config
 
     root = tmp_path_factory.mktemp("natix-kv4-rotation")
     base = tiny_llama_builder(root / "base", hidden=128, max_positions=256)
     out = {}
-    for name, keys in (("vrot", False), ("kvrot", True)):
-        cfg = W4A8KV4Config(gptq=False, rotate_values=True, rotate_keys=keys)
+    for name, keys, kv_group in (("vrot", False, 16), ("kvrot", True, 16), ("vrot-head", False, -1)):
+        cfg = W4A8KV4Config(gptq=False, rotate_values=True, rotate_keys=keys, kv_group_size=kv_group)
         out[name] = export(str(base), cfg, root / name, dtype="fp32", calib="pydoc", calib_samples=4,
                            calib_max_length=64).out
     return out
@@ -329,7 +331,7 @@ def test_rotate_keys_matches_the_reference_path(prefill, kv4_rotation_artifacts,
     for name, art in kv4_rotation_artifacts.items():
         nx = natix_factory(art, page_size=8, num_kv_pages=64, prefill_attention=prefill)
         assert (nx.runner.model.key_rotation is not None) == (name == "kvrot")
-        assert nx.info()["kv_cache"] == "int4"
+        assert nx.info()["kv_cache"] == "int4" and nx.info()["kv_groups"] == (1 if name == "vrot-head" else 2)
         out[name, "natix"] = nx.generate(PROMPTS, spec)
         e = create_engine("hf")
         e.load(EngineConfig(model=str(art), extra={"prefill_attention": prefill}))
@@ -342,9 +344,10 @@ def test_rotate_keys_matches_the_reference_path(prefill, kv4_rotation_artifacts,
         gaps = sorted(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g[0].token_logprobs, r[0].token_logprobs))
         assert gaps[len(gaps) // 2] < 1e-5 and sum(x > 1e-4 for x in gaps) <= 0.1 * len(gaps), (name, gaps[-8:])
         assert gaps[-1] < 0.2, (name, gaps[-1])
-    moved = max(abs(a - b) for g, r in zip(out["kvrot", "hf"], out["vrot", "hf"])
-                for a, b in zip(g[0].token_logprobs, r[0].token_logprobs))
-    assert moved > 1e-3, moved
+    for other in ("kvrot", "vrot-head"):  # each option changes what the cache holds
+        moved = max(abs(a - b) for g, r in zip(out[other, "hf"], out["vrot", "hf"])
+                    for a, b in zip(g[0].token_logprobs, r[0].token_logprobs))
+        assert moved > 1e-3, (other, moved)
 
 
 _GPU_BRANCH = r"""
