@@ -42,9 +42,9 @@ def sink_cache_class(sink: int) -> type:
             if n0 >= sink or self.natix_kv_mode != "int4":
                 return super().update(key_states, value_states, layer_idx, *args, **kwargs)
             raw = (key_states, value_states) if self.natix_prefill == "unquantized" and n0 == 0 else None
-            rot = self.natix_key_rotation
-            kq = fake_quant_int4(key_states) if rot is None else fake_quant_int4_rotated(key_states, rot)
-            vq = fake_quant_int4(value_states)
+            rot, ng = self.natix_key_rotation, self.natix_kv_groups
+            kq = fake_quant_int4(key_states, ng) if rot is None else fake_quant_int4_rotated(key_states, rot, ng)
+            vq = fake_quant_int4(value_states, ng)
             m = sink - n0  # leading positions of this update inside the sink: kept as they are
             kq[..., :m, :] = key_states[..., :m, :]
             vq[..., :m, :] = value_states[..., :m, :]

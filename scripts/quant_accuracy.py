@@ -177,7 +177,7 @@ def run_rows(labels: list[str], args: argparse.Namespace) -> None:
             tmp = work / "row.jsonl"
             tmp.unlink(missing_ok=True)
             # ablations get greedy only: perplexity is their measure; maj@8 costs 8x the generation
-            strategies = ["--strategy", "greedy"] + ([] if " " in label else ["--strategy", "maj@8"])
+            strategies = ["--strategy", "greedy"] + ([] if " " in label or args.greedy_only else ["--strategy", "maj@8"])
             task = [] if args.ppl_only else ["--task", "chain_sum", *strategies, "--items", str(args.items),
                                              "--temperature", "0.7"]
             eval_s = _run([*cli, "eval", model, "--ppl", "pydoc", "--ppl-windows",
@@ -239,7 +239,11 @@ def render(jsonl: Path) -> str:
         rss = f"{r['export_peak_rss_bytes'] / 2**20:.0f}" if r.get("export_peak_rss_bytes") else "—"
         greedy = acc(g) if g else "not run"
         exp = f"{r['export_s'] or 0:.0f}" if not r.get("derived_from") else f"({r['derived_from']['label']}'s)"
-        L.append(f"| {r['label']} | {r['perplexity'].get('kv_cache', 'none')} | {ppl:.3f} | {d} | {greedy} | "
+        kv = r["perplexity"].get("kv_cache", "none")
+        if kv == "int4":  # KV4 channel groups (a manifest from before kv_group_size: one scale per head)
+            gs = (r.get("quant_config") or {}).get("kv_group_size", -1)
+            kv += " per head" if gs == -1 else f" g{gs}"
+        L.append(f"| {r['label']} | {kv} | {ppl:.3f} | {d} | {greedy} | "
                  f"{acc(mj) if mj else '—'} | {paired} | {size} | {exp} | {rss} |")
     L.append("")
     return "\n".join(L) + "\n"
@@ -258,6 +262,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--device", help="export and eval --device (default: theirs, auto)")
     ap.add_argument("--engine", default="hf", help="eval --engine for task accuracy (default hf, the reference path)")
+    ap.add_argument("--greedy-only", action="store_true", help="no maj@8 for the main rows either")
     ap.add_argument("--ppl-only", action="store_true",
                     help="perplexity only, no task accuracy (the row says 'not run'); for when generation is too slow")
     args = ap.parse_args()
