@@ -7,10 +7,10 @@ probabilities: ``o = (p * v_scale) . codes + sum(p * v_zero)``. Both products ru
 cores (codes 0..15 are exact in fp16) with fp32 accumulation. Default loop (``swap=True``): tokens are the
 MMA's M dimension and the G query heads its N (padded to 8), so on sm_90 the dequantized tile is a register
 A operand of wgmma; ``swap=False`` keeps the earlier loop (G query rows padded to 16, tile via shared memory).
-A cache with channel groups (``NG > 1`` scales per token and head) runs the same swap-AB products as
-batched ``[NGH, BT, GS] x [NGH, GS, GP]`` MMAs, one batch entry per group of a nibble half, so the codes
-stay exact in fp16 and each group's scale and zero are applied to its partial scores and to its value
-rows, as with one group.
+A cache with channel groups (``NG > 1`` scales per token and head) runs the swap-AB loop once per group
+of a nibble half on the same tiles: the group's query dims alone (the others zeroed) for its partial
+scores, its value rows alone for its output, so the codes stay exact in fp16 and each group's scale and
+zero are applied outside the products, as with one group.
 With more than one split (flash-decoding), each split writes an unnormalised partial output and its
 (max, sum) and a second small kernel combines them; with one split the first kernel writes the output.
 """
@@ -102,24 +102,20 @@ def _kernels():
         ONE_PAGE: tl.constexpr = PAGE % BT == 0
         if SWAP or NG > 1:
             if NG > 1:
-                # NGH groups of GS channels in each nibble half; dd [NGH, GS]: a group's dims in the half
+                # NGH groups of DH // NGH channels in each nibble half (grp [DH]: a dim's group in its half).
+                # Group j's products run over the whole [BT, DH] tile, with the other groups' query dims
+                # zeroed (scores) or only its value rows kept (values): NGH times the MMAs of one group, on
+                # the same tiles and layouts as the one-group loop, the codes exact in fp16 and each
+                # group's scale and zero applied outside the products
                 NGH: tl.constexpr = NG // 2
-                GS: tl.constexpr = DH // NGH
-                jg = tl.arange(0, NGH)
-                dd = jg[:, None] * GS + tl.arange(0, GS)[None, :]
-                qp = q_ptr + b * stride_qb + (h * G + g)[None, None, :] * stride_qh + dd[:, :, None]  # [NGH, GS, GP]
-                q_lo = tl.load(qp, mask=g_ok[None, None, :], other=0.0).to(tl.float32) * qk_scale
-                q_hi = tl.load(qp + DH, mask=g_ok[None, None, :], other=0.0).to(tl.float32) * qk_scale
-                qs_lo = tl.sum(q_lo, axis=1)  # [NGH, GP]: each group's sum(q), for its zero
-                qs_hi = tl.sum(q_hi, axis=1)
-                q_lo16 = q_lo.to(tl.float16)
-                q_hi16 = q_hi.to(tl.float16)
+                grp = d // (DH // NGH)
+                qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
+                q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+                q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
                 m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
                 l_i = tl.zeros([GP], dtype=tl.float32)
-                acc3_lo = tl.zeros([NGH, GS, GP], dtype=tl.float32)
-                acc3_hi = tl.zeros([NGH, GS, GP], dtype=tl.float32)
-                z_lo = tl.zeros([NGH, GP], dtype=tl.float32)
-                z_hi = tl.zeros([NGH, GP], dtype=tl.float32)
+                acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
+                acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
                 for t0 in range(start, end, BT):
                     t = t0 + t_off
                     t_ok = t < end
@@ -129,35 +125,43 @@ def _kernels():
                     else:
                         page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
                         row = (page * HKV + h) * PAGE + t % PAGE
-                    kcod = tl.load(kc + row[None, :, None] * DH + dd[:, None, :], mask=t_ok[None, :, None], other=0)
-                    vcod = tl.load(vc + row[None, None, :] * DH + dd[:, :, None], mask=t_ok[None, None, :], other=0)
-                    sg = row[None, :] * NG + jg[:, None]  # [NGH, BT]: the low half's groups; the high half's are NGH on
-                    sm = t_ok[None, :]
-                    ks_lo = tl.load(ks + sg, mask=sm, other=0.0).to(tl.float32)
-                    kz_lo = tl.load(kz + sg, mask=sm, other=0.0).to(tl.float32)
-                    ks_hi = tl.load(ks + sg + NGH, mask=sm, other=0.0).to(tl.float32)
-                    kz_hi = tl.load(kz + sg + NGH, mask=sm, other=0.0).to(tl.float32)
-                    vs_lo = tl.load(vs + sg, mask=sm, other=0.0).to(tl.float32)
-                    vz_lo = tl.load(vz + sg, mask=sm, other=0.0).to(tl.float32)
-                    vs_hi = tl.load(vs + sg + NGH, mask=sm, other=0.0).to(tl.float32)
-                    vz_hi = tl.load(vz + sg + NGH, mask=sm, other=0.0).to(tl.float32)
-                    s3 = (tl.dot(_nib16(kcod, 0), q_lo16) * ks_lo[:, :, None] + kz_lo[:, :, None] * qs_lo[:, None, :]
-                          + tl.dot(_nib16(kcod, 4), q_hi16) * ks_hi[:, :, None] + kz_hi[:, :, None] * qs_hi[:, None, :])
-                    sT = tl.sum(s3, axis=0)  # [BT, GP]
+                    kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
+                    vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
+                    k_lo = _nib16(kcod, 0)
+                    k_hi = _nib16(kcod, 4)
+                    sT = tl.zeros([BT, GP], dtype=tl.float32)
+                    for j in tl.static_range(NGH):  # scale/zero of group j: index j (low half), NGH + j (high)
+                        in_j = (grp == j)[:, None]
+                        qj_lo = tl.where(in_j, q_lo, 0.0)
+                        qj_hi = tl.where(in_j, q_hi, 0.0)
+                        s_lo = tl.load(ks + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
+                        z_lo = tl.load(kz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
+                        s_hi = tl.load(ks + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
+                        z_hi = tl.load(kz + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
+                        sT += tl.dot(k_lo, qj_lo.to(tl.float16)) * s_lo[:, None] \
+                            + z_lo[:, None] * tl.sum(qj_lo, axis=0)[None, :]
+                        sT += tl.dot(k_hi, qj_hi.to(tl.float16)) * s_hi[:, None] \
+                            + z_hi[:, None] * tl.sum(qj_hi, axis=0)[None, :]
                     sT = tl.where(t_ok[:, None], sT, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(sT, axis=0))
                     alpha = tl.exp2(m_i - m_new)
                     p = tl.exp2(sT - m_new[None, :])
                     l_i = l_i * alpha + tl.sum(p, axis=0)
-                    z_lo = z_lo * alpha[None, :] + tl.sum(p[None, :, :] * vz_lo[:, :, None], axis=1)
-                    z_hi = z_hi * alpha[None, :] + tl.sum(p[None, :, :] * vz_hi[:, :, None], axis=1)
-                    acc3_lo = acc3_lo * alpha[None, None, :] + tl.dot(
-                        _nib16(vcod, 0), (p[None, :, :] * vs_lo[:, :, None]).to(tl.float16))
-                    acc3_hi = acc3_hi * alpha[None, None, :] + tl.dot(
-                        _nib16(vcod, 4), (p[None, :, :] * vs_hi[:, :, None]).to(tl.float16))
+                    acc_lo = acc_lo * alpha[None, :]
+                    acc_hi = acc_hi * alpha[None, :]
+                    v_lo = _nib16(vcod, 0)
+                    v_hi = _nib16(vcod, 4)
+                    for j in tl.static_range(NGH):
+                        in_j = (grp == j)[:, None]
+                        s_lo = tl.load(vs + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
+                        z_lo = tl.load(vz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
+                        s_hi = tl.load(vs + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
+                        z_hi = tl.load(vz + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
+                        a_lo = tl.dot(v_lo, (p * s_lo[:, None]).to(tl.float16)) + tl.sum(p * z_lo[:, None], axis=0)[None, :]
+                        a_hi = tl.dot(v_hi, (p * s_hi[:, None]).to(tl.float16)) + tl.sum(p * z_hi[:, None], axis=0)[None, :]
+                        acc_lo += tl.where(in_j, a_lo, 0.0)
+                        acc_hi += tl.where(in_j, a_hi, 0.0)
                     m_i = m_new
-                acc_lo = tl.reshape(acc3_lo + z_lo[:, None, :], (DH, GP))
-                acc_hi = tl.reshape(acc3_hi + z_hi[:, None, :], (DH, GP))
             else:
                 # swap-AB: the dequantized cache tile is the MMA's A operand (rows = tokens) and the G query
                 # heads are its N dimension (padded to 8, not 16), so the padding costs half the MMAs of the
@@ -366,7 +370,7 @@ def kv4_decode_attention_triton(
     decode[(b, hkv, num_splits)](
         q, *cache.tensors(), block_tables, seq_lens, out, po, pml,
         sm_scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
-        HKV=hkv, G=g, GP=max(8 if swap and cache.num_groups == 1 else 16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size,
+        HKV=hkv, G=g, GP=max(8 if swap else 16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size,
         BT=block_t, DIRECT=direct, SWAP=bool(swap), NG=cache.num_groups, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

@@ -36,7 +36,9 @@ GROUP_SIZE = 128  # QServe's group size, the default (natix.kernels.packing.GROU
 GROUP_SIZES = (32, 64, 128)  # what the kernels take (natix.kernels.packing.GROUP_SIZES; this module is torch-free)
 GROUP_FALLBACKS = ("finer", "channel", "error")
 WEIGHT_SCALES = ("minmax", "mse")  # level-1 range of each group: min-max, or a clipping search
-KV_GROUP_SIZE = 32  # measured: reports/quant-accuracy.md, "KV4 channel groups"
+# one KV4 scale per head by default: 32-channel groups halve KV4's perplexity cost on the embedded
+# model, but the grouped decode kernel is 2-5x slower today (reports/quant-accuracy-notes.md, "KV4 channel groups")
+KV_GROUP_SIZE = -1
 VOCAB_BITS = (16, 8)  # embed_bits / lm_head_bits: the model dtype, or int8 rows (natix.quant.w8a16)
 
 
@@ -49,8 +51,8 @@ class W4A8KV4Config(QuantConfig):
     layer whose K the group size does not divide gets — "finer" (the largest smaller group size
     that divides K, else per channel), "channel" (per channel) or "error"; ``kv_cache``:
     "int4" or "none" (KV16, the ablation); ``kv_group_size``: channels per KV4 scale and zero, -1 (the
-    whole head, QServe's format) or a power of two >= 16 (a head whose half it does not divide takes
-    the next smaller one, down to 16, else one group: :func:`natix.kernels.kv4_cache.kv_groups`):
+    whole head, QServe's format; the default) or a power of two >= 16 (a head whose half it does not
+    divide takes the next smaller one, down to 16, else one group: :func:`natix.kernels.kv4_cache.kv_groups`):
     finer groups keep an outlier channel's range to its own group; ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded

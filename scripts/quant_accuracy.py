@@ -76,9 +76,10 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "w4a8kv4 default": ("w4a8kv4", []),
     "w4a8kv4 default KV16": ("w4a8kv4", ["--kv", "none"]),
     "w4a8kv4 default kvrot": ("w4a8kv4", ["--set", "rotate_keys=true"]),
-    "w4a8kv4 default kvhead": ("w4a8kv4", ["--set", "kv_group_size=-1"]),
-    "w4a8kv4 default kvhead kvrot": ("w4a8kv4", ["--set", "kv_group_size=-1", "--set", "rotate_keys=true"]),
-    "w4a8kv4 default kvg16": ("w4a8kv4", ["--set", "kv_group_size=16"]),
+    # KV4 channel groups (opt-in): 32 and 16 channels per scale and zero instead of the whole head
+    "w4a8kv4 kvg32": ("w4a8kv4", ["--set", "kv_group_size=32"]),
+    "w4a8kv4 kvg32 kvrot": ("w4a8kv4", ["--set", "kv_group_size=32", "--set", "rotate_keys=true"]),
+    "w4a8kv4 kvg16": ("w4a8kv4", ["--set", "kv_group_size=16"]),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
 # (rotate_keys, kv_group_size and kv_cache act at run time), the source row's artifact is copied and
@@ -89,10 +90,9 @@ DERIVED: dict[str, tuple[str, dict[str, object]]] = {
     "w4a8kv4 default kvrot": ("w4a8kv4 default", {"rotate_keys": True}),
     # the same weights read with a 16-bit cache: what the KV4 cache alone costs
     "w4a8kv4 default KV16": ("w4a8kv4 default", {"kv_cache": "none"}),
-    # KV4 channel groups: one scale per head (the format before kv_group_size; QServe's), and 16 channels
-    "w4a8kv4 default kvhead": ("w4a8kv4 default", {"kv_group_size": -1}),
-    "w4a8kv4 default kvhead kvrot": ("w4a8kv4 default", {"kv_group_size": -1, "rotate_keys": True}),
-    "w4a8kv4 default kvg16": ("w4a8kv4 default", {"kv_group_size": 16}),
+    "w4a8kv4 kvg32": ("w4a8kv4 default", {"kv_group_size": 32}),
+    "w4a8kv4 kvg32 kvrot": ("w4a8kv4 default", {"kv_group_size": 32, "rotate_keys": True}),
+    "w4a8kv4 kvg16": ("w4a8kv4 default", {"kv_group_size": 16}),
 }
 KEEP_MARKER = "<!-- sections below are not rendered from the JSONL; --render-only keeps them -->"
 GOALS = {"fp8": 0.01, "fp8-mse": 0.01}  # max relative perplexity increase vs bf16

@@ -182,9 +182,9 @@ def test_manifest_without_rotation_fields_reads_as_before():
     assert config_from_dict(old).group_fallback == "channel"
     assert W4A8KV4Config().group_fallback == "finer"
     assert config_from_dict(W4A8KV4Config(group_size=64).to_dict()).group_size == 64
-    # kv_group_size: one KV4 scale per head before the option; 32 channels now
+    # kv_group_size: one KV4 scale per head before the option (and by default)
     del old["kv_group_size"]
-    assert config_from_dict(old).kv_group_size == -1 and W4A8KV4Config().kv_group_size == 32
+    assert config_from_dict(old).kv_group_size == -1 == W4A8KV4Config().kv_group_size
     kv = W4A8KV4Config(kv_group_size=16).hf_quantization_config()
     assert kv["kv_group_size"] == 16 and kv["kv_cache_scheme"]["group_size"] == 16
     assert W4A8KV4Config(kv_group_size=-1).hf_quantization_config()["kv_cache_scheme"]["strategy"] == "token-head"
