@@ -17,7 +17,8 @@ Channel groups: ``NG = 1`` (the QServe format) quantizes a head's ``D`` channels
 zero; ``NG > 1`` splits them into contiguous groups of ``group_size = D / NG`` channels (group ``j``:
 dims ``j * group_size ...``), a power of two between 16 and ``D / 2``, so each group lies in one
 nibble half. Finer groups bound the error an outlier channel causes to its own group
-(reports/quant-accuracy.md, "KV groups"); they cost ``8 * (NG - 1)`` bytes more per token and head.
+(reports/quant-accuracy-notes.md, "KV4 channel groups"); they cost ``8 * (NG - 1)`` bytes more per token
+and head, keys and values together.
 
 Dequantization: ``x[d] ~= code[d] * scale[g(d)] + zero[g(d)]`` (asymmetric; ``zero`` is the group
 minimum, kept as an fp16 offset rather than an integer code; with one group attention applies it once
@@ -237,7 +238,7 @@ def _kernel():
                 codes, sc_ptr, zr_ptr = vc, vs, vz
             x_lo = tl.load(src, mask=h_ok[:, None], other=0.0).to(tl.float32)
             x_hi = tl.load(src + DH, mask=h_ok[:, None], other=0.0).to(tl.float32)
-            kv4_store(x_lo, x_hi, codes, sc_ptr, zr_ptr, row, h_ok, HP, DH, NG)
+            kv4_store(x_lo, x_hi, codes, sc_ptr, zr_ptr, row, h_ok, HP, DH, NG)  # noqa: F821 (globals().update above)
 
     return kv4_write_kernel
 

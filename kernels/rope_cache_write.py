@@ -142,8 +142,8 @@ def _kernel():
             if KV4:
                 # c0..c5 = k codes, v codes, k scale, k zero, v scale, v zero (kv4_cache's layout)
                 ok = hk < HK
-                kv4_store(k_lo.to(tl.float32), k_hi.to(tl.float32), c0, c2, c3, row, ok, HKP, HALF, NG)
-                kv4_store(v_lo.to(tl.float32), v_hi.to(tl.float32), c1, c4, c5, row, ok, HKP, HALF, NG)
+                kv4_store(k_lo.to(tl.float32), k_hi.to(tl.float32), c0, c2, c3, row, ok, HKP, HALF, NG)  # noqa: F821
+                kv4_store(v_lo.to(tl.float32), v_hi.to(tl.float32), c1, c4, c5, row, ok, HKP, HALF, NG)  # noqa: F821
             else:
                 # c0, c1 = k, v pages [P, H, page, 2 * HALF] in the cache dtype
                 o = row[:, None] * (2 * HALF) + d[None, :]

@@ -32,6 +32,7 @@ from natix.engines.natix.sampler import SamplingBatch, sample
 from natix.engines.natix.sequence import Sequence
 from natix.engines.natix.spec import EngineLoadError, EngineOptions
 from natix.engines.natix.weights import ModelWeights
+from natix.kernels.kv4_cache import kv_groups
 
 
 def context_buckets(max_model_len: int) -> list[int]:
@@ -71,8 +72,6 @@ class ModelRunner:
         kind = weights.kv_cache if options.kv_cache == "auto" else options.kv_cache
         if kind == "int4" and (s.head_dim & (s.head_dim - 1) or s.head_dim < 32):
             raise EngineLoadError(f"the KV4 kernels need a power-of-two head_dim >= 32, this model has {s.head_dim}")
-        from natix.kernels.kv4_cache import kv_groups
-
         # channel groups per head of the KV4 cache (the artifact's kv_group_size, resolved for this head_dim)
         self.kv_groups = kv_groups(s.head_dim, weights.kv_group_size) if kind == "int4" else 1
         self.kv_kind = kind

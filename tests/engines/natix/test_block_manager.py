@@ -107,3 +107,20 @@ def test_release_twice_is_a_bug():
     bm.free_seq(a)
     with pytest.raises(AssertionError):
         bm._release(p)
+
+
+def test_kv4_channel_groups_in_the_paged_cache():
+    """KV4 channel groups: 8 bytes per token, head and extra group (fp16 scale and zero, keys and
+    values); every layer's cache has them; a group count the kernels cannot take is refused."""
+    import torch
+
+    from natix.engines.natix.kv_cache import PagedKVCache, bytes_per_page
+
+    assert bytes_per_page("int4", 1, 1, 128, 1, torch.bfloat16) == 136
+    assert bytes_per_page("int4", 1, 1, 128, 1, torch.bfloat16, groups=4) == 160
+    for groups in (1, 2, 4):
+        kv = PagedKVCache("int4", 3, 2, 2, 64, 8, torch.float32, "cpu", groups)
+        assert kv.nbytes == 3 * bytes_per_page("int4", 2, 2, 64, 8, torch.float32, groups)
+        assert all(c.num_groups == groups and c.group_size == 64 // groups for c in kv.layer_caches)
+    with pytest.raises(ValueError, match="KV4 group size"):
+        PagedKVCache("int4", 3, 2, 2, 64, 8, torch.float32, "cpu", 8)  # groups of 8 channels
