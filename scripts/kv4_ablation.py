@@ -1,0 +1,106 @@
+"""Experiment (not product code): where KV4's perplexity cost sits, on the reference path.
+
+    python scripts/kv4_ablation.py ARTIFACT --split 32:0,0:32,64:0,0:64 [--key-smooth 0.5:64:64,1.0:32:64]
+
+Perplexity as ``natix-quant eval`` measures it (held-out pydoc, the first ``--windows`` windows of 512
+tokens, every window read through the reference KV cache with quantized prefill), with the artifact's
+KV4 quantization replaced by:
+
+- ``--split K:V``: keys quantized in groups of K channels and values in groups of V (``quantize_rows_reference``,
+  the one KV4 definition; 0 = left 16-bit; the head dim = one scale per head);
+- ``--key-smooth ALPHA:K:V``: as ``--split K:V``, with the keys divided before quantization and multiplied
+  back after by a static per-channel ``λ = max|k|^ALPHA`` (post-RoPE absolute maxima per layer, head and
+  channel, shared by each RoPE pair so that it could be folded into q_proj / k_proj before RoPE), calibrated
+  on the windows after the evaluated ones.
+
+One JSON line per configuration on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact")
+    ap.add_argument("--split", default="")
+    ap.add_argument("--key-smooth", default="")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calib-windows", type=int, default=8)
+    a = ap.parse_args()
+
+    import torch
+
+    import natix.quant.kv_quant as kq
+    from natix.engines.kv_cache import cache_argument
+    from natix.kernels.kv4_cache import quantize_rows_reference
+    from natix.quant.evaluate import read_text
+    from natix.quant.loader import load_artifact
+
+    model, tok = load_artifact(a.artifact)
+    ids = tok(read_text("pydoc"), add_special_tokens=False)["input_ids"]
+    wins = [w for w in (ids[i:i + 512] for i in range(0, len(ids), 512)) if len(w) > 1]
+    evals, calib = wins[:a.windows], wins[a.windows:a.windows + a.calib_windows]
+    cls = kq.quantized_cache_class()
+    plain_update = cls.__mro__[1].update  # DynamicCache.update: store as given
+    kw = cache_argument(model)
+
+    def fq(x: torch.Tensor, g: int) -> torch.Tensor:
+        if g == 0:
+            return x
+        q, s, z = quantize_rows_reference(x, x.shape[-1] // g)
+        return (q.float() * s.float().repeat_interleave(g, -1) + z.float().repeat_interleave(g, -1)).to(x.dtype)
+
+    def ppl(windows, update) -> float:
+        cls.update = update
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for w in windows:
+                t = torch.tensor([w])
+                cache = kq.new_cache(model, prefill="quantized")
+                logits = model(input_ids=t, **{kw: cache, "use_cache": True}).logits[0, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
+                n += len(w) - 1
+        return math.exp(nll / n)
+
+    def emit(**rec) -> None:
+        print(json.dumps({"artifact": a.artifact, "windows": len(evals), **rec}), flush=True)
+
+    for spec in filter(None, a.split.split(",")):
+        kg, vg = map(int, spec.split(":"))
+        t0 = time.time()
+        p = ppl(evals, lambda self, k, v, li, *x, **y: plain_update(self, fq(k, kg), fq(v, vg), li, *x, **y))
+        emit(mode="split", k_group=kg, v_group=vg, ppl=p, s=round(time.time() - t0))
+
+    if a.key_smooth:
+        amax: dict[int, torch.Tensor] = {}
+
+        def collect(self, k, v, li, *x, **y):
+            m = k.float().abs().amax(dim=(0, 2))  # [H, D]
+            amax[li] = torch.maximum(amax[li], m) if li in amax else m
+            return plain_update(self, k, v, li, *x, **y)
+
+        ppl(calib, collect)
+        for spec in a.key_smooth.split(","):
+            alpha, kg, vg = float(spec.split(":")[0]), *map(int, spec.split(":")[1:])
+            lam = {}
+            for li, m in amax.items():
+                half = m.shape[-1] // 2
+                pm = torch.maximum(m[:, :half], m[:, half:]).clamp_min(1e-5) ** alpha
+                pm = torch.cat([pm, pm], -1)
+                lam[li] = (pm / pm.mean(-1, keepdim=True))[None, :, None, :]
+
+            def update(self, k, v, li, *x, **y):
+                s = lam[li].to(k.dtype)
+                return plain_update(self, fq(k / s, kg) * s, fq(v, vg), li, *x, **y)
+
+            t0 = time.time()
+            emit(mode="key-smooth", alpha=alpha, k_group=kg, v_group=vg, ppl=ppl(evals, update),
+                 calib_windows=len(calib), s=round(time.time() - t0))
+
+
+if __name__ == "__main__":
+    main()
