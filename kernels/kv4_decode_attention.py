@@ -74,9 +74,21 @@ def _kernels():
                                        (o >> 16).to(tl.int16).to(tl.float16, bitcast=True))), (BT, DH))
         return x - 1024.0
 
+    @triton.jit
+    def _block_rows(bt_row, h, t0, t_off, t_ok, HKV: tl.constexpr, PAGE: tl.constexpr, ONE_PAGE: tl.constexpr):
+        # the cache rows (page * HKV + h) * PAGE + offset of tokens t0 + t_off of one sequence, whose page
+        # table row is bt_row; ONE_PAGE: the block lies in one page (one page-table read, and rows
+        # t0 % PAGE + t_off that the compiler sees are contiguous)
+        if ONE_PAGE:
+            row = (tl.load(bt_row + t0 // PAGE).to(tl.int64) * HKV + h) * PAGE + (t0 % PAGE) + t_off
+        else:
+            t = t0 + t_off
+            row = (tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64) * HKV + h) * PAGE + t % PAGE
+        return row
+
     # the kernels resolve helper names through the module's globals (triton is imported lazily, so the
     # helpers cannot be module-level definitions)
-    globals().update(_nib16=_nib16, _words16=_words16)
+    globals().update(_nib16=_nib16, _words16=_words16, _block_rows=_block_rows)
 
     @triton.jit
     def kv4_decode_kernel(
@@ -119,12 +131,7 @@ def _kernels():
                 for t0 in range(start, end, BT):
                     t = t0 + t_off
                     t_ok = t < end
-                    if ONE_PAGE:
-                        page = tl.load(bt_ptr + b * stride_bt + t0 // PAGE).to(tl.int64)
-                        row = (page * HKV + h) * PAGE + (t0 % PAGE) + t_off
-                    else:
-                        page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-                        row = (page * HKV + h) * PAGE + t % PAGE
+                    row = _block_rows(bt_ptr + b * stride_bt, h, t0, t_off, t_ok, HKV, PAGE, ONE_PAGE)  # [BT] cache rows
                     kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
                     vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
                     k_lo = _nib16(kcod, 0)
@@ -180,12 +187,7 @@ def _kernels():
                 for t0 in range(start, end, BT):
                     t = t0 + t_off
                     t_ok = t < end
-                    if ONE_PAGE:
-                        page = tl.load(bt_ptr + b * stride_bt + t0 // PAGE).to(tl.int64)
-                        row = (page * HKV + h) * PAGE + (t0 % PAGE) + t_off
-                    else:
-                        page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-                        row = (page * HKV + h) * PAGE + t % PAGE
+                    row = _block_rows(bt_ptr + b * stride_bt, h, t0, t_off, t_ok, HKV, PAGE, ONE_PAGE)  # [BT] cache rows
                     kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
                     vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
                     k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
@@ -238,12 +240,7 @@ def _kernels():
             for t0 in range(start, end, BT):
                 t = t0 + t_off
                 t_ok = t < end
-                if ONE_PAGE:
-                    page = tl.load(bt_ptr + b * stride_bt + t0 // PAGE).to(tl.int64)
-                    row = (page * HKV + h) * PAGE + (t0 % PAGE) + t_off
-                else:
-                    page = tl.load(bt_ptr + b * stride_bt + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-                    row = (page * HKV + h) * PAGE + t % PAGE  # [BT]
+                row = _block_rows(bt_ptr + b * stride_bt, h, t0, t_off, t_ok, HKV, PAGE, ONE_PAGE)  # [BT] cache rows
                 # codes as int32 words (16-byte vector loads), 4 bytes = dims 4i..4i+3 (low nibbles) and
                 # DH+4i.. (high nibbles). Folding the 1024 of the fp16 trick into the scores instead (one
                 # op fewer) cost 1.2e-2 relative error on the H100: the MMA's fp32 accumulation of
