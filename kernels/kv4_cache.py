@@ -143,11 +143,16 @@ def kv4_write_reference(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, slots
         zr[page, :, off] = z
 
 
+def dequantize_rows_reference(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """codes [..., D] (0..15, unpacked) + scale/zero [..., NG] -> float32 [..., D]: ``code * scale + zero``
+    of each code's group (the inverse of :func:`quantize_rows_reference`)."""
+    gs = q.shape[-1] // scale.shape[-1]
+    return q.float() * scale.float().repeat_interleave(gs, -1) + zero.float().repeat_interleave(gs, -1)
+
+
 def dequantize_pages(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """[P, H, S, D/2] codes + [P, H, S, NG] scale/zero -> float32 [P, H, S, D]."""
-    q = torch.cat([codes & 0xF, codes >> 4], dim=-1).float()
-    gs = q.shape[-1] // scale.shape[-1]
-    return q * scale.float().repeat_interleave(gs, -1) + zero.float().repeat_interleave(gs, -1)
+    return dequantize_rows_reference(torch.cat([codes & 0xF, codes >> 4], dim=-1), scale, zero)
 
 
 @functools.lru_cache(maxsize=None)

@@ -64,12 +64,9 @@ def fake_quant_int4(x: torch.Tensor, num_groups: int = 1) -> torch.Tensor:
     """``x [..., D]`` -> the same shape and dtype, each ``D``-row's ``num_groups`` channel groups
     replaced by their UINT4 dequantization ``code * scale + zero`` (fp16 scale/zero,
     :func:`natix.kernels.kv4_cache.quantize_rows_reference`)."""
-    from natix.kernels.kv4_cache import quantize_rows_reference
+    from natix.kernels.kv4_cache import dequantize_rows_reference, quantize_rows_reference
 
-    q, scale, zero = quantize_rows_reference(x, num_groups)
-    gs = x.shape[-1] // num_groups
-    return (q.float() * scale.float().repeat_interleave(gs, -1)
-            + zero.float().repeat_interleave(gs, -1)).to(x.dtype)
+    return dequantize_rows_reference(*quantize_rows_reference(x, num_groups)).to(x.dtype)
 
 
 def fake_quant_int4_rotated(x: torch.Tensor, h: torch.Tensor, num_groups: int = 1) -> torch.Tensor:

@@ -36,8 +36,8 @@ def main() -> None:
 
     import natix.quant.kv_quant as kq
     from natix.engines.kv_cache import cache_argument
-    from natix.kernels.kv4_cache import quantize_rows_reference
     from natix.quant.evaluate import read_text
+    from natix.quant.kv_quant import fake_quant_int4
     from natix.quant.loader import load_artifact
 
     model, tok = load_artifact(a.artifact)
@@ -48,11 +48,8 @@ def main() -> None:
     plain_update = cls.__mro__[1].update  # DynamicCache.update: store as given
     kw = cache_argument(model)
 
-    def fq(x: torch.Tensor, g: int) -> torch.Tensor:
-        if g == 0:
-            return x
-        q, s, z = quantize_rows_reference(x, x.shape[-1] // g)
-        return (q.float() * s.float().repeat_interleave(g, -1) + z.float().repeat_interleave(g, -1)).to(x.dtype)
+    def fq(x: torch.Tensor, g: int) -> torch.Tensor:  # g channels a group; 0: left 16-bit
+        return x if g == 0 else fake_quant_int4(x, x.shape[-1] // g)
 
     def ppl(windows, update) -> float:
         cls.update = update
