@@ -113,6 +113,14 @@ def _kernels():
         # so the page table is read once per block and the block's codes are one contiguous run
         ONE_PAGE: tl.constexpr = PAGE % BT == 0
         if SWAP or NG > 1:
+            # the swap layout: query heads are the MMAs' N dimension, [DH, GP] tiles of q and outputs
+            qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
+            q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+            q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+            m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
+            acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
+            acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
             if NG > 1:
                 # NGH groups of DH // NGH channels in each nibble half (grp [DH]: a dim's group in its half).
                 # Group j's products run over the whole [BT, DH] tile, with the other groups' query dims
@@ -121,19 +129,21 @@ def _kernels():
                 # group's scale and zero applied outside the products
                 NGH: tl.constexpr = NG // 2
                 grp = d // (DH // NGH)
-                qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
-                q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-                q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-                m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
-                l_i = tl.zeros([GP], dtype=tl.float32)
-                acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
-                acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
-                for t0 in range(start, end, BT):
-                    t = t0 + t_off
-                    t_ok = t < end
-                    row = _block_rows(bt_ptr + b * stride_bt, h, t0, t_off, t_ok, HKV, PAGE, ONE_PAGE)  # [BT] cache rows
-                    kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
-                    vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
+            else:
+                # swap-AB: the dequantized cache tile is the MMA's A operand (rows = tokens) and the G query
+                # heads are its N dimension (padded to 8, not 16), so the padding costs half the MMAs of the
+                # [16, BT] layout, and the layout conversion to the A operand can run on the uint8 codes
+                q_sum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)  # [GP]
+                q_lo16 = q_lo.to(tl.float16)
+                q_hi16 = q_hi.to(tl.float16)
+                z_acc = tl.zeros([GP], dtype=tl.float32)
+            for t0 in range(start, end, BT):
+                t = t0 + t_off
+                t_ok = t < end
+                row = _block_rows(bt_ptr + b * stride_bt, h, t0, t_off, t_ok, HKV, PAGE, ONE_PAGE)  # [BT] cache rows
+                kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
+                vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
+                if NG > 1:
                     k_lo = _nib16(kcod, 0)
                     k_hi = _nib16(kcod, 4)
                     sT = tl.zeros([BT, GP], dtype=tl.float32)
@@ -149,11 +159,19 @@ def _kernels():
                             + z_lo[:, None] * tl.sum(qj_lo, axis=0)[None, :]
                         sT += tl.dot(k_hi, qj_hi.to(tl.float16)) * s_hi[:, None] \
                             + z_hi[:, None] * tl.sum(qj_hi, axis=0)[None, :]
-                    sT = tl.where(t_ok[:, None], sT, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(sT - m_new[None, :])
-                    l_i = l_i * alpha + tl.sum(p, axis=0)
+                else:
+                    k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
+                    k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
+                    v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
+                    v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
+                    sT = tl.dot(_nib16(kcod, 0), q_lo16) + tl.dot(_nib16(kcod, 4), q_hi16)  # [BT, GP]
+                    sT = sT * k_s[:, None] + k_z[:, None] * q_sum[None, :]
+                sT = tl.where(t_ok[:, None], sT, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sT - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                if NG > 1:
                     acc_lo = acc_lo * alpha[None, :]
                     acc_hi = acc_hi * alpha[None, :]
                     v_lo = _nib16(vcod, 0)
@@ -168,44 +186,13 @@ def _kernels():
                         a_hi = tl.dot(v_hi, (p * s_hi[:, None]).to(tl.float16)) + tl.sum(p * z_hi[:, None], axis=0)[None, :]
                         acc_lo += tl.where(in_j, a_lo, 0.0)
                         acc_hi += tl.where(in_j, a_hi, 0.0)
-                    m_i = m_new
-            else:
-                # swap-AB: the dequantized cache tile is the MMA's A operand (rows = tokens) and the G query
-                # heads are its N dimension (padded to 8, not 16), so the padding costs half the MMAs of the
-                # [16, BT] layout, and the layout conversion to the A operand can run on the uint8 codes
-                qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
-                q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-                q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-                q_sum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)  # [GP]
-                q_lo16 = q_lo.to(tl.float16)
-                q_hi16 = q_hi.to(tl.float16)
-                m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
-                l_i = tl.zeros([GP], dtype=tl.float32)
-                acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
-                acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
-                z_acc = tl.zeros([GP], dtype=tl.float32)
-                for t0 in range(start, end, BT):
-                    t = t0 + t_off
-                    t_ok = t < end
-                    row = _block_rows(bt_ptr + b * stride_bt, h, t0, t_off, t_ok, HKV, PAGE, ONE_PAGE)  # [BT] cache rows
-                    kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
-                    vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
-                    k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
-                    k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
-                    v_s = tl.load(vs + row, mask=t_ok, other=0.0).to(tl.float32)
-                    v_z = tl.load(vz + row, mask=t_ok, other=0.0).to(tl.float32)
-                    sT = tl.dot(_nib16(kcod, 0), q_lo16) + tl.dot(_nib16(kcod, 4), q_hi16)  # [BT, GP]
-                    sT = sT * k_s[:, None] + k_z[:, None] * q_sum[None, :]
-                    sT = tl.where(t_ok[:, None], sT, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(sT, axis=0))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(sT - m_new[None, :])
-                    l_i = l_i * alpha + tl.sum(p, axis=0)
+                else:
                     z_acc = z_acc * alpha + tl.sum(p * v_z[:, None], axis=0)
                     pv = (p * v_s[:, None]).to(tl.float16)  # [BT, GP]
                     acc_lo = acc_lo * alpha[None, :] + tl.dot(_nib16(vcod, 0), pv)
                     acc_hi = acc_hi * alpha[None, :] + tl.dot(_nib16(vcod, 4), pv)
-                    m_i = m_new
+                m_i = m_new
+            if NG == 1:
                 acc_lo += z_acc[None, :]
                 acc_hi += z_acc[None, :]
             inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
