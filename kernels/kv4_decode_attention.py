@@ -7,10 +7,10 @@ probabilities: ``o = (p * v_scale) . codes + sum(p * v_zero)``. Both products ru
 cores (codes 0..15 are exact in fp16) with fp32 accumulation. Default loop (``swap=True``): tokens are the
 MMA's M dimension and the G query heads its N (padded to 8), so on sm_90 the dequantized tile is a register
 A operand of wgmma; ``swap=False`` keeps the earlier loop (G query rows padded to 16, tile via shared memory).
-A cache with channel groups (``NG > 1`` scales per token and head) runs the swap-AB loop once per group
-of a nibble half on the same tiles: the group's query dims alone (the others zeroed) for its partial
-scores, its value rows alone for its output, so the codes stay exact in fp16 and each group's scale and
-zero are applied outside the products, as with one group.
+A cache with channel groups (``NG > 1`` scales per token and head) runs the swap-AB loop with the groups
+stacked along the MMAs' N dimension (column ``j * GP + g``: query head g's dims of group j, the others
+zeroed), so each nibble half is still one MMA for the scores and one for the values, on exact fp16 codes,
+and each group's scale and zero are applied per column outside the products, as with one group.
 With more than one split (flash-decoding), each split writes an unnormalised partial output and its
 (max, sum) and a second small kernel combines them; with one split the first kernel writes the output.
 """
@@ -113,30 +113,47 @@ def _kernels():
         # so the page table is read once per block and the block's codes are one contiguous run
         ONE_PAGE: tl.constexpr = PAGE % BT == 0
         if SWAP or NG > 1:
-            # the swap layout: query heads are the MMAs' N dimension, [DH, GP] tiles of q and outputs
-            qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
-            q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-            q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
-            m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
-            l_i = tl.zeros([GP], dtype=tl.float32)
-            acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
-            acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
+            # the swap layout: query heads are the MMAs' N dimension, [DH, GP] (or [DH, NC]) tiles of q and outputs
             if NG > 1:
                 # NGH groups of DH // NGH channels in each nibble half (grp [DH]: a dim's group in its half).
-                # Group j's products run over the whole [BT, DH] tile, with the other groups' query dims
-                # zeroed (scores) or only its value rows kept (values): NGH times the MMAs of one group, on
-                # the same tiles and layouts as the one-group loop, the codes exact in fp16 and each
-                # group's scale and zero applied outside the products
+                # The groups are stacked along the MMAs' N dimension: column c = j * GP + g holds query head
+                # g's dims of group j (the others zeroed), so one MMA per nibble half gives every group's
+                # partial scores [BT, NC] on exact fp16 codes; each column takes its group's scale and zero,
+                # and the groups of a head are summed. Values mirror it: column (j, g) carries p[:, g] times
+                # group j's scale, and at the end each output dim keeps its own group's column. With
+                # NGH * GP = 8 (G = 4 and two groups per half) the MMAs are as wide as one group's.
                 NGH: tl.constexpr = NG // 2
+                NC: tl.constexpr = NGH * GP
                 grp = d // (DH // NGH)
+                c = tl.arange(0, NC)
+                cg = c % GP
+                cj = c // GP
+                mine = grp[:, None] == cj[None, :]  # [DH, NC]: a dim's own group's columns
+                qx = q_ptr + b * stride_qb + (h * G + cg)[None, :] * stride_qh + d[:, None]  # [DH, NC]
+                qx_ok = mine & (cg < G)[None, :]
+                q_lo = tl.load(qx, mask=qx_ok, other=0.0).to(tl.float32) * qk_scale
+                q_hi = tl.load(qx + DH, mask=qx_ok, other=0.0).to(tl.float32) * qk_scale
+                acc_lo = tl.zeros([DH, NC], dtype=tl.float32)
+                acc_hi = tl.zeros([DH, NC], dtype=tl.float32)
+                zx_lo = tl.zeros([NC], dtype=tl.float32)
+                zx_hi = tl.zeros([NC], dtype=tl.float32)
             else:
                 # swap-AB: the dequantized cache tile is the MMA's A operand (rows = tokens) and the G query
                 # heads are its N dimension (padded to 8, not 16), so the padding costs half the MMAs of the
                 # [16, BT] layout, and the layout conversion to the A operand can run on the uint8 codes
-                q_sum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)  # [GP]
-                q_lo16 = q_lo.to(tl.float16)
-                q_hi16 = q_hi.to(tl.float16)
+                qT = q_ptr + b * stride_qb + (h * G + g)[None, :] * stride_qh + d[:, None]  # [DH, GP]
+                q_lo = tl.load(qT, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+                q_hi = tl.load(qT + DH, mask=g_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+                acc_lo = tl.zeros([DH, GP], dtype=tl.float32)
+                acc_hi = tl.zeros([DH, GP], dtype=tl.float32)
                 z_acc = tl.zeros([GP], dtype=tl.float32)
+            q_sum_lo = tl.sum(q_lo, axis=0)  # [GP] or [NC]
+            q_sum_hi = tl.sum(q_hi, axis=0)
+            q_sum = q_sum_lo + q_sum_hi
+            q_lo16 = q_lo.to(tl.float16)
+            q_hi16 = q_hi.to(tl.float16)
+            m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
             for t0 in range(start, end, BT):
                 t = t0 + t_off
                 t_ok = t < end
@@ -144,21 +161,13 @@ def _kernels():
                 kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
                 vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
                 if NG > 1:
-                    k_lo = _nib16(kcod, 0)
-                    k_hi = _nib16(kcod, 4)
-                    sT = tl.zeros([BT, GP], dtype=tl.float32)
-                    for j in tl.static_range(NGH):  # scale/zero of group j: index j (low half), NGH + j (high)
-                        in_j = (grp == j)[:, None]
-                        qj_lo = tl.where(in_j, q_lo, 0.0)
-                        qj_hi = tl.where(in_j, q_hi, 0.0)
-                        s_lo = tl.load(ks + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
-                        z_lo = tl.load(kz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
-                        s_hi = tl.load(ks + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
-                        z_hi = tl.load(kz + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
-                        sT += tl.dot(k_lo, qj_lo.to(tl.float16)) * s_lo[:, None] \
-                            + z_lo[:, None] * tl.sum(qj_lo, axis=0)[None, :]
-                        sT += tl.dot(k_hi, qj_hi.to(tl.float16)) * s_hi[:, None] \
-                            + z_hi[:, None] * tl.sum(qj_hi, axis=0)[None, :]
+                    kx = ks + row[:, None] * NG + cj[None, :]  # [BT, NC]: each column's group scale
+                    zx = kz + row[:, None] * NG + cj[None, :]
+                    sx = tl.dot(_nib16(kcod, 0), q_lo16) * tl.load(kx, mask=t_ok[:, None], other=0.0).to(tl.float32) \
+                        + tl.load(zx, mask=t_ok[:, None], other=0.0).to(tl.float32) * q_sum_lo[None, :]
+                    sx += tl.dot(_nib16(kcod, 4), q_hi16) * tl.load(kx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32) \
+                        + tl.load(zx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32) * q_sum_hi[None, :]
+                    sT = tl.sum(tl.reshape(sx, (BT, NGH, GP)), axis=1)  # [BT, GP]: a head's groups summed
                 else:
                     k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
                     k_z = tl.load(kz + row, mask=t_ok, other=0.0).to(tl.float32)
@@ -172,27 +181,26 @@ def _kernels():
                 p = tl.exp2(sT - m_new[None, :])
                 l_i = l_i * alpha + tl.sum(p, axis=0)
                 if NG > 1:
-                    acc_lo = acc_lo * alpha[None, :]
-                    acc_hi = acc_hi * alpha[None, :]
-                    v_lo = _nib16(vcod, 0)
-                    v_hi = _nib16(vcod, 4)
-                    for j in tl.static_range(NGH):
-                        in_j = (grp == j)[:, None]
-                        s_lo = tl.load(vs + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
-                        z_lo = tl.load(vz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)
-                        s_hi = tl.load(vs + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
-                        z_hi = tl.load(vz + row * NG + (NGH + j), mask=t_ok, other=0.0).to(tl.float32)
-                        a_lo = tl.dot(v_lo, (p * s_lo[:, None]).to(tl.float16)) + tl.sum(p * z_lo[:, None], axis=0)[None, :]
-                        a_hi = tl.dot(v_hi, (p * s_hi[:, None]).to(tl.float16)) + tl.sum(p * z_hi[:, None], axis=0)[None, :]
-                        acc_lo += tl.where(in_j, a_lo, 0.0)
-                        acc_hi += tl.where(in_j, a_hi, 0.0)
+                    px = tl.reshape(tl.broadcast_to(p[:, None, :], (BT, NGH, GP)), (BT, NC))  # p per column
+                    ax = tl.reshape(tl.broadcast_to(alpha[None, :], (NGH, GP)), (NC,))
+                    vsx = vs + row[:, None] * NG + cj[None, :]
+                    vzx = vz + row[:, None] * NG + cj[None, :]
+                    zx_lo = zx_lo * ax + tl.sum(px * tl.load(vzx, mask=t_ok[:, None], other=0.0).to(tl.float32), axis=0)
+                    zx_hi = zx_hi * ax + tl.sum(px * tl.load(vzx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32), axis=0)
+                    pv_lo = (px * tl.load(vsx, mask=t_ok[:, None], other=0.0).to(tl.float32)).to(tl.float16)
+                    pv_hi = (px * tl.load(vsx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32)).to(tl.float16)
+                    acc_lo = acc_lo * ax[None, :] + tl.dot(_nib16(vcod, 0), pv_lo)
+                    acc_hi = acc_hi * ax[None, :] + tl.dot(_nib16(vcod, 4), pv_hi)
                 else:
                     z_acc = z_acc * alpha + tl.sum(p * v_z[:, None], axis=0)
                     pv = (p * v_s[:, None]).to(tl.float16)  # [BT, GP]
                     acc_lo = acc_lo * alpha[None, :] + tl.dot(_nib16(vcod, 0), pv)
                     acc_hi = acc_hi * alpha[None, :] + tl.dot(_nib16(vcod, 4), pv)
                 m_i = m_new
-            if NG == 1:
+            if NG > 1:  # each output dim keeps its own group's columns
+                acc_lo = tl.sum(tl.reshape(tl.where(mine, acc_lo + zx_lo[None, :], 0.0), (DH, NGH, GP)), axis=1)
+                acc_hi = tl.sum(tl.reshape(tl.where(mine, acc_hi + zx_hi[None, :], 0.0), (DH, NGH, GP)), axis=1)
+            else:
                 acc_lo += z_acc[None, :]
                 acc_hi += z_acc[None, :]
             inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
@@ -302,6 +310,16 @@ def default_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int = 1
     return splits
 
 
+def _heads_padded(g: int, num_groups: int, swap: bool) -> int:
+    """The query heads' padded width GP: the MMAs' N is GP (swap), 16-row tiles (rows), or with channel
+    groups NGH * GP columns (NGH groups per nibble half), at least 8 in all."""
+    import triton
+
+    if num_groups > 1:
+        return max(triton.next_power_of_2(g), 8 // (num_groups // 2))
+    return max(8 if swap else 16, triton.next_power_of_2(g))
+
+
 def _check(q, cache: KV4Cache, block_tables, seq_lens) -> None:
     cache.validate()
     if q.dim() != 3 or q.shape[2] != cache.head_dim or q.stride(2) != 1:
@@ -354,7 +372,7 @@ def kv4_decode_attention_triton(
     decode[(b, hkv, num_splits)](
         q, *cache.tensors(), block_tables, seq_lens, out, po, pml,
         sm_scale * _LOG2E, q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_splits,
-        HKV=hkv, G=g, GP=max(8 if swap else 16, triton.next_power_of_2(g)), DH=dim // 2, PAGE=cache.page_size,
+        HKV=hkv, G=g, GP=_heads_padded(g, cache.num_groups, swap), DH=dim // 2, PAGE=cache.page_size,
         BT=block_t, DIRECT=direct, SWAP=bool(swap), NG=cache.num_groups, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

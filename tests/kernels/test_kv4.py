@@ -80,6 +80,23 @@ def test_decode_matches_reference(lens, hq, hkv, splits, bt, page, swap, group_s
         assert rel_err(out[i], exact[:, 0]) < 0.15
 
 
+@pytest.mark.parametrize("group_size", [32, 16])
+def test_decode_groups_stacked_wider_than_one_mma(group_size):
+    """d=128 with 3 query heads per KV head: the stacked group columns are 8 (g32) and 16 (g16) wide, with
+    padded heads inside each group's block of columns."""
+    torch.manual_seed(1)
+    lens, hq, hkv, d = [9, 70], 6, 2, 128
+    cache, bt_, slots = _setup(lens, hkv, d, 16, DEVICE, group_size)
+    k = torch.randn(slots.numel(), hkv, d, device=DEVICE, dtype=torch.bfloat16)
+    kv4_write(cache, k, torch.randn_like(k), slots)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(lens), hq, d, device=DEVICE, dtype=torch.bfloat16)
+    ref = kv4_decode_attention_reference(q, cache, bt_, seq, d ** -0.5)
+    for splits in (1, 2):
+        out = kv4_decode_attention_triton(q, cache, bt_, seq, d ** -0.5, num_splits=splits, block_t=16)
+        assert rel_err(out, ref) < 1e-2, splits
+
+
 def test_op_and_errors():
     cache, bt_, slots = _setup([20], 2, 64, 16, DEVICE)
     k = torch.randn(20, 2, 64, device=DEVICE, dtype=torch.bfloat16)
