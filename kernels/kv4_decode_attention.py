@@ -161,12 +161,18 @@ def _kernels():
                 kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
                 vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
                 if NG > 1:
-                    kx = ks + row[:, None] * NG + cj[None, :]  # [BT, NC]: each column's group scale
-                    zx = kz + row[:, None] * NG + cj[None, :]
-                    sx = tl.dot(_nib16(kcod, 0), q_lo16) * tl.load(kx, mask=t_ok[:, None], other=0.0).to(tl.float32) \
-                        + tl.load(zx, mask=t_ok[:, None], other=0.0).to(tl.float32) * q_sum_lo[None, :]
-                    sx += tl.dot(_nib16(kcod, 4), q_hi16) * tl.load(kx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32) \
-                        + tl.load(zx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32) * q_sum_hi[None, :]
+                    ks_lo = tl.zeros([BT, NC], dtype=tl.float32)
+                    kz_lo = tl.zeros([BT, NC], dtype=tl.float32)
+                    ks_hi = tl.zeros([BT, NC], dtype=tl.float32)
+                    kz_hi = tl.zeros([BT, NC], dtype=tl.float32)
+                    for j in tl.static_range(NGH):  # each column's group scale and zero, from [BT] vector loads
+                        cols = (cj == j)[None, :]
+                        ks_lo = tl.where(cols, tl.load(ks + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], ks_lo)
+                        kz_lo = tl.where(cols, tl.load(kz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], kz_lo)
+                        ks_hi = tl.where(cols, tl.load(ks + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], ks_hi)
+                        kz_hi = tl.where(cols, tl.load(kz + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], kz_hi)
+                    sx = tl.dot(_nib16(kcod, 0), q_lo16) * ks_lo + kz_lo * q_sum_lo[None, :] \
+                        + tl.dot(_nib16(kcod, 4), q_hi16) * ks_hi + kz_hi * q_sum_hi[None, :]
                     sT = tl.sum(tl.reshape(sx, (BT, NGH, GP)), axis=1)  # [BT, GP]: a head's groups summed
                 else:
                     k_s = tl.load(ks + row, mask=t_ok, other=0.0).to(tl.float32)
@@ -183,12 +189,20 @@ def _kernels():
                 if NG > 1:
                     px = tl.reshape(tl.broadcast_to(p[:, None, :], (BT, NGH, GP)), (BT, NC))  # p per column
                     ax = tl.reshape(tl.broadcast_to(alpha[None, :], (NGH, GP)), (NC,))
-                    vsx = vs + row[:, None] * NG + cj[None, :]
-                    vzx = vz + row[:, None] * NG + cj[None, :]
-                    zx_lo = zx_lo * ax + tl.sum(px * tl.load(vzx, mask=t_ok[:, None], other=0.0).to(tl.float32), axis=0)
-                    zx_hi = zx_hi * ax + tl.sum(px * tl.load(vzx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32), axis=0)
-                    pv_lo = (px * tl.load(vsx, mask=t_ok[:, None], other=0.0).to(tl.float32)).to(tl.float16)
-                    pv_hi = (px * tl.load(vsx + NGH, mask=t_ok[:, None], other=0.0).to(tl.float32)).to(tl.float16)
+                    vs_lo = tl.zeros([BT, NC], dtype=tl.float32)
+                    vz_lo = tl.zeros([BT, NC], dtype=tl.float32)
+                    vs_hi = tl.zeros([BT, NC], dtype=tl.float32)
+                    vz_hi = tl.zeros([BT, NC], dtype=tl.float32)
+                    for j in tl.static_range(NGH):
+                        cols = (cj == j)[None, :]
+                        vs_lo = tl.where(cols, tl.load(vs + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vs_lo)
+                        vz_lo = tl.where(cols, tl.load(vz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vz_lo)
+                        vs_hi = tl.where(cols, tl.load(vs + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vs_hi)
+                        vz_hi = tl.where(cols, tl.load(vz + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vz_hi)
+                    zx_lo = zx_lo * ax + tl.sum(px * vz_lo, axis=0)
+                    zx_hi = zx_hi * ax + tl.sum(px * vz_hi, axis=0)
+                    pv_lo = (px * vs_lo).to(tl.float16)
+                    pv_hi = (px * vs_hi).to(tl.float16)
                     acc_lo = acc_lo * ax[None, :] + tl.dot(_nib16(vcod, 0), pv_lo)
                     acc_hi = acc_hi * ax[None, :] + tl.dot(_nib16(vcod, 4), pv_hi)
                 else:

@@ -8,6 +8,9 @@ KV4 quantization replaced by:
 
 - ``--split K:V``: keys quantized in groups of K channels and values in groups of V (``quantize_rows_reference``,
   the one KV4 definition; 0 = left 16-bit; the head dim = one scale per head);
+- ``--key-chan P:V``: keys quantized per channel over blocks of P consecutive tokens (KIVI's key layout:
+  one scale and zero per block, head and channel; the last partial block over the tokens it has), values
+  in groups of V channels per token;
 - ``--key-smooth ALPHA:K:V``: as ``--split K:V``, with the keys divided before quantization and multiplied
   back after by a static per-channel ``λ = max|k|^ALPHA`` (post-RoPE absolute maxima per layer, head and
   channel, shared by each RoPE pair so that it could be folded into q_proj / k_proj before RoPE), calibrated
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("artifact")
     ap.add_argument("--split", default="")
     ap.add_argument("--key-smooth", default="")
+    ap.add_argument("--key-chan", default="")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=8)
     a = ap.parse_args()
@@ -51,6 +55,10 @@ def main() -> None:
     def fq(x: torch.Tensor, g: int) -> torch.Tensor:  # g channels a group; 0: left 16-bit
         return x if g == 0 else fake_quant_int4(x, x.shape[-1] // g)
 
+    def fq_chan(x: torch.Tensor, p: int) -> torch.Tensor:  # x [B, H, T, D]: per channel over blocks of p tokens
+        blocks = [fake_quant_int4(b.transpose(-1, -2).contiguous(), 1).transpose(-1, -2) for b in x.split(p, dim=2)]
+        return torch.cat(blocks, dim=2).to(x.dtype)
+
     def ppl(windows, update) -> float:
         cls.update = update
         nll, n = 0.0, 0
@@ -71,6 +79,12 @@ def main() -> None:
         t0 = time.time()
         p = ppl(evals, lambda self, k, v, li, *x, **y: plain_update(self, fq(k, kg), fq(v, vg), li, *x, **y))
         emit(mode="split", k_group=kg, v_group=vg, ppl=p, s=round(time.time() - t0))
+
+    for spec in filter(None, a.key_chan.split(",")):
+        pb, vg = map(int, spec.split(":"))
+        t0 = time.time()
+        p = ppl(evals, lambda self, k, v, li, *x, **y: plain_update(self, fq_chan(k, pb), fq(v, vg), li, *x, **y))
+        emit(mode="key-chan", k_block_tokens=pb, v_group=vg, ppl=p, s=round(time.time() - t0))
 
     if a.key_smooth:
         amax: dict[int, torch.Tensor] = {}
