@@ -11,6 +11,11 @@ KV4 quantization replaced by:
 - ``--key-chan P:V``: keys quantized per channel over blocks of P consecutive tokens (KIVI's key layout:
   one scale and zero per block, head and channel; the last partial block over the tokens it has), values
   in groups of V channels per token;
+- ``--key-chan-greedy P:V``: KIVI's keys as decoding sees them (a block of P tokens is quantized per
+  channel once it is complete, the tokens of the incomplete block stay 16-bit; values in groups of V at
+  write), then greedy accuracy on ``--task`` (``--items``) next to the artifact's own KV4 and a 16-bit
+  cache, on the same items. Batched prompts are left-padded, so a prompt's first block can include pad
+  tokens' keys in its ranges (pessimistic);
 - ``--key-smooth ALPHA:K:V``: as ``--split K:V``, with the keys divided before quantization and multiplied
   back after by a static per-channel ``λ = max|k|^ALPHA`` (post-RoPE absolute maxima per layer, head and
   channel, shared by each RoPE pair so that it could be folded into q_proj / k_proj before RoPE), calibrated
@@ -32,6 +37,9 @@ def main() -> None:
     ap.add_argument("--split", default="")
     ap.add_argument("--key-smooth", default="")
     ap.add_argument("--key-chan", default="")
+    ap.add_argument("--key-chan-greedy", default="")
+    ap.add_argument("--task", default="chain_sum")
+    ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=8)
     a = ap.parse_args()
@@ -50,6 +58,7 @@ def main() -> None:
     evals, calib = wins[:a.windows], wins[a.windows:a.windows + a.calib_windows]
     cls = kq.quantized_cache_class()
     plain_update = cls.__mro__[1].update  # DynamicCache.update: store as given
+    own = cls.update  # the artifact's own KV quantization
     kw = cache_argument(model)
 
     def fq(x: torch.Tensor, g: int) -> torch.Tensor:  # g channels a group; 0: left 16-bit
@@ -85,6 +94,36 @@ def main() -> None:
         t0 = time.time()
         p = ppl(evals, lambda self, k, v, li, *x, **y: plain_update(self, fq_chan(k, pb), fq(v, vg), li, *x, **y))
         emit(mode="key-chan", k_block_tokens=pb, v_group=vg, ppl=p, s=round(time.time() - t0))
+
+    if a.key_chan_greedy:
+        from natix.quant.evaluate import check_eval, task_accuracy
+
+        def greedy(update) -> tuple[float, list]:
+            cls.update = update
+            _, _, matrix = check_eval(a.artifact, adapter=None, ppl="none", task=a.task, strategies=["greedy"],
+                                      items=a.items, temperature=0.7, device="cpu", dtype="auto", jsonl=None)
+            cell = task_accuracy(matrix)[0]
+            return cell["accuracy"], cell["per_item"]["correct"]
+
+        def kivi(pb: int, vg: int):
+            def update(self, k, v, li, *x, **y):
+                first = self.get_seq_length(li) == 0
+                keys, values = plain_update(self, k, fq(v, vg), li, *x, **y)
+                done = self.__dict__.setdefault("_kivi_done", {}).get(li, 0)
+                full = keys.shape[2] // pb * pb
+                for b0 in range(done, full, pb):  # blocks completed by this update: quantized in place
+                    keys[:, :, b0:b0 + pb] = fq_chan(keys[:, :, b0:b0 + pb], pb)
+                self._kivi_done[li] = full
+                return (k, v) if first and self.natix_prefill == "unquantized" else (keys, values)
+            return update
+
+        for label, upd in [("artifact KV4", own), ("16-bit", lambda self, k, v, li, *x, **y: plain_update(self, k, v, li, *x, **y))] + [
+                (f"key-chan {s}", kivi(*map(int, s.split(":")))) for s in a.key_chan_greedy.split(",")]:
+            t0 = time.time()
+            acc, correct = greedy(upd)
+            emit(mode="greedy", config=label, task=a.task, items=a.items, accuracy=acc, correct=correct,
+                 s=round(time.time() - t0))
+        cls.update = own
 
     if a.key_smooth:
         amax: dict[int, torch.Tensor] = {}

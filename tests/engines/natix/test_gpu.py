@@ -2,6 +2,7 @@
 varlen prefill attention, the sampler. Runs where a GPU is (marker ``gpu``)."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -45,9 +46,7 @@ def _forced_logits(e, ids, nxt):
     return pre, dec
 
 
-@pytest.mark.parametrize("scheme,group", SCHEMES)
-def test_gpu_path_matches_cpu_reference(scheme, group):
-    w = random_weights(SMALL, scheme, device="cpu", dtype=torch.float32, group_size=group, seed=0)
+def _gpu_matches_cpu(w, scheme):
     cpu = _engine(w)
     gpu = _engine(w.to(torch.device("cuda"), torch.bfloat16))
     rnd = random.Random(0)
@@ -60,6 +59,18 @@ def test_gpu_path_matches_cpu_reference(scheme, group):
         tol = 0.1 if scheme == "fp8" else 3e-2
         assert _rel(pg, pc) < tol, (n, _rel(pg, pc))
         assert _rel(dg, dc) < (0.1 if scheme != "dense" else tol), (n, _rel(dg, dc))
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_gpu_path_matches_cpu_reference(scheme, group):
+    _gpu_matches_cpu(random_weights(SMALL, scheme, device="cpu", dtype=torch.float32, group_size=group, seed=0), scheme)
+
+
+@pytest.mark.parametrize("kv_group", [32, 16])
+def test_kv4_channel_groups_gpu_matches_cpu_reference(kv_group):
+    """KV4 with 2 and 4 channel groups per head (head_dim 64): the grouped decode kernel vs the reference."""
+    w = random_weights(SMALL, "w4a8kv4", device="cpu", dtype=torch.float32, seed=0)
+    _gpu_matches_cpu(dataclasses.replace(w, kv_group_size=kv_group), "w4a8kv4")
 
 
 @pytest.mark.parametrize("scheme,group", SCHEMES)
