@@ -15,7 +15,11 @@ KV4 quantization replaced by:
   channel once it is complete, the tokens of the incomplete block stay 16-bit; values in groups of V at
   write), then greedy accuracy on ``--task`` (``--items``) next to the artifact's own KV4 and a 16-bit
   cache, on the same items. Batched prompts are left-padded, so a prompt's first block can include pad
-  tokens' keys in its ranges (pessimistic);
+  tokens' keys in its ranges (pessimistic); ``--key-static-greedy Q:V`` adds ``--key-static``'s keys to
+  that comparison;
+- ``--key-static Q:V``: keys quantized per channel with static ranges (per layer, head and channel: the
+  Q-quantile of the calibration windows' low and high values, 1.0 = their min and max; no scale per token),
+  values in groups of V per token;
 - ``--key-smooth ALPHA:K:V``: as ``--split K:V``, with the keys divided before quantization and multiplied
   back after by a static per-channel ``λ = max|k|^ALPHA`` (post-RoPE absolute maxima per layer, head and
   channel, shared by each RoPE pair so that it could be folded into q_proj / k_proj before RoPE), calibrated
@@ -37,7 +41,9 @@ def main() -> None:
     ap.add_argument("--split", default="")
     ap.add_argument("--key-smooth", default="")
     ap.add_argument("--key-chan", default="")
+    ap.add_argument("--key-static", default="")
     ap.add_argument("--key-chan-greedy", default="")
+    ap.add_argument("--key-static-greedy", default="", help="Q:V,...: greedy accuracy with --key-static's keys")
     ap.add_argument("--task", default="chain_sum")
     ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--windows", type=int, default=40)
@@ -95,7 +101,40 @@ def main() -> None:
         p = ppl(evals, lambda self, k, v, li, *x, **y: plain_update(self, fq_chan(k, pb), fq(v, vg), li, *x, **y))
         emit(mode="key-chan", k_block_tokens=pb, v_group=vg, ppl=p, s=round(time.time() - t0))
 
-    if a.key_chan_greedy:
+    def static_update(qt: float, vg: int):
+        """keys by static per-channel ranges (the calibration windows' qt-quantiles), values in groups of vg"""
+        seen: dict[int, list] = {}
+
+        def collect_k(self, k, v, li, *x, **y):
+            seen.setdefault(li, []).append(k.float().transpose(1, 2).reshape(-1, k.shape[1], k.shape[3]))  # [T, H, D]
+            return plain_update(self, k, v, li, *x, **y)
+
+        ppl(calib, collect_k)
+        gen = torch.Generator().manual_seed(0)
+        rng = {}
+        for li, parts in seen.items():
+            t = torch.cat(parts)
+            if qt < 1:
+                t = t[torch.randperm(t.shape[0], generator=gen)[:8192]]
+                rng[li] = (torch.quantile(t, 1 - qt, dim=0), torch.quantile(t, qt, dim=0))
+            else:
+                rng[li] = (t.amin(0), t.amax(0))
+
+        def update(self, k, v, li, *x, **y):
+            lo, hi = (r[None, :, None, :] for r in rng[li])  # [1, H, 1, D]
+            sc = ((hi - lo) / 15).clamp_min(1e-8)
+            kq = (torch.clamp(torch.round((k.float() - lo) / sc), 0, 15) * sc + lo).to(k.dtype)
+            return plain_update(self, kq, fq(v, vg), li, *x, **y)
+        return update
+
+    for spec in filter(None, a.key_static.split(",")):
+        qt, vg = float(spec.split(":")[0]), int(spec.split(":")[1])
+        update = static_update(qt, vg)
+        t0 = time.time()
+        emit(mode="key-static", quantile=qt, v_group=vg, ppl=ppl(evals, update), calib_windows=len(calib),
+             s=round(time.time() - t0))
+
+    if a.key_chan_greedy or a.key_static_greedy:
         from natix.quant.evaluate import check_eval, task_accuracy
 
         def greedy(update) -> tuple[float, list]:
@@ -118,7 +157,9 @@ def main() -> None:
             return update
 
         for label, upd in [("artifact KV4", own), ("16-bit", lambda self, k, v, li, *x, **y: plain_update(self, k, v, li, *x, **y))] + [
-                (f"key-chan {s}", kivi(*map(int, s.split(":")))) for s in a.key_chan_greedy.split(",")]:
+                (f"key-chan {s}", kivi(*map(int, s.split(":")))) for s in filter(None, a.key_chan_greedy.split(","))] + [
+                (f"key-static {s}", static_update(float(s.split(":")[0]), int(s.split(":")[1])))
+                for s in filter(None, a.key_static_greedy.split(","))]:
             t0 = time.time()
             acc, correct = greedy(upd)
             emit(mode="greedy", config=label, task=a.task, items=a.items, accuracy=acc, correct=correct,
