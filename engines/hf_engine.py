@@ -142,6 +142,7 @@ class HFEngine:
             "kv_press": str(self.press_spec) if self.press_spec else None,
             "kv_cache": getattr(self.model, "natix_kv_cache", "none") or "none",
             "kv_group_size": getattr(self.model, "natix_kv_group_size", -1),
+            "kv_key_block": getattr(self.model, "natix_kv_key_block", 0),
             "prefill_attention": self._prefill_attention,
             "attn_implementation": getattr(getattr(self.model, "config", None), "_attn_implementation", None),
             "merge_report": self.merge_report,

@@ -6,7 +6,14 @@ Two modes, chosen per model by ``model.natix_kv_cache`` (set by the loader from 
 - ``"int4"`` (W4A8KV4): per token and KV head (or per group of ``model.natix_kv_group_size``
   channels of a head: w4a8kv4's ``kv_group_size``), asymmetric UINT4 with an fp16 scale and zero —
   exactly :func:`natix.kernels.kv4_cache.quantize_rows_reference`, so the reference path stores the
-  same numbers the kernel cache does. Dynamic: nothing is calibrated.
+  same numbers the kernel cache does. Dynamic: nothing is calibrated. With w4a8kv4's ``kv_key_block``
+  (``model.natix_kv_key_block`` = B > 0) the keys are quantized per channel instead, over blocks of B
+  consecutive tokens of a sequence (KIVI's key layout): a block is quantized when it is complete, each
+  channel of each head with its own UINT4 scale and zero over the block's B tokens
+  (:func:`quantize_key_blocks`), and the tokens of the incomplete block stay 16-bit until it is. The values
+  stay per token. Blocks count from the start of the cache, so a left-padded batch's first block of a
+  short prompt holds pad tokens' keys too (their ranges widen it; the natix engine, which has no padding,
+  does not serve this layout yet).
 - ``"fp8"`` (the compressed-tensors schemes' fp8 KV option): e4m3 with one static scale per layer
   for keys and one for values, read from the attention module's ``k_scale`` / ``v_scale`` buffers
   (:func:`register_kv_scales`; state-dict names ``model.layers.N.self_attn.k_scale``, which vLLM's
@@ -56,7 +63,7 @@ PREFILL_MODES = ("unquantized", "quantized")
 
 __all__ = ["FP8_MAX", "KV_MODES", "PREFILL_MODES", "calibrate_fp8_kv_scales", "fake_quant_fp8", "fake_quant_int4",
            "fake_quant_int4_rotated",
-           "kv_cache_scheme", "new_cache", "quantized_cache_class", "register_kv_scales"]
+           "kv_cache_scheme", "new_cache", "quantize_key_blocks", "quantized_cache_class", "register_kv_scales"]
 
 
 # ---------------------------------------------------------------------------------------- math
@@ -85,6 +92,20 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------- cache
+def quantize_key_blocks(keys: torch.Tensor, start: int, block: int) -> int:
+    """``keys [B, H, T, D]`` (a cache's stored keys, edited in place): every complete block of ``block``
+    tokens from token ``start`` on (a multiple of ``block``) replaced by its per-channel UINT4
+    dequantization — each head and channel one scale and zero over the block's tokens, as
+    :func:`fake_quant_int4` computes them along the token axis. Returns the number of tokens now in
+    complete (quantized) blocks."""
+    full = keys.shape[-2] // block * block
+    start = min(start, full)  # a cropped cache re-quantizes nothing it no longer holds
+    for b0 in range(start, full, block):
+        blk = keys[:, :, b0:b0 + block]
+        keys[:, :, b0:b0 + block] = fake_quant_int4(blk.transpose(-1, -2), 1).transpose(-1, -2)
+    return full
+
+
 @functools.lru_cache(maxsize=None)
 def quantized_cache_class() -> type:
     """The ``DynamicCache`` subclass (built on first use: transformers is imported lazily)."""
@@ -95,19 +116,29 @@ def quantized_cache_class() -> type:
 
         Set ``natix_kv_mode`` ("int4" | "fp8"), ``natix_prefill`` ("unquantized" | "quantized"),
         for fp8 ``natix_kv_scales`` ({layer_idx: (k_scale, v_scale)}), for int4 ``natix_kv_groups``
-        (channel groups per head) and with key rotation ``natix_key_rotation`` (``H [D, D]``) after
-        construction (:func:`new_cache` does)."""
+        (channel groups per head), with key rotation ``natix_key_rotation`` (``H [D, D]``) and for
+        per-channel keys ``natix_key_block`` (tokens per block) after construction (:func:`new_cache` does)."""
 
         natix_kv_mode: str = "int4"
         natix_kv_groups: int = 1
         natix_prefill: str = "quantized"
         natix_kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         natix_key_rotation: torch.Tensor | None = None
+        natix_key_block: int = 0
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                    *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             raw = (key_states, value_states) if self.natix_prefill == "unquantized" \
                 and self.get_seq_length(layer_idx) == 0 else None
+            if self.natix_kv_mode == "int4" and self.natix_key_block:
+                # keys stored 16-bit; the blocks this update completes are quantized in place
+                keys, values = super().update(key_states, fake_quant_int4(value_states, self.natix_kv_groups),
+                                              layer_idx, *args, **kwargs)
+                if raw is not None and keys.data_ptr() == key_states.data_ptr():  # a layer that stores the update as is
+                    raw = (key_states.clone(), raw[1])
+                done = self.__dict__.setdefault("natix_key_blocks_done", {})
+                done[layer_idx] = quantize_key_blocks(keys, done.get(layer_idx, 0), self.natix_key_block)
+                return raw if raw is not None else (keys, values)
             if self.natix_kv_mode == "int4":
                 rot = self.natix_key_rotation
                 ng = self.natix_kv_groups
@@ -150,7 +181,8 @@ def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
     ``prefill`` keys/values (module docstring). fp8 reads every attention module's ``k_scale`` /
     ``v_scale``; ValueError if there are none or a mode is unknown. An int4 model with
     ``model.natix_kv_rotate_keys`` gets the key rotation (module docstring), and
-    ``model.natix_kv_group_size`` channels per scale (-1 or absent: the whole head)."""
+    ``model.natix_kv_group_size`` channels per scale (-1 or absent: the whole head); keys per channel
+    over blocks of ``model.natix_kv_key_block`` tokens when that is > 0."""
     mode = getattr(model, "natix_kv_cache", "none") or "none"
     if mode not in KV_MODES:
         raise ValueError(f"model.natix_kv_cache must be one of {', '.join(KV_MODES)}, got {mode!r}")
@@ -166,6 +198,7 @@ def new_cache(model: Any, prefill: str = "quantized") -> Any | None:
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         cache.natix_kv_groups = kv_groups(d, int(getattr(model, "natix_kv_group_size", -1)))
+        cache.natix_key_block = int(getattr(model, "natix_kv_key_block", 0))
         if getattr(model, "natix_kv_rotate_keys", False):
             from natix.quant.qoq import head_rotation
 

@@ -105,6 +105,8 @@ def load_artifact(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     model.natix_kv_rotate_keys = bool(getattr(cfg, "rotate_keys", False))
     # w4a8kv4 kv_group_size: channels per KV4 scale (-1, and an artifact from before the option: the head)
     model.natix_kv_group_size = int(getattr(cfg, "kv_group_size", -1))
+    # w4a8kv4 kv_key_block: keys per channel over blocks of that many tokens (0, and older artifacts: per token)
+    model.natix_kv_key_block = int(getattr(cfg, "kv_key_block", 0))
     return model, load_tokenizer(str(p))
 
 

@@ -53,7 +53,11 @@ class W4A8KV4Config(QuantConfig):
     "int4" or "none" (KV16, the ablation); ``kv_group_size``: channels per KV4 scale and zero, -1 (the
     whole head, QServe's format; the default) or a power of two >= 16 (a head whose half it does not
     divide takes the next smaller one, down to 16, else one group: :func:`natix.kernels.kv4_cache.kv_groups`):
-    finer groups keep an outlier channel's range to its own group; ``gptq``: GPTQ with calibration Hessians, else round to
+    finer groups keep an outlier channel's range to its own group; ``kv_key_block``: 0 (the default) quantizes
+    keys like values, per token; a power of two from 16 to 1024 quantizes them per channel over blocks of that
+    many tokens instead (KIVI's key layout: one scale and zero per block, head and channel, set when the block
+    is complete; the tokens of the incomplete block stay 16-bit), values per token as before — served by the
+    reference path (``hf`` engine) only for now; ``gptq``: GPTQ with calibration Hessians, else round to
     nearest; ``smooth_attention`` / ``smooth_outputs`` / ``smooth_alpha`` / ``rotate`` / ``seed``:
     the QoQ transforms; ``rotate_values``: values rotated by a Hadamard inside each head, folded
     into v_proj / o_proj (offline, no runtime cost); ``rotate_keys``: queries and keys rotated by the
@@ -77,6 +81,7 @@ class W4A8KV4Config(QuantConfig):
     group_fallback: str = "finer"
     kv_cache: str = "int4"
     kv_group_size: int = KV_GROUP_SIZE
+    kv_key_block: int = 0  # opt-in: reports/quant-accuracy-notes.md, "Per-channel keys"
     gptq: bool = True
     smooth_attention: bool = True
     smooth_alpha: float = 0.5
@@ -106,6 +111,16 @@ class W4A8KV4Config(QuantConfig):
         g = self.kv_group_size
         if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or (g >= 16 and not g & (g - 1))):
             raise QuantError(f"w4a8kv4: kv_group_size must be -1 (the whole head) or a power of two >= 16, got {g!r}")
+        b = self.kv_key_block
+        if isinstance(b, bool) or not isinstance(b, int) or not (b == 0 or (16 <= b <= 1024 and not b & (b - 1))):
+            raise QuantError(f"w4a8kv4: kv_key_block must be 0 (keys per token) or a power of two from 16 to 1024 "
+                             f"(keys per channel over blocks of that many tokens), got {b!r}")
+        if b and self.kv_cache != "int4":
+            raise QuantError("w4a8kv4: kv_key_block sets the KV4 keys' layout, but kv_cache is 'none' (16-bit)")
+        if b and self.rotate_keys is True:
+            raise QuantError("w4a8kv4: kv_key_block (keys per channel) and rotate_keys (keys rotated within the head) "
+                             "do not combine: the rotation spreads the outlier channels that per-channel scales keep "
+                             "apart; set one of them")
         for flag in ("gptq", "smooth_attention", "rotate", "smooth_outputs", "rotate_values", "rotate_keys",
                      "act_order"):
             if not isinstance(getattr(self, flag), bool):
@@ -135,12 +150,13 @@ class W4A8KV4Config(QuantConfig):
         ``lm_head_bits`` was written before those options existed and had none of them (16-bit
         embedding and lm_head), whatever the defaults are now; likewise ``group_fallback`` ("channel"
         then; each layer's group size is in its own record either way), ``weight_scale`` ("minmax"),
-        ``act_order`` (false) and ``kv_group_size`` (-1: one KV4 scale per head). A partial config
+        ``act_order`` (false), ``kv_group_size`` (-1: one KV4 scale per head) and ``kv_key_block`` (0: keys
+        per token). A partial config
         (no ``rotate``) takes the defaults."""
         if "rotate" in d:
             d = {"rotate_values": False, "rotate_keys": False, "embed_bits": 16, "lm_head_bits": 16,
                  "group_fallback": "channel", "weight_scale": "minmax", "act_order": False, "kv_group_size": -1,
-                 **d}
+                 "kv_key_block": 0, **d}
         return super().from_dict(d)  # type: ignore[return-value]
 
     def bits_per_weight(self) -> float:
@@ -313,10 +329,13 @@ class W4A8KV4Config(QuantConfig):
                                   "dynamic": True},
             "kv_cache": self.kv_cache,
             "kv_group_size": self.kv_group_size,
+            "kv_key_block": self.kv_key_block,
             "kv_cache_scheme": ({"num_bits": 4, "type": "uint",
                                  "strategy": "token-head" if self.kv_group_size == -1 else "token-head-group",
                                  "group_size": self.kv_group_size, "symmetric": False,
-                                 "dynamic": True, "scale_dtype": "float16", "post_rope": True}
+                                 "dynamic": True, "scale_dtype": "float16", "post_rope": True,
+                                 **({"key_strategy": "channel-block", "key_block_tokens": self.kv_key_block}
+                                    if self.kv_key_block else {})}
                                 if self.kv_cache == "int4" else None),
             "transforms": {"rotate": self.rotate, "smooth_attention": self.smooth_attention,
                            "smooth_outputs": self.smooth_outputs, "smooth_alpha": self.smooth_alpha,

@@ -80,9 +80,11 @@ ROWS: dict[str, tuple[str | None, list[str]]] = {
     "w4a8kv4 kvg32": ("w4a8kv4", ["--set", "kv_group_size=32"]),
     "w4a8kv4 kvg32 kvrot": ("w4a8kv4", ["--set", "kv_group_size=32", "--set", "rotate_keys=true"]),
     "w4a8kv4 kvg16": ("w4a8kv4", ["--set", "kv_group_size=16"]),
+    # keys per channel over blocks of 64 tokens (KIVI's key layout; opt-in, reference path only for now)
+    "w4a8kv4 kvblock64": ("w4a8kv4", ["--set", "kv_key_block=64"]),
 }
 # label -> (row whose artifact it reuses, config fields changed): for options that change no weight
-# (rotate_keys, kv_group_size and kv_cache act at run time), the source row's artifact is copied and
+# (rotate_keys, kv_group_size, kv_key_block and kv_cache act at run time), the source row's artifact is copied and
 # the fields are set in its manifest and config.json, instead of an export that would write the same
 # tensors again
 DERIVED: dict[str, tuple[str, dict[str, object]]] = {
@@ -93,6 +95,7 @@ DERIVED: dict[str, tuple[str, dict[str, object]]] = {
     "w4a8kv4 kvg32": ("w4a8kv4 default", {"kv_group_size": 32}),
     "w4a8kv4 kvg32 kvrot": ("w4a8kv4 default", {"kv_group_size": 32, "rotate_keys": True}),
     "w4a8kv4 kvg16": ("w4a8kv4 default", {"kv_group_size": 16}),
+    "w4a8kv4 kvblock64": ("w4a8kv4 default", {"kv_key_block": 64}),
 }
 KEEP_MARKER = "<!-- sections below are not rendered from the JSONL; --render-only keeps them -->"
 GOALS = {"fp8": 0.01, "fp8-mse": 0.01}  # max relative perplexity increase vs bf16
@@ -242,7 +245,8 @@ def render(jsonl: Path) -> str:
         kv = r["perplexity"].get("kv_cache", "none")
         if kv == "int4":  # KV4 channel groups (a manifest from before kv_group_size: one scale per head)
             gs = (r.get("quant_config") or {}).get("kv_group_size", -1)
-            kv += " per head" if gs == -1 else f" g{gs}"
+            kb = (r.get("quant_config") or {}).get("kv_key_block", 0)
+            kv += (f" keys per channel / {kb} tokens, values" if kb else "") + (" per head" if gs == -1 else f" g{gs}")
         L.append(f"| {r['label']} | {kv} | {ppl:.3f} | {d} | {greedy} | "
                  f"{acc(mj) if mj else '—'} | {paired} | {size} | {exp} | {rss} |")
     L.append("")

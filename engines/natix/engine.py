@@ -83,6 +83,11 @@ class NatixEngine:
             model, tok = load_artifact(cfg.model, dtype=cfg.dtype, device="cpu")
             artifact_kv = getattr(model, "natix_kv_cache", "none")
             kv = "int4" if artifact_kv == "int4" else "none"
+            if kv == "int4" and getattr(model, "natix_kv_key_block", 0):
+                raise EngineLoadError(
+                    f"{cfg.model}: its KV4 keys are per channel over blocks of {model.natix_kv_key_block} tokens "
+                    "(w4a8kv4 kv_key_block), a layout the natix engine's paged cache and kernels do not serve yet; "
+                    "run it with --engine hf, or export with kv_key_block=0 (keys per token)")
             if artifact_kv == "fp8":
                 info["note"] = "the artifact's static fp8 KV scales are not used: the natix engine's fp8 path keeps a 16-bit cache"
             weights = from_hf_model(model, "w4a8kv4" if scheme == "w4a8kv4" else "fp8", kv)

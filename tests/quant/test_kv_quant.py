@@ -10,7 +10,7 @@ import torch
 
 from natix.kernels.kv4_cache import KV4Cache, dequantize_pages, kv4_write_reference, quantize_rows_reference
 from natix.quant.kv_quant import (FP8_MAX, calibrate_fp8_kv_scales, fake_quant_fp8, fake_quant_int4,
-                                  fake_quant_int4_rotated, kv_cache_scheme, new_cache, quantized_cache_class,
+                                  fake_quant_int4_rotated, kv_cache_scheme, new_cache, quantize_key_blocks, quantized_cache_class,
                                   register_kv_scales)
 from natix.quant.qoq import head_rotation
 
@@ -244,3 +244,46 @@ def test_kv_cache_scheme_is_valid_compressed_tensors():
         targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="float", strategy="channel"))},
         kv_cache_scheme=QuantizationArgs(**s))
     assert qc.model_dump(mode="json")["kv_cache_scheme"]["strategy"] == "tensor"
+
+
+def test_quantize_key_blocks_per_channel_over_complete_blocks():
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 11, 8)
+    k = keys.clone()
+    assert quantize_key_blocks(k, 0, 4) == 8
+    for b0 in (0, 4):  # each complete block: every (head, channel) one UINT4 range over its 4 tokens
+        blk = keys[:, :, b0:b0 + 4]
+        assert torch.equal(k[:, :, b0:b0 + 4], fake_quant_int4(blk.transpose(-1, -2), 1).transpose(-1, -2))
+    assert torch.equal(k[:, :, 8:], keys[:, :, 8:])  # the incomplete block stays as written
+    again = k.clone()
+    assert quantize_key_blocks(again, 8, 4) == 8 and torch.equal(again, k)  # done blocks are not re-quantized
+    assert quantize_key_blocks(k[:, :, :6], 8, 4) == 4  # a cache cropped below the done count
+
+
+@pytest.mark.parametrize("prefill", ["quantized", "unquantized"])
+def test_int4_cache_with_per_channel_key_blocks(tiny, prefill):
+    """kv_key_block: keys stay 16-bit until their block of tokens is complete, then are quantized per
+    channel over the block; values per token as always; prefill attention reads what ``prefill`` says."""
+    from natix.engines.kv_cache import preallocate
+
+    model = _model(tiny)
+    model.natix_kv_cache, model.natix_kv_key_block = "int4", 4
+    ids = _ids(t=6)
+    plain, c = _plain(model), new_cache(model, prefill=prefill)
+    assert c.natix_key_block == 4
+    ref = _run(model, ids, plain)
+    out = _run(model, ids, c)
+    k0 = plain.layers[0].keys  # layer 0's keys do not depend on the cache
+    assert torch.equal(c.layers[0].keys[:, :, 4:], k0[:, :, 4:])
+    assert torch.equal(c.layers[0].keys[:, :, :4], fake_quant_int4(k0[:, :, :4].transpose(-1, -2), 1).transpose(-1, -2))
+    assert torch.equal(c.layers[0].values, fake_quant_int4(plain.layers[0].values))
+    assert torch.equal(out, ref) == (prefill == "unquantized")
+    # two decode steps complete the second block (tokens 4..7), in the engine's in-place slab layers too
+    assert preallocate(c, 4) and preallocate(plain, 4)
+    for s in (1, 2):
+        nxt = _ids(t=1, seed=s)
+        _run(model, nxt, plain)
+        _run(model, nxt, c)
+    k0 = plain.layers[0].keys
+    assert torch.equal(c.layers[0].keys[:, :, 4:8], fake_quant_int4(k0[:, :, 4:8].transpose(-1, -2), 1).transpose(-1, -2))
+    assert c.natix_key_blocks_done[0] == 8

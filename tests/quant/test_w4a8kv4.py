@@ -138,6 +138,8 @@ def test_config_registered_and_round_trips():
     {"weight_scale": "absmax"}, {"act_order": "yes"}, {"kv_cache": "fp8"}, {"gptq": "yes"},
     {"smooth_alpha": 1.5}, {"percdamp": -0.1}, {"seed": 1.5}, {"version": 2}, {"bogus": 1},
     {"kv_group_size": 8}, {"kv_group_size": 48}, {"kv_group_size": 0}, {"kv_group_size": True},
+    {"kv_key_block": 8}, {"kv_key_block": 48}, {"kv_key_block": 2048}, {"kv_key_block": True},
+    {"kv_key_block": 64, "kv_cache": "none"}, {"kv_key_block": 64, "rotate_keys": True},
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(QuantError):
@@ -188,6 +190,13 @@ def test_manifest_without_rotation_fields_reads_as_before():
     kv = W4A8KV4Config(kv_group_size=16).hf_quantization_config()
     assert kv["kv_group_size"] == 16 and kv["kv_cache_scheme"]["group_size"] == 16
     assert W4A8KV4Config(kv_group_size=-1).hf_quantization_config()["kv_cache_scheme"]["strategy"] == "token-head"
+    # kv_key_block: keys per token before the option (and by default)
+    del old["kv_key_block"]
+    assert config_from_dict(old).kv_key_block == 0 == W4A8KV4Config().kv_key_block
+    kb = W4A8KV4Config(kv_key_block=64).hf_quantization_config()
+    assert kb["kv_key_block"] == 64 and kb["kv_cache_scheme"]["key_strategy"] == "channel-block"
+    assert kb["kv_cache_scheme"]["key_block_tokens"] == 64
+    assert "key_strategy" not in W4A8KV4Config().hf_quantization_config()["kv_cache_scheme"]
 
 
 def test_needs_calibration():

@@ -350,6 +350,33 @@ def test_rotate_keys_matches_the_reference_path(prefill, kv4_rotation_artifacts,
         assert moved > 1e-3, (other, moved)
 
 
+def test_per_channel_key_blocks_run_on_hf_and_are_refused_by_natix(kv4_rotation_artifacts, tiny_llama_builder,
+                                                                   tmp_path, natix_factory):
+    """kv_key_block (keys per channel over blocks of tokens): the hf engine's reference cache serves it,
+    reading the option from the manifest, and it changes the result against the same weights with keys per
+    token; the natix engine refuses the artifact at load, naming the option (its kernels do not read it yet)."""
+    from natix.engines.natix.spec import EngineLoadError
+    from natix.quant.export import export
+    from natix.quant.w4a8kv4_config import W4A8KV4Config
+
+    base = tiny_llama_builder(tmp_path / "base", hidden=128, max_positions=256)
+    art = export(str(base), W4A8KV4Config(gptq=False, rotate_values=True, kv_key_block=16), tmp_path / "kb",
+                 dtype="fp32", calib="pydoc", calib_samples=4, calib_max_length=64).out
+    with pytest.raises(EngineLoadError, match="kv_key_block"):
+        natix_factory(art, page_size=8, num_kv_pages=64)
+    spec = SamplingSpec(max_tokens=24)
+    out = {}
+    for name, path in (("blocks", art), ("tokens", kv4_rotation_artifacts["vrot-head"])):
+        e = create_engine("hf")
+        e.load(EngineConfig(model=str(path)))
+        assert e.model.natix_kv_key_block == e.info()["kv_key_block"] == (16 if name == "blocks" else 0)
+        out[name] = e.generate(PROMPTS, spec)
+        e.close()
+    moved = max(abs(a - b) for g, r in zip(out["blocks"], out["tokens"])
+                for a, b in zip(g[0].token_logprobs, r[0].token_logprobs))
+    assert moved > 1e-3, moved
+
+
 _GPU_BRANCH = r"""
 import types, torch
 from natix.engines.natix.model import DecoderModel
