@@ -74,17 +74,17 @@ class PagedKVCache:
         for t in self.tensors:
             t[:, d] = t[:, s]
 
-    def gather(self, layer: int, pages: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``n`` tokens stored in ``pages`` of ``layer``, dequantized:
-        two [n, H_kv, D] tensors in the cache's model dtype (KV4: as its decode attention reads them)."""
+    def gather(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every token slot of ``pages`` (a long tensor on the cache's device) of
+        ``layer``, dequantized: two [len(pages) * page_size, H_kv, D] tensors in the cache's model dtype
+        (KV4: as its decode attention reads them)."""
         c = self.layer_caches[layer]
-        idx = torch.tensor(pages, dtype=torch.long, device=self.tensors[0].device)
         if self.kind == "int4":
-            k = dequantize_pages(c.k[idx], c.k_scale[idx], c.k_zero[idx]).to(self.dtype)
-            v = dequantize_pages(c.v[idx], c.v_scale[idx], c.v_zero[idx]).to(self.dtype)
+            k = dequantize_pages(c.k[pages], c.k_scale[pages], c.k_zero[pages]).to(self.dtype)
+            v = dequantize_pages(c.v[pages], c.v_scale[pages], c.v_zero[pages]).to(self.dtype)
         else:
-            k, v = c[0][idx], c[1][idx]
+            k, v = c[0][pages], c[1][pages]
         # [p, H, S, D] -> [p*S, H, D]
-        k = k.permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)[:n]
-        v = v.permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)[:n]
+        k = k.permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)
+        v = v.permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)
         return k, v

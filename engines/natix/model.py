@@ -53,6 +53,33 @@ class Batch:
     pages: Optional[list[list[int]]] = None
     cu_seqlens: Optional[torch.Tensor] = None
     max_len: int = 0  # decode: an upper bound of seq_lens (sizes the attention's split count)
+    _plan: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = None
+
+    def context_plan(self, page_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Prefill with cached context: (every context page, in sequence order; the rows of
+        ``cat([gathered context, new tokens])`` that pack each sequence as [its ctx_lens cached tokens,
+        its new_lens new ones]; the cumulative key lengths int32 [S + 1]; the longest sequence), built on
+        first use and kept for the forward's other layers."""
+        if self._plan is None:
+            assert self.new_lens is not None and self.ctx_lens is not None and self.pages is not None
+            flat: list[int] = []
+            for ctx, pages in zip(self.ctx_lens, self.pages):
+                flat += pages[: -(-ctx // page_size)] if ctx else []
+            n_ctx = len(flat) * page_size  # the gathered context rows come first, the new tokens after
+            rows: list[int] = []
+            cu = [0]
+            off = start = 0
+            for n, ctx in zip(self.new_lens, self.ctx_lens):
+                rows += range(off, off + ctx)
+                off += -(-ctx // page_size) * page_size
+                rows += range(n_ctx + start, n_ctx + start + n)
+                start += n
+                cu.append(cu[-1] + ctx + n)
+            t = torch.tensor(flat + rows + cu, dtype=torch.long)
+            t = (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+            self._plan = (t[:len(flat)], t[len(flat):len(flat) + len(rows)], t[len(flat) + len(rows):].to(torch.int32),
+                          max(c + n for c, n in zip(self.ctx_lens, self.new_lens)))
+        return self._plan
 
 
 class DecoderModel:
@@ -180,26 +207,12 @@ class DecoderModel:
     def _with_context(self, kv: PagedKVCache, li: int, k: torch.Tensor, v: torch.Tensor, batch: Batch
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Keys/values packed per sequence as [its cached context (dequantized), its new tokens]: one
-        gather of every context page, one concatenation; and the cumulative key lengths."""
-        ps = kv.page_size
-        flat: list[int] = []
-        for ctx, pages in zip(batch.ctx_lens, batch.pages):  # type: ignore[arg-type]
-            flat += pages[: -(-ctx // ps)] if ctx else []
-        kc, vc = kv.gather(li, flat, len(flat) * ps)
-        kp, vp, cu = [], [], [0]
-        off = start = 0
-        for n, ctx in zip(batch.new_lens, batch.ctx_lens):  # type: ignore[arg-type]
-            if ctx:
-                kp.append(kc[off:off + ctx])
-                vp.append(vc[off:off + ctx])
-                off += -(-ctx // ps) * ps
-            kp.append(k[start:start + n])
-            vp.append(v[start:start + n])
-            start += n
-            cu.append(cu[-1] + ctx + n)
-        cu_k = torch.tensor(cu, dtype=torch.int32, device=k.device)
-        lens = [c + n for c, n in zip(batch.ctx_lens, batch.new_lens)]  # type: ignore[arg-type]
-        return torch.cat(kp), torch.cat(vp), cu_k, max(lens)
+        gather of every context page, one concatenation and one row selection per layer, through the
+        batch's :meth:`Batch.context_plan` (built once per forward: no host-to-device copy per layer);
+        and the cumulative key lengths."""
+        pages, rows, cu_k, max_k = batch.context_plan(kv.page_size, k.device)
+        kc, vc = kv.gather(li, pages)
+        return torch.cat([kc, k])[rows], torch.cat([vc, v])[rows], cu_k, max_k
 
 
 def decode_splits(batch: int, kv_heads: int, max_len: int, num_sms: int) -> int:
