@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -298,3 +299,58 @@ def kv4_write(cache: KV4Cache, k: torch.Tensor, v: torch.Tensor, slots: torch.Te
     Decode writes T = batch tokens; prefill runs SDPA on bf16 and then writes its T tokens here.
     """
     torch.ops.natix.kv4_write(k, v, slots, *cache.tensors())
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kv4_gather_kernel(pages_ptr, kc, vc, ks, kz, vs, vz, k_out, v_out,
+                          H: tl.constexpr, DH: tl.constexpr, PAGE: tl.constexpr, NG: tl.constexpr):
+        i = tl.program_id(0)  # the i-th gathered page
+        h = tl.program_id(1)
+        which = tl.program_id(2)  # 0: keys, 1: values
+        page = tl.load(pages_ptr + i).to(tl.int64)
+        t = tl.arange(0, PAGE)
+        d = tl.arange(0, DH)
+        row = (page * H + h) * PAGE + t  # [PAGE] cache rows
+        if which == 0:
+            codes, sc, zr, out = kc, ks, kz, k_out
+        else:
+            codes, sc, zr, out = vc, vs, vz, v_out
+        c = tl.load(codes + row[:, None] * DH + d[None, :]).to(tl.int32)  # [PAGE, DH]
+        GS: tl.constexpr = 2 * DH // NG  # channels a group; dims d (low nibbles) and DH + d (high)
+        g_lo = (d // GS)[None, :]
+        g_hi = ((DH + d) // GS)[None, :]
+        lo = (c & 15).to(tl.float32) * tl.load(sc + row[:, None] * NG + g_lo).to(tl.float32) \
+            + tl.load(zr + row[:, None] * NG + g_lo).to(tl.float32)
+        hi = (c >> 4).to(tl.float32) * tl.load(sc + row[:, None] * NG + g_hi).to(tl.float32) \
+            + tl.load(zr + row[:, None] * NG + g_hi).to(tl.float32)
+        dst = out + ((i * PAGE + t)[:, None] * H + h) * (2 * DH) + d[None, :]  # [p * PAGE, H, D] rows
+        tl.store(dst, lo.to(out.dtype.element_ty))
+        tl.store(dst + DH, hi.to(out.dtype.element_ty))
+
+    return kv4_gather_kernel
+
+
+def kv4_gather(cache: KV4Cache, pages: torch.Tensor, dtype: torch.dtype,
+               triton_kernel: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token slot of ``pages`` (long [p], on the cache's device), dequantized into token-major
+    keys and values [p * page_size, H_kv, D] in ``dtype``: what :func:`dequantize_pages` computes, in
+    one Triton launch (``triton_kernel``: by default on CUDA; else the torch reference). Both compute
+    ``code * scale + zero`` in float32; the kernel may fuse it (one ``dtype`` rounding apart)."""
+    p, h, s, d = len(pages), cache.num_kv_heads, cache.page_size, cache.head_dim
+    if not (cache.k.is_cuda if triton_kernel is None else triton_kernel):
+        out = []
+        for codes, sc, zr in ((cache.k, cache.k_scale, cache.k_zero), (cache.v, cache.v_scale, cache.v_zero)):
+            x = dequantize_pages(codes[pages], sc[pages], zr[pages]).to(dtype)
+            out.append(x.permute(0, 2, 1, 3).reshape(-1, h, d))
+        return out[0], out[1]
+    k = torch.empty((p * s, h, d), dtype=dtype, device=cache.k.device)
+    v = torch.empty_like(k)
+    if p:
+        _gather_kernel()[(p, h, 2)](pages, *cache.tensors(), k, v, H=h, DH=d // 2, PAGE=s, NG=cache.num_groups,
+                                    num_warps=4)
+    return k, v

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from natix.kernels.kv4_cache import KV4Cache, dequantize_pages, num_groups
+from natix.kernels.kv4_cache import KV4Cache, kv4_gather, num_groups
 
 SCRATCH_PAGE = 0
 
@@ -80,11 +80,7 @@ class PagedKVCache:
         (KV4: as its decode attention reads them)."""
         c = self.layer_caches[layer]
         if self.kind == "int4":
-            k = dequantize_pages(c.k[pages], c.k_scale[pages], c.k_zero[pages]).to(self.dtype)
-            v = dequantize_pages(c.v[pages], c.v_scale[pages], c.v_zero[pages]).to(self.dtype)
-        else:
-            k, v = c[0][pages], c[1][pages]
+            return kv4_gather(c, pages, self.dtype)
         # [p, H, S, D] -> [p*S, H, D]
-        k = k.permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)
-        v = v.permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim)
-        return k, v
+        return (c[0][pages].permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim),
+                c[1][pages].permute(0, 2, 1, 3).reshape(-1, self.kv_heads, self.head_dim))

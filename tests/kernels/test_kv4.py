@@ -97,6 +97,23 @@ def test_decode_groups_stacked_wider_than_one_mma(group_size):
         assert rel_err(out, ref) < 1e-2, splits
 
 
+@pytest.mark.parametrize("group_size", [-1, 32, 16])
+def test_gather_matches_dequantize_pages(group_size):
+    """kv4_gather (one launch: page gather, dequantization, token-major layout) = the torch reference."""
+    from natix.kernels.kv4_cache import dequantize_pages, kv4_gather
+
+    cache, bt_, slots = _setup([48], 2, 64, 16, DEVICE, group_size)
+    k = torch.randn(slots.numel(), 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    kv4_write(cache, k, torch.randn_like(k), slots)
+    pages = bt_[0].flip(0).long()  # the written pages, out of order
+    gk, gv = kv4_gather(cache, pages, torch.bfloat16, triton_kernel=True)
+    for got, (c, sc, zr) in ((gk, (cache.k, cache.k_scale, cache.k_zero)), (gv, (cache.v, cache.v_scale, cache.v_zero))):
+        ref = dequantize_pages(c[pages], sc[pages], zr[pages]).permute(0, 2, 1, 3).reshape(-1, 2, 64)  # float32
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        # within one bf16 rounding of the float32 value (the interpreter truncates, the GPU rounds to nearest)
+        assert bool(((got.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all())
+
+
 def test_op_and_errors():
     cache, bt_, slots = _setup([20], 2, 64, 16, DEVICE)
     k = torch.randn(20, 2, 64, device=DEVICE, dtype=torch.bfloat16)
