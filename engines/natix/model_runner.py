@@ -345,8 +345,9 @@ class ModelRunner:
 
     def warmup_prefill(self, max_tokens: Optional[int] = None) -> list[int]:
         """Run prefills of lengths that reach every kernel specialization a real prefill can need
-        (each GEMM M bucket, and token counts that are and are not multiples of 16), writing only to
-        the scratch page, so the first requests do not pay Triton's compilation. Returns the lengths."""
+        (each GEMM M bucket, and token counts that are and are not multiples of 16, and one after a cached
+        page), writing only to the scratch page, so the first requests do not pay Triton's compilation.
+        Returns the lengths (of the prefills without context)."""
         from types import SimpleNamespace
 
         from natix.kernels.w4a8_gemm import M_BUCKETS
@@ -354,8 +355,12 @@ class ModelRunner:
         top = min(max_tokens or self.options.max_num_batched_tokens, self.max_model_len)
         lengths = sorted({n for b in M_BUCKETS for n in (b, b - 1, b + 1) if 1 <= n <= top} | {top})
         ps = self.page_size
-        for n in lengths:
-            fake = SimpleNamespace(token_ids=[0] * n, num_cached_tokens=0, block_table=[SCRATCH_PAGE] * -(-n // ps))
+        # and one prefill after a cached page (a prefix-cache hit's path: the context gather kernel)
+        fakes = [SimpleNamespace(token_ids=[0] * n, num_cached_tokens=0, block_table=[SCRATCH_PAGE] * -(-n // ps))
+                 for n in lengths]
+        if top > ps:
+            fakes.append(SimpleNamespace(token_ids=[0] * (ps + 1), num_cached_tokens=ps, block_table=[SCRATCH_PAGE] * 2))
+        for fake in fakes:
             logits = self.prefill([fake])  # type: ignore[list-item]
             z = logits.new_zeros(0)
             with torch.inference_mode():

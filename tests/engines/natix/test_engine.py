@@ -553,3 +553,27 @@ def test_int8_vocab_gpu_branch_in_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", _VOCAB_GPU_BRANCH], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_warmup_prefill_runs_the_context_path_on_the_scratch_page():
+    """warmup_prefill (CUDA's load-time warm-up, here on CPU): prefills of every M bucket and one after a
+    cached page, all on the scratch page; no page is taken and generation is unchanged."""
+    import torch
+
+    from natix.engines.natix.engine import NatixEngine
+    from natix.engines.natix.spec import EngineOptions, ModelSpec
+    from natix.engines.natix.weights import random_weights
+
+    spec = ModelSpec(arch="llama", hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=256,
+                     vocab=300, rms_eps=1e-5, max_positions=256)
+    w = random_weights(spec, "w4a8kv4", dtype=torch.float32, seed=0)
+    e = NatixEngine()
+    e.load_weights(w, options=EngineOptions(num_kv_pages=32, max_model_len=128, page_size=8, max_num_batched_tokens=40))
+    calls = []
+    real = e.runner.model._with_context
+    e.runner.model._with_context = lambda *a: calls.append(1) or real(*a)
+    before = e.generate([[5, 6, 7, 8]], SamplingSpec(max_tokens=6))[0][0].token_ids
+    free = e.scheduler.blocks.num_free
+    assert e.runner.warmup_prefill() and calls  # the context path ran
+    assert e.scheduler.blocks.num_free == free
+    assert e.generate([[5, 6, 7, 8]], SamplingSpec(max_tokens=6))[0][0].token_ids == before
