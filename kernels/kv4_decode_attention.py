@@ -86,9 +86,25 @@ def _kernels():
             row = (tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64) * HKV + h) * PAGE + t % PAGE
         return row
 
+    @triton.jit
+    def _group_meta(sp, zp, row, t_ok, cj, NG: tl.constexpr, NGH: tl.constexpr, BT: tl.constexpr, NC: tl.constexpr):
+        # channel groups stacked along N: every column's group scale and zero [BT, NC] for the low and the
+        # high nibble half (groups j and NGH + j), from one [BT] vector load per group
+        s_lo = tl.zeros([BT, NC], dtype=tl.float32)
+        z_lo = tl.zeros([BT, NC], dtype=tl.float32)
+        s_hi = tl.zeros([BT, NC], dtype=tl.float32)
+        z_hi = tl.zeros([BT, NC], dtype=tl.float32)
+        for j in tl.static_range(NGH):
+            cols = (cj == j)[None, :]
+            s_lo = tl.where(cols, tl.load(sp + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], s_lo)
+            z_lo = tl.where(cols, tl.load(zp + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], z_lo)
+            s_hi = tl.where(cols, tl.load(sp + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], s_hi)
+            z_hi = tl.where(cols, tl.load(zp + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], z_hi)
+        return s_lo, z_lo, s_hi, z_hi
+
     # the kernels resolve helper names through the module's globals (triton is imported lazily, so the
     # helpers cannot be module-level definitions)
-    globals().update(_nib16=_nib16, _words16=_words16, _block_rows=_block_rows)
+    globals().update(_nib16=_nib16, _words16=_words16, _block_rows=_block_rows, _group_meta=_group_meta)
 
     @triton.jit
     def kv4_decode_kernel(
@@ -149,7 +165,8 @@ def _kernels():
                 z_acc = tl.zeros([GP], dtype=tl.float32)
             q_sum_lo = tl.sum(q_lo, axis=0)  # [GP] or [NC]
             q_sum_hi = tl.sum(q_hi, axis=0)
-            q_sum = q_sum_lo + q_sum_hi
+            if NG == 1:
+                q_sum = q_sum_lo + q_sum_hi
             q_lo16 = q_lo.to(tl.float16)
             q_hi16 = q_hi.to(tl.float16)
             m_i = tl.full([GP], -1.0e30, dtype=tl.float32)
@@ -161,16 +178,7 @@ def _kernels():
                 kcod = tl.load(kc + row[:, None] * DH + d[None, :], mask=t_ok[:, None], other=0)  # uint8 [BT, DH]
                 vcod = tl.load(vc + row[None, :] * DH + d[:, None], mask=t_ok[None, :], other=0)  # uint8 [DH, BT]
                 if NG > 1:
-                    ks_lo = tl.zeros([BT, NC], dtype=tl.float32)
-                    kz_lo = tl.zeros([BT, NC], dtype=tl.float32)
-                    ks_hi = tl.zeros([BT, NC], dtype=tl.float32)
-                    kz_hi = tl.zeros([BT, NC], dtype=tl.float32)
-                    for j in tl.static_range(NGH):  # each column's group scale and zero, from [BT] vector loads
-                        cols = (cj == j)[None, :]
-                        ks_lo = tl.where(cols, tl.load(ks + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], ks_lo)
-                        kz_lo = tl.where(cols, tl.load(kz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], kz_lo)
-                        ks_hi = tl.where(cols, tl.load(ks + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], ks_hi)
-                        kz_hi = tl.where(cols, tl.load(kz + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], kz_hi)
+                    ks_lo, kz_lo, ks_hi, kz_hi = _group_meta(ks, kz, row, t_ok, cj, NG, NGH, BT, NC)
                     sx = tl.dot(_nib16(kcod, 0), q_lo16) * ks_lo + kz_lo * q_sum_lo[None, :] \
                         + tl.dot(_nib16(kcod, 4), q_hi16) * ks_hi + kz_hi * q_sum_hi[None, :]
                     sT = tl.sum(tl.reshape(sx, (BT, NGH, GP)), axis=1)  # [BT, GP]: a head's groups summed
@@ -189,16 +197,7 @@ def _kernels():
                 if NG > 1:
                     px = tl.reshape(tl.broadcast_to(p[:, None, :], (BT, NGH, GP)), (BT, NC))  # p per column
                     ax = tl.reshape(tl.broadcast_to(alpha[None, :], (NGH, GP)), (NC,))
-                    vs_lo = tl.zeros([BT, NC], dtype=tl.float32)
-                    vz_lo = tl.zeros([BT, NC], dtype=tl.float32)
-                    vs_hi = tl.zeros([BT, NC], dtype=tl.float32)
-                    vz_hi = tl.zeros([BT, NC], dtype=tl.float32)
-                    for j in tl.static_range(NGH):
-                        cols = (cj == j)[None, :]
-                        vs_lo = tl.where(cols, tl.load(vs + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vs_lo)
-                        vz_lo = tl.where(cols, tl.load(vz + row * NG + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vz_lo)
-                        vs_hi = tl.where(cols, tl.load(vs + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vs_hi)
-                        vz_hi = tl.where(cols, tl.load(vz + row * NG + NGH + j, mask=t_ok, other=0.0).to(tl.float32)[:, None], vz_hi)
+                    vs_lo, vz_lo, vs_hi, vz_hi = _group_meta(vs, vz, row, t_ok, cj, NG, NGH, BT, NC)
                     zx_lo = zx_lo * ax + tl.sum(px * vz_lo, axis=0)
                     zx_hi = zx_hi * ax + tl.sum(px * vz_hi, axis=0)
                     pv_lo = (px * vs_lo).to(tl.float16)

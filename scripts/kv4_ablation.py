@@ -8,12 +8,10 @@ KV4 quantization replaced by:
 
 - ``--split K:V``: keys quantized in groups of K channels and values in groups of V (``quantize_rows_reference``,
   the one KV4 definition; 0 = left 16-bit; the head dim = one scale per head);
-- ``--key-chan P:V``: keys quantized per channel over blocks of P consecutive tokens (KIVI's key layout:
-  one scale and zero per block, head and channel; the last partial block over the tokens it has), values
-  in groups of V channels per token;
-- ``--key-chan-greedy P:V``: KIVI's keys as decoding sees them (a block of P tokens is quantized per
-  channel once it is complete, the tokens of the incomplete block stay 16-bit; values in groups of V at
-  write), then greedy accuracy on ``--task`` (``--items``) next to the artifact's own KV4 and a 16-bit
+- ``--key-chan P:V``: keys quantized per channel over blocks of P consecutive tokens (KIVI's key layout,
+  w4a8kv4's ``kv_key_block`` through the product's own cache: one scale and zero per complete block, head
+  and channel; the incomplete block 16-bit), values in groups of V channels per token;
+- ``--key-chan-greedy P:V``: the same cache during decoding, then greedy accuracy on ``--task`` (``--items``) next to the artifact's own KV4 and a 16-bit
   cache, on the same items. Batched prompts are left-padded, so a prompt's first block can include pad
   tokens' keys in its ranges (pessimistic); ``--key-static-greedy Q:V`` adds ``--key-static``'s keys to
   that comparison;
@@ -70,9 +68,13 @@ def main() -> None:
     def fq(x: torch.Tensor, g: int) -> torch.Tensor:  # g channels a group; 0: left 16-bit
         return x if g == 0 else fake_quant_int4(x, x.shape[-1] // g)
 
-    def fq_chan(x: torch.Tensor, p: int) -> torch.Tensor:  # x [B, H, T, D]: per channel over blocks of p tokens
-        blocks = [fake_quant_int4(b.transpose(-1, -2).contiguous(), 1).transpose(-1, -2) for b in x.split(p, dim=2)]
-        return torch.cat(blocks, dim=2).to(x.dtype)
+    def key_blocks(pb: int, vg: int):
+        """the product's own kv_key_block cache (natix.quant.kv_quant.quantize_key_blocks) with keys per
+        channel over blocks of pb tokens and values in groups of vg"""
+        def update(self, k, v, li, *x, **y):
+            self.natix_key_block, self.natix_kv_groups = pb, v.shape[-1] // vg
+            return own(self, k, v, li, *x, **y)
+        return update
 
     def ppl(windows, update) -> float:
         cls.update = update
@@ -98,7 +100,7 @@ def main() -> None:
     for spec in filter(None, a.key_chan.split(",")):
         pb, vg = map(int, spec.split(":"))
         t0 = time.time()
-        p = ppl(evals, lambda self, k, v, li, *x, **y: plain_update(self, fq_chan(k, pb), fq(v, vg), li, *x, **y))
+        p = ppl(evals, key_blocks(pb, vg))
         emit(mode="key-chan", k_block_tokens=pb, v_group=vg, ppl=p, s=round(time.time() - t0))
 
     def static_update(qt: float, vg: int):
@@ -144,20 +146,8 @@ def main() -> None:
             cell = task_accuracy(matrix)[0]
             return cell["accuracy"], cell["per_item"]["correct"]
 
-        def kivi(pb: int, vg: int):
-            def update(self, k, v, li, *x, **y):
-                first = self.get_seq_length(li) == 0
-                keys, values = plain_update(self, k, fq(v, vg), li, *x, **y)
-                done = self.__dict__.setdefault("_kivi_done", {}).get(li, 0)
-                full = keys.shape[2] // pb * pb
-                for b0 in range(done, full, pb):  # blocks completed by this update: quantized in place
-                    keys[:, :, b0:b0 + pb] = fq_chan(keys[:, :, b0:b0 + pb], pb)
-                self._kivi_done[li] = full
-                return (k, v) if first and self.natix_prefill == "unquantized" else (keys, values)
-            return update
-
-        for label, upd in [("artifact KV4", own), ("16-bit", lambda self, k, v, li, *x, **y: plain_update(self, k, v, li, *x, **y))] + [
-                (f"key-chan {s}", kivi(*map(int, s.split(":")))) for s in filter(None, a.key_chan_greedy.split(","))] + [
+        for label, upd in [("artifact KV4", own), ("16-bit", plain_update)] + [
+                (f"key-chan {s}", key_blocks(*map(int, s.split(":")))) for s in filter(None, a.key_chan_greedy.split(","))] + [
                 (f"key-static {s}", static_update(float(s.split(":")[0]), int(s.split(":")[1])))
                 for s in filter(None, a.key_static_greedy.split(","))]:
             t0 = time.time()

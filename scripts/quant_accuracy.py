@@ -244,8 +244,8 @@ def render(jsonl: Path) -> str:
         exp = f"{r['export_s'] or 0:.0f}" if not r.get("derived_from") else f"({r['derived_from']['label']}'s)"
         kv = r["perplexity"].get("kv_cache", "none")
         if kv == "int4":  # KV4 channel groups (a manifest from before kv_group_size: one scale per head)
-            gs = (r.get("quant_config") or {}).get("kv_group_size", -1)
-            kb = (r.get("quant_config") or {}).get("kv_key_block", 0)
+            qc = r.get("quant_config") or {}
+            gs, kb = qc.get("kv_group_size", -1), qc.get("kv_key_block", 0)
             kv += (f" keys per channel / {kb} tokens, values" if kb else "") + (" per head" if gs == -1 else f" g{gs}")
         L.append(f"| {r['label']} | {kv} | {ppl:.3f} | {d} | {greedy} | "
                  f"{acc(mj) if mj else '—'} | {paired} | {size} | {exp} | {rss} |")
